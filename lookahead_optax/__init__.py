@@ -1,0 +1,25 @@
+"""lookahead_optax: an exact, fast, drop-in Lookahead optimizer for optax.
+
+Import the public names from here; the underscored modules are private and may
+change without notice (don't import `lookahead_optax._*`).
+"""
+
+from lookahead_optax._lookahead import LookaheadState
+from lookahead_optax._lookahead import lookahead
+from lookahead_optax._lookahead import PullbackState
+from lookahead_optax._ranger import ranger
+from lookahead_optax._ranger import scale_by_ranger_radam
+from lookahead_optax._state import eval_params
+from lookahead_optax._state import slow_params
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "LookaheadState",
+    "PullbackState",
+    "eval_params",
+    "lookahead",
+    "ranger",
+    "scale_by_ranger_radam",
+    "slow_params",
+)

@@ -1,0 +1,155 @@
+"""Ranger: RAdam inside Lookahead, with the reference implementation's rules."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lookahead_optax import _checks
+from lookahead_optax._lookahead import lookahead
+
+
+def scale_by_ranger_radam(
+    b1: float = 0.95,
+    b2: float = 0.999,
+    eps: float = 1e-5,
+    threshold: float = 5.0,
+) -> optax.GradientTransformation:
+  r"""Rescales updates by Rectified Adam exactly as the Ranger optimizer does.
+
+  Differs from `optax.scale_by_radam` in two details of the reference Ranger
+  code: `eps` is added to the square root of the *uncorrected* second moment
+  (the bias correction is folded into the step size), and the adaptive step is
+  taken when the SMA length is strictly greater than `threshold`.
+
+  Args:
+    b1: decay rate of the first moment.
+    b2: decay rate of the second moment.
+    eps: term added to the denominator.
+    threshold: SMA length above which the adaptive (rectified) step is used;
+      below it the step is bias-corrected momentum.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is an
+    `optax.ScaleByAdamState`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import lookahead_optax as lo
+    >>> tx = lo.scale_by_ranger_radam()
+    >>> state = tx.init(jnp.zeros(2))
+    >>> updates, state = tx.update(jnp.array([1.0, -2.0]), state)
+    >>> print(updates)  # bias-corrected momentum at the first step
+    [ 1. -2.]
+
+  References:
+    Liu et al., `On the Variance of the Adaptive Learning Rate and Beyond
+    <https://arxiv.org/abs/1908.03265>`_, 2020.
+  """
+  rho_inf = 2.0 / (1.0 - b2) - 1.0
+
+  def init_fn(params):
+    return optax.ScaleByAdamState(
+        count=jnp.zeros([], jnp.int32),
+        mu=optax.tree.zeros_like(params),
+        nu=optax.tree.zeros_like(params),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, updates)
+    count = optax.safe_increment(state.count)
+    t = count.astype(jnp.float32)
+    b1t, b2t = b1**t, b2**t
+    rho = rho_inf - 2.0 * t * b2t / (1.0 - b2t)
+    rectified = rho > threshold
+    # Guard the square root on the steps where it is not used.
+    safe_rho = jnp.where(rectified, rho, rho_inf)
+    r = jnp.sqrt(
+        (1.0 - b2t) * (safe_rho - 4.0) / (rho_inf - 4.0)
+        * (safe_rho - 2.0) / safe_rho * rho_inf / (rho_inf - 2.0)
+    ) / (1.0 - b1t)
+    plain = 1.0 / (1.0 - b1t)
+
+    def step(m, v):
+      adaptive = (r * m / (jnp.sqrt(v) + eps)).astype(m.dtype)
+      return jnp.where(rectified, adaptive, (plain * m).astype(m.dtype))
+
+    new_updates = jax.tree.map(step, mu, nu)
+    return new_updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def ranger(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    sync_period: int = 6,
+    slow_step_size: optax.ScalarOrSchedule = 0.5,
+    b1: float = 0.95,
+    b2: float = 0.999,
+    eps: float = 1e-5,
+    weight_decay: float = 0.0,
+    centralize: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""The Ranger optimizer: RAdam inside Lookahead, with Ranger's defaults.
+
+  Follows the reference Ranger implementation (lessw2020): Rectified Adam with
+  `b1 = 0.95`, `eps = 1e-5` and an SMA threshold of 5, weight decay applied
+  as ``p -= lr * weight_decay * p`` before the step, and Lookahead with
+  `k = 6`, `alpha = 0.5` whose slow weights start at the initial params. With
+  `centralize=True` gradients of params with more than one axis are centred
+  first (Gradient Centralization, as in Ranger's 2020 versions).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    sync_period: Lookahead's `k`.
+    slow_step_size: Lookahead's `alpha`.
+    b1: decay rate of the first moment.
+    b2: decay rate of the second moment.
+    eps: term added to the denominator.
+    weight_decay: decoupled weight decay rate.
+    centralize: whether to apply gradient centralization.
+
+  Returns:
+    A `lookahead` transformation around the RAdam chain.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import lookahead_optax as lo
+    >>> tx = lo.ranger(1e-3)
+    >>> params = {"w": jnp.ones((3, 2))}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.ones((3, 2))}, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> float(params["w"][0, 0])
+    0.999000...
+
+  References:
+    Wright, `Ranger: a synergistic optimizer
+    <https://github.com/lessw2020/Ranger-Deep-Learning-Optimizer>`_, 2019;
+    Zhang et al., `Lookahead Optimizer <https://arxiv.org/abs/1907.08610>`_,
+    2019; Liu et al., `RAdam <https://arxiv.org/abs/1908.03265>`_, 2020;
+    Yong et al., `Gradient Centralization
+    <https://arxiv.org/abs/2004.01461>`_, 2020.
+  """
+  if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)):
+    raise TypeError(
+        f"`weight_decay` must be a non-negative float, got {weight_decay!r}."
+    )
+  if weight_decay < 0:
+    raise ValueError(
+        f"`weight_decay` must be a non-negative float, got {weight_decay!r}."
+    )
+  for name, value in (("b1", b1), ("b2", b2)):
+    _checks.check_unit_interval(name, value, allow_schedule=False)
+  parts = [optax.centralize()] if centralize else []
+  parts.append(scale_by_ranger_radam(b1=b1, b2=b2, eps=eps))
+  if weight_decay:
+    parts.append(optax.add_decayed_weights(weight_decay))
+  parts.append(optax.scale_by_learning_rate(learning_rate))
+  return lookahead(
+      optax.chain(*parts), sync_period=sync_period,
+      slow_step_size=slow_step_size,
+  )

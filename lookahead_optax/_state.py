@@ -1,0 +1,158 @@
+"""Finding the slow weights inside any optimizer state."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lookahead_optax._lookahead import LookaheadState
+
+
+def _is_lookahead_state(x: Any) -> bool:
+  return isinstance(x, LookaheadState)
+
+
+def _unwrap_container(state: Any) -> Any:
+  """The optimizer state held by a training-state object, else `state`."""
+  # A linen `TrainState` and an `nnx.Optimizer` keep theirs in `opt_state`.
+  if not isinstance(state, tuple) and hasattr(state, "opt_state"):
+    return state.opt_state
+  return state
+
+
+def _unwrap_leaf(x: Any) -> Any:
+  """The array inside a Flax NNX variable, else `x`."""
+  if hasattr(x, "get_value") and callable(x.get_value):
+    return x.get_value()
+  if type(x).__module__.startswith("flax") and hasattr(x, "value"):
+    return x.value
+  return x
+
+
+def _outermost_lookahead_states(state: Any) -> list[LookaheadState]:
+  leaves = jax.tree.leaves(
+      _unwrap_container(state), is_leaf=_is_lookahead_state
+  )
+  return [x for x in leaves if _is_lookahead_state(x)]
+
+
+def _merge(a: Any, b: Any) -> Any:
+  """Merges two slow-param trees that hold disjoint leaves (MaskedNode holes)."""
+
+  def pick(x, y):
+    x_hole, y_hole = isinstance(x, optax.MaskedNode), isinstance(y, optax.MaskedNode)
+    if x_hole:
+      return y
+    if y_hole:
+      return x
+    raise ValueError(
+        "Several lookahead states hold slow weights for the same parameter; "
+        "call `slow_params` on the state of the one you want."
+    )
+
+  is_hole = lambda x: isinstance(x, optax.MaskedNode)
+  try:
+    return jax.tree.map(pick, a, b, is_leaf=is_hole)
+  except ValueError as e:
+    if "slow weights" in str(e):
+      raise
+    raise ValueError(
+        "Several lookahead states with slow weights of different structures; "
+        "call `slow_params` on the state of the one you want."
+    ) from e
+
+
+def slow_params(state: Any) -> optax.Params:
+  """Returns the slow weights held in an optimizer state.
+
+  Searches any nested optax state (`optax.chain`, `optax.masked`,
+  `optax.multi_transform`, `optax.inject_hyperparams`, `optax.MultiSteps`,
+  ...), and also accepts an object that keeps its optimizer state in an
+  `opt_state` attribute (a Flax linen `TrainState`, an `nnx.Optimizer`). With
+  nested lookaheads it returns the outermost one's slow weights. When several
+  lookaheads each handle a part of the params (e.g. in different groups of
+  `optax.multi_transform`), their slow weights are merged into one tree.
+  Params that no lookahead handles are `optax.MaskedNode()` in the result.
+
+  Args:
+    state: an optimizer state, or a training-state object with `opt_state`.
+
+  Returns:
+    The slow weights, a pytree with the structure of the params.
+
+  Raises:
+    ValueError: if `state` holds no `LookaheadState`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import lookahead_optax as lo
+    >>> tx = optax.chain(optax.clip(1.0), lo.lookahead(optax.sgd(0.1)))
+    >>> state = tx.init({"w": jnp.ones(2)})
+    >>> lo.slow_params(state)
+    {'w': Array([1., 1.], dtype=float32)}
+  """
+  found = _outermost_lookahead_states(state)
+  if not found:
+    raise ValueError(
+        "No LookaheadState found in the given optimizer state of type "
+        f"{type(state).__name__}: was the optimizer built with "
+        "`lookahead_optax.lookahead`?"
+    )
+  slow = found[0].slow_params
+  for other in found[1:]:
+    slow = _merge(slow, other.slow_params)
+  return jax.tree.map(
+      _unwrap_leaf, slow, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+  )
+
+
+def eval_params(state: Any, params: optax.Params) -> optax.Params:
+  """Returns `params` with the slow weights substituted where lookahead applies.
+
+  This is what to evaluate (the paper recommends evaluating on the slow
+  weights). Leaves that no lookahead handles (e.g. masked out) keep their
+  value from `params`; slow weights kept in a higher precision (`slow_dtype`)
+  are cast back to the params' dtypes.
+
+  Args:
+    state: an optimizer state, or a training-state object with `opt_state`.
+    params: the current (fast) params.
+
+  Returns:
+    A pytree like `params`, with the slow weights where lookahead applies.
+
+  Raises:
+    ValueError: if `state` holds no `LookaheadState`, or its slow weights do
+      not have the structure of `params`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import lookahead_optax as lo
+    >>> tx = lo.lookahead(optax.sgd(1.0), sync_period=3)
+    >>> params = {"w": jnp.array([1.0])}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.array([0.5])}, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> params, lo.eval_params(state, params)
+    ({'w': Array([0.5], dtype=float32)}, {'w': Array([1.], dtype=float32)})
+  """
+  slow = slow_params(state)
+  is_hole = lambda x: isinstance(x, optax.MaskedNode)
+
+  def substitute(s, p):
+    if is_hole(s):
+      return p
+    p_value = _unwrap_leaf(p)
+    return jnp.asarray(s).astype(jnp.result_type(p_value))
+
+  try:
+    return jax.tree.map(substitute, slow, params, is_leaf=is_hole)
+  except ValueError as e:
+    raise ValueError(
+        "The slow weights do not have the structure of `params`: "
+        f"{jax.tree.structure(slow, is_leaf=is_hole)} vs "
+        f"{jax.tree.structure(params)}."
+    ) from e
