@@ -126,7 +126,10 @@ def lookahead(
       branch-free at every step and selects it on sync steps (fuses with the
       inner update into one pass; fastest on CPU). ``"cond"`` runs the sync in
       a `jax.lax.cond`. ``"auto"`` (default) picks ``"select"`` on CPU and
-      ``"cond"`` elsewhere; both give bitwise identical results.
+      ``"cond"`` elsewhere. Both compute the same sync; they may differ in
+      the last bit of a few elements because XLA fuses multiply-adds (FMA)
+      differently in the two (on CPU), while the params equal the slow
+      weights bitwise after a sync in both.
     on_nonfinite: ``"propagate"`` (default) applies non-finite updates as
       they are. ``"rollback"``: when the inner update or the fast params it
       would produce has a non-finite value, the step returns the update that
@@ -287,9 +290,19 @@ def lookahead(
       udtype = jnp.result_type(u)
       # Low-precision slow weights are blended in float32 and rounded once.
       cdtype = jnp.promote_types(sdtype, jnp.float32)
-      fast = jnp.asarray(p + u).astype(pdtype)
+      # The fast weights enter the blend unrounded, in at least `cdtype`: XLA
+      # drops a bfloat16/float16 rounding of `p + u` under jit (excess
+      # precision) anyway, so this is what a jitted step computes, and now an
+      # eager one too.
+      adtype = jnp.promote_types(jnp.result_type(p, u), cdtype)
+      fast_c = (p.astype(adtype) + u.astype(adtype)).astype(cdtype)
       s_c = s.astype(cdtype)
-      target = s_c + alpha.astype(cdtype) * (fast.astype(cdtype) - s_c)
+      # An exact lerp at both ends: `alpha = 0` gives `s` and `alpha = 1`
+      # gives the fast weights bitwise (`s + 1 * (fast - s)` need not).
+      alpha_c = alpha.astype(cdtype)
+      low = alpha_c < 0.5
+      target = jnp.where(low, s_c, fast_c) + jnp.where(
+          low, alpha_c, alpha_c - 1) * (fast_c - s_c)
       if sdtype == pdtype:
         new_u = jnp.where(flag, jnp.asarray(target - p).astype(udtype), u)
         landed = jnp.asarray(p + new_u).astype(pdtype)

@@ -1,5 +1,6 @@
 """Finding the slow weights inside any optimizer state."""
 
+import sys
 from typing import Any
 
 import jax
@@ -19,6 +20,16 @@ def _unwrap_container(state: Any) -> Any:
   if not isinstance(state, tuple) and hasattr(state, "opt_state"):
     return state.opt_state
   return state
+
+
+def _is_nnx_variable(x: Any) -> bool:
+  """Whether `x` is a Flax NNX `Variable` (without importing Flax)."""
+  nnx = sys.modules.get("flax.nnx")
+  return nnx is not None and isinstance(x, nnx.Variable)
+
+
+def _is_hole_or_variable(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode) or _is_nnx_variable(x)
 
 
 def _unwrap_leaf(x: Any) -> Any:
@@ -74,6 +85,8 @@ def slow_params(state: Any) -> optax.Params:
   lookaheads each handle a part of the params (e.g. in different groups of
   `optax.multi_transform`), their slow weights are merged into one tree.
   Params that no lookahead handles are `optax.MaskedNode()` in the result.
+  From an `nnx.Optimizer`, whose state holds NNX variables, the result holds
+  their plain arrays.
 
   Args:
     state: an optimizer state, or a training-state object with `opt_state`.
@@ -103,9 +116,8 @@ def slow_params(state: Any) -> optax.Params:
   slow = found[0].slow_params
   for other in found[1:]:
     slow = _merge(slow, other.slow_params)
-  return jax.tree.map(
-      _unwrap_leaf, slow, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
-  )
+  # An `nnx.Optimizer` holds its state in NNX variables: return their arrays.
+  return jax.tree.map(_unwrap_leaf, slow, is_leaf=_is_hole_or_variable)
 
 
 def eval_params(state: Any, params: optax.Params) -> optax.Params:
@@ -115,6 +127,8 @@ def eval_params(state: Any, params: optax.Params) -> optax.Params:
   weights). Leaves that no lookahead handles (e.g. masked out) keep their
   value from `params`; slow weights kept in a higher precision (`slow_dtype`)
   are cast back to the params' dtypes.
+  `params` may be an NNX state such as ``nnx.state(model, nnx.Param)``: the
+  result then holds variables of the same types, ready for ``nnx.update``.
 
   Args:
     state: an optimizer state, or a training-state object with `opt_state`.
@@ -146,7 +160,11 @@ def eval_params(state: Any, params: optax.Params) -> optax.Params:
     if is_hole(s):
       return p
     p_value = _unwrap_leaf(p)
-    return jnp.asarray(s).astype(jnp.result_type(p_value))
+    value = jnp.asarray(s).astype(jnp.result_type(p_value))
+    if _is_nnx_variable(p):
+      # e.g. `nnx.state(model, nnx.Param)`: keep the variable type.
+      return p.replace(value=value)
+    return value
 
   try:
     return jax.tree.map(substitute, slow, params, is_leaf=is_hole)

@@ -1,0 +1,311 @@
+"""Property-based tests of `lookahead` (hypothesis) and a long-run drift test.
+
+Over random small pytrees, dtypes (float32, bfloat16, float64), sync periods
+k in 1..8, slow step sizes alpha in [0, 1] and several inner optimizers:
+
+* after each sync the params equal the slow weights bitwise;
+* alpha = 1 gives the inner optimizer's trajectory bitwise;
+* alpha = 0 returns to the initial params at every sync (bitwise where the
+  fast weights stayed within a factor 2 of them, else to one rounding);
+* the slow weights are the exponential moving average of the end-of-cycle
+  fast weights (checked against a float64 NumPy EMA, to rounding).
+
+The examples run eagerly (one small tree, a few cycles each) to avoid a
+compilation per example; the jitted paths are covered by the bfloat16,
+`slow_dtype` and long-run tests at the end.
+"""
+
+import contextlib
+
+import hypothesis
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lookahead_optax as lo
+
+hypothesis.settings.register_profile(
+    "lookahead_optax", deadline=None, max_examples=30, derandomize=True,
+    print_blob=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)
+SETTINGS = hypothesis.settings.get_profile("lookahead_optax")
+
+DTYPES = ("float32", "bfloat16", "float64")
+INNERS = {
+    "sgd": lambda: optax.sgd(0.1),
+    "momentum": lambda: optax.sgd(0.05, momentum=0.9),
+    "adam": lambda: optax.adam(0.1),
+    "rmsprop": lambda: optax.rmsprop(0.05),
+    "adamw_schedule": lambda: optax.adamw(
+        optax.linear_schedule(0.1, 0.01, 20), weight_decay=0.1),
+}
+SHAPES = ((), (1,), (3,), (2, 3))
+
+
+def _bits(x):
+  x = np.asarray(x)
+  return x.view(np.dtype(f"u{x.dtype.itemsize}"))
+
+
+def assert_tree_bitwise(actual, expected):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    a, e = np.asarray(a), np.asarray(e)
+    assert a.dtype == e.dtype, (a.dtype, e.dtype)
+    np.testing.assert_array_equal(_bits(a), _bits(e))
+
+
+def x64_if(dtype):
+  return jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
+
+
+@st.composite
+def problems(draw, alpha=None):
+  """A random problem: tree, dtype, k, alpha, inner, gradient seed, cycles."""
+  n_leaves = draw(st.integers(1, 3))
+  shapes = [draw(st.sampled_from(SHAPES)) for _ in range(n_leaves)]
+  container = draw(st.sampled_from(("dict", "list", "nested")))
+  if container == "dict":
+    shape_tree = {f"p{i}": s for i, s in enumerate(shapes)}
+  elif container == "list":
+    shape_tree = list(shapes)
+  else:
+    shape_tree = {"a": shapes[:1], "b": {"c": tuple(shapes[1:])}}
+  return dict(
+      shape_tree=shape_tree,
+      dtype=draw(st.sampled_from(DTYPES)),
+      k=draw(st.integers(1, 8)),
+      alpha=draw(st.floats(0.0, 1.0)) if alpha is None else alpha,
+      inner=draw(st.sampled_from(sorted(INNERS))),
+      seed=draw(st.integers(0, 2**16)),
+      cycles=draw(st.integers(1, 3)),
+  )
+
+
+def _is_shape(x):
+  return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+
+
+def _arrays(rng, shape_tree, dtype, scale=1.0):
+  return jax.tree.map(
+      lambda s: jnp.asarray(scale * rng.normal(size=s), dtype),
+      shape_tree, is_leaf=_is_shape)
+
+
+def _trajectory(problem, alpha=None, tx=None):
+  """Runs lookahead; returns params, states and grads of every step."""
+  rng = np.random.default_rng(problem["seed"])
+  params = _arrays(rng, problem["shape_tree"], problem["dtype"])
+  n_steps = problem["k"] * problem["cycles"]
+  grads = [_arrays(rng, problem["shape_tree"], problem["dtype"])
+           for _ in range(n_steps)]
+  if tx is None:
+    tx = lo.lookahead(INNERS[problem["inner"]](), problem["k"],
+                      problem["alpha"] if alpha is None else alpha)
+  state = tx.init(params)
+  params_seq, states = [params], [state]
+  for g in grads:
+    updates, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, updates)
+    params_seq.append(params)
+    states.append(state)
+  return params_seq, states, grads
+
+
+@SETTINGS
+@hypothesis.given(problems())
+def test_params_equal_slow_weights_after_each_sync(problem):
+  with x64_if(problem["dtype"]):
+    params_seq, states, _ = _trajectory(problem)
+    k = problem["k"]
+    for t in range(k, len(params_seq), k):
+      assert_tree_bitwise(lo.slow_params(states[t]), params_seq[t])
+      # Between syncs the slow weights do not move.
+      for u in range(t - k + 1, t):
+        assert_tree_bitwise(lo.slow_params(states[u]),
+                            lo.slow_params(states[t - k]))
+
+
+@SETTINGS
+@hypothesis.given(problems(alpha=1.0))
+def test_alpha_one_equals_inner_optimizer(problem):
+  with x64_if(problem["dtype"]):
+    params_seq, states, grads = _trajectory(problem)
+    inner = INNERS[problem["inner"]]()
+    params = params_seq[0]
+    inner_state = inner.init(params)
+    for t, g in enumerate(grads, start=1):
+      updates, inner_state = inner.update(g, inner_state, params)
+      params = optax.apply_updates(params, updates)
+      assert_tree_bitwise(params_seq[t], params)
+      assert_tree_bitwise(states[t].inner_state, inner_state)
+
+
+def _ulp(x, dtype):
+  """The spacing of `dtype` floats at magnitude |x| (x > 0), as float64."""
+  x = np.maximum(np.abs(np.asarray(x, np.float64)), float(jnp.finfo(dtype).tiny))
+  return 2.0 ** (np.floor(np.log2(x)) - jnp.finfo(dtype).nmant)
+
+
+@SETTINGS
+@hypothesis.given(problems(alpha=0.0))
+def test_alpha_zero_returns_to_initial_params_at_every_sync(problem):
+  # The sync target is the previous slow weights exactly; the params reach it
+  # with one additive update `fl(slow - p)`. That lands exactly whenever the
+  # subtraction is exact (Sterbenz: p and slow of one sign, within a factor
+  # 2 of each other); otherwise the params, and the slow weights that must
+  # equal them, land within one rounding of the target (an update cannot
+  # always reach it: from p = 1, no float32 u gives fl(1 + u) = 1e-9).
+  with x64_if(problem["dtype"]):
+    params_seq, states, _ = _trajectory(problem)
+    k = problem["k"]
+    for t in range(k, len(params_seq), k):
+      slow = jax.tree.leaves(lo.slow_params(states[t]))
+      assert_tree_bitwise(slow, jax.tree.leaves(params_seq[t]))
+      prev = jax.tree.leaves(lo.slow_params(states[t - k]))
+      before = jax.tree.leaves(params_seq[t - 1])
+      for s, s_prev, p in zip(slow, prev, before):
+        s, s_prev, p = (np.asarray(x, np.float64) for x in (s, s_prev, p))
+        exact = (s_prev / 2 <= p) & (p <= 2 * s_prev) | (
+            (s_prev / 2 >= p) & (p >= 2 * s_prev))
+        np.testing.assert_array_equal(s[exact], s_prev[exact])
+        # fl(s_prev - p) and fl(p + update): two roundings at most.
+        bound = 2 * _ulp(np.maximum(np.abs(p), np.abs(s_prev)),
+                         problem["dtype"])
+        assert (np.abs(s - s_prev) <= bound).all()
+
+
+@SETTINGS
+@hypothesis.given(problems())
+def test_slow_weights_are_ema_of_end_of_cycle_fast_weights(problem):
+  with x64_if(problem["dtype"]):
+    params_seq, states, grads = _trajectory(problem)
+    k, alpha = problem["k"], problem["alpha"]
+    inner = INNERS[problem["inner"]]()
+    # The end-of-cycle fast weights: the inner step from the params before
+    # each sync step, with the inner state held there.
+    ema = [np.asarray(x, np.float64) for x in jax.tree.leaves(params_seq[0])]
+    n_syncs = 0
+    for t in range(k, len(params_seq), k):
+      updates, _ = inner.update(grads[t - 1], states[t - 1].inner_state,
+                                params_seq[t - 1])
+      fast = optax.apply_updates(params_seq[t - 1], updates)
+      ema = [e + alpha * (np.asarray(f, np.float64) - e)
+             for e, f in zip(ema, jax.tree.leaves(fast))]
+      n_syncs += 1
+      slow = jax.tree.leaves(lo.slow_params(states[t]))
+      eps = float(jnp.finfo(problem["dtype"]).eps)
+      for s, e in zip(slow, ema):
+        # Each sync rounds once (the blend and the landing on the params);
+        # the fast weights themselves round once per inner step.
+        tol = 4 * (n_syncs + 1) * eps * (1.0 + np.abs(e).max(initial=0.0))
+        np.testing.assert_allclose(np.asarray(s, np.float64), e, rtol=0,
+                                   atol=tol)
+
+
+# ---------------------------------------------------------------------------
+# Jitted, low precision: no excess precision may break the invariant.
+# ---------------------------------------------------------------------------
+
+
+def _wide_bf16(rng, n):
+  scale = rng.choice([1e-4, 1e-2, 1.0, 1e2, 1e4], size=n)
+  return jnp.asarray(scale * rng.normal(size=n), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("slow_dtype", (None, jnp.float32))
+@pytest.mark.parametrize("sync", ("select", "cond"))
+def test_bf16_invariant_under_jit_fused_and_separate(sync, slow_dtype):
+  # Weights spread over 8 orders of magnitude and a large learning rate, so
+  # that syncs move some weights by large factors. The update is applied
+  # both inside the jitted step (where XLA may keep excess precision) and
+  # outside it; both must land on the slow weights bitwise.
+  rng = np.random.default_rng(0)
+  n, k = 512, 3
+  params = _wide_bf16(rng, n)
+  tx = lo.lookahead(optax.adam(0.5), k, 0.37, sync=sync,
+                    slow_dtype=slow_dtype)
+
+  @jax.jit
+  def fused(g, state, p):
+    updates, state = tx.update(g, state, p)
+    return optax.apply_updates(p, updates), state
+
+  separate = jax.jit(tx.update)
+  pa, sa = params, tx.init(params)
+  pb, sb = params, tx.init(params)
+  for t in range(1, 4 * k + 1):
+    g = _wide_bf16(rng, n)
+    pa, sa = fused(g, sa, pa)
+    updates, sb = separate(g, sb, pb)
+    pb = optax.apply_updates(pb, updates)
+    if t % k == 0:
+      for p, s in ((pa, sa), (pb, sb)):
+        assert_tree_bitwise(lo.slow_params(s).astype(jnp.bfloat16), p)
+  # The run did move weights by large factors.
+  ratio = np.abs(np.asarray(pa, np.float32) / np.asarray(params, np.float32))
+  assert (ratio > 4).any()
+
+
+# ---------------------------------------------------------------------------
+# Long runs: no drift between the invariant and the state.
+# ---------------------------------------------------------------------------
+
+
+def _long_run(n_steps, dtype, slow_dtype, sync, n=64, k=5):
+  """Scans `n_steps` jitted steps; counts sync steps where params != slow."""
+  # adam's default eps (1e-8) underflows in float16 and its moments give NaN.
+  eps = 1e-3 if dtype == jnp.float16 else 1e-8
+  tx = lo.lookahead(optax.adam(1e-2, eps=eps), k, 0.5, sync=sync,
+                    slow_dtype=slow_dtype)
+  key = jax.random.PRNGKey(0)
+  target = jax.random.normal(key, (n,))
+  params = jnp.zeros(n, dtype)
+  uint = jnp.dtype(f"uint{8 * jnp.dtype(dtype).itemsize}")
+
+  def step(carry, t):
+    p, state, mismatches = carry
+    noise = jax.random.normal(jax.random.fold_in(key, t), (n,))
+    g = (p.astype(jnp.float32) - target + 0.1 * noise).astype(dtype)
+    updates, state = tx.update(g, state, p)
+    p = optax.apply_updates(p, updates)
+    slow = state.slow_params.astype(dtype)
+    differ = jnp.any(jax.lax.bitcast_convert_type(slow, uint)
+                     != jax.lax.bitcast_convert_type(p, uint))
+    mismatches += jnp.where(state.step % k == 0, differ, False)
+    return (p, state, mismatches), None
+
+  init = (params, tx.init(params), jnp.zeros([], jnp.int32))
+  run = jax.jit(lambda c: jax.lax.scan(step, c, jnp.arange(n_steps))[0])
+  (p, state, mismatches) = run(init)
+  return p, state, int(mismatches), target
+
+
+@pytest.mark.parametrize("sync", ("select", "cond"))
+def test_long_run_5000_steps_no_drift(sync):
+  p, state, mismatches, target = _long_run(5000, jnp.float32, None, sync)
+  assert mismatches == 0
+  assert int(state.step) == 5000
+  assert_tree_bitwise(lo.eval_params(state, p), p)  # 5000 is a sync step.
+  np.testing.assert_allclose(p, target, atol=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sync", ("select", "cond"))
+@pytest.mark.parametrize("dtype, slow_dtype", [
+    (jnp.float32, None), (jnp.bfloat16, None), (jnp.bfloat16, jnp.float32),
+    (jnp.float16, jnp.float32)])
+def test_long_run_50000_steps_no_drift(sync, dtype, slow_dtype):
+  p, state, mismatches, target = _long_run(
+      50_000, dtype, slow_dtype, sync, n=1024)
+  assert mismatches == 0
+  assert int(state.step) == 50_000
+  assert_tree_bitwise(lo.eval_params(state, p), p)
+  # Low-precision fast weights stall near the optimum (adam's steps fall
+  # below half an ulp), so only check that training got most of the way.
+  error = np.abs(np.asarray(p, np.float32) - np.asarray(target))
+  assert error.mean() < 0.2 * np.abs(np.asarray(target)).mean()

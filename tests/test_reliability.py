@@ -1,0 +1,463 @@
+"""Tests of the reliability features of `lookahead`.
+
+Non-finite rollback, high-precision slow weights (`slow_dtype`), gradient
+accumulation with `optax.MultiSteps`, `optax.apply_if_finite`, the semantics of
+`inner_state="reset"` and the errors raised for mismatched trees. Expected
+values are worked by hand in the comments (all numbers are dyadic, so float32
+arithmetic on them is exact) or come from running the inner optimizer alone.
+"""
+
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lookahead_optax as lo
+
+SYNC_MODES = ("select", "cond")
+BF16 = jnp.bfloat16
+
+
+def _bits(x):
+  """The raw bits of an array, to compare floats bitwise (NaN == NaN)."""
+  x = np.asarray(x)
+  return x.view(np.dtype(f"u{x.dtype.itemsize}"))
+
+
+def assert_bitwise(actual, expected):
+  actual, expected = np.asarray(actual), np.asarray(expected)
+  assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+  np.testing.assert_array_equal(_bits(actual), _bits(expected))
+
+
+def assert_tree_bitwise(actual, expected):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    assert_bitwise(a, e)
+
+
+def run(tx, params, grads_seq, state=None, jit=False):
+  """Applies `tx` to `grads_seq`; returns the params and states after each."""
+  update = jax.jit(tx.update) if jit else tx.update
+  state = tx.init(params) if state is None else state
+  history = []
+  for grads in grads_seq:
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    history.append((params, state))
+  return history
+
+
+# ---------------------------------------------------------------------------
+# on_nonfinite="rollback"
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sync", SYNC_MODES)
+def test_rollback_nan_gradient_mid_cycle_hand_worked(sync):
+  # sgd(lr=0.5, momentum=0.5), k=4, alpha=0.5, params 8.
+  tx = lo.lookahead(optax.sgd(0.5, momentum=0.5), sync_period=4,
+                    slow_step_size=0.5, sync=sync, on_nonfinite="rollback")
+  params = jnp.array([8.0, -4.0])
+  g = lambda *v: jnp.array(v)
+  grads = [g(2.0, -2.0), g(2.0, -2.0), g(np.nan, 1.0), g(2.0, -2.0)]
+  hist = run(tx, params, grads)
+  # Step 1: trace 2, update -1 -> 7. Step 2: trace 2 + 1 = 3 -> 5.5.
+  np.testing.assert_array_equal(hist[0][0], [7.0, -3.0])
+  np.testing.assert_array_equal(hist[1][0], [5.5, -1.5])
+  # Step 3: NaN in one leaf element: the whole step rolls back to the slow
+  # weights (8, -4), resets the momentum, leaves the slow weights.
+  p3, s3 = hist[2]
+  np.testing.assert_array_equal(p3, [8.0, -4.0])
+  np.testing.assert_array_equal(s3.inner_state[0].trace, [0.0, 0.0])
+  np.testing.assert_array_equal(lo.slow_params(s3), [8.0, -4.0])
+  assert int(s3.step) == 3
+  # Step 4 (sync): fresh momentum, trace 2 -> fast 7; slow 8 + (7 - 8) / 2.
+  p4, s4 = hist[3]
+  np.testing.assert_array_equal(p4, [7.5, -3.5])
+  assert_bitwise(lo.slow_params(s4), p4)
+  np.testing.assert_array_equal(s4.inner_state[0].trace, [2.0, -2.0])
+
+
+@pytest.mark.parametrize("sync", SYNC_MODES)
+@pytest.mark.parametrize("inner_state", ("keep", "reset", "pullback"))
+def test_rollback_on_sync_step_skips_the_sync(sync, inner_state):
+  # k=2: a NaN on step 2 (a sync step) does no sync; the next one is step 4.
+  tx = lo.lookahead(optax.sgd(1.0), sync_period=2, slow_step_size=0.5,
+                    sync=sync, inner_state=inner_state,
+                    on_nonfinite="rollback")
+  params = {"a": jnp.array([4.0]), "b": jnp.array(2.0)}
+  grads = [
+      {"a": jnp.array([1.0]), "b": jnp.array(1.0)},
+      {"a": jnp.array([1.0]), "b": jnp.array(np.inf)},
+      {"a": jnp.array([2.0]), "b": jnp.array(0.0)},
+      {"a": jnp.array([2.0]), "b": jnp.array(0.0)},
+  ]
+  hist = run(tx, params, grads, jit=True)
+  # Step 2 rolls back to the initial params; slow untouched.
+  assert_tree_bitwise(hist[1][0], params)
+  assert_tree_bitwise(lo.slow_params(hist[1][1]), params)
+  # Steps 3, 4: a 4 -> 2 -> 0, b stays 2; sync: a = 4 + (0 - 4) / 2 = 2.
+  expected = {"a": jnp.array([2.0]), "b": jnp.array(2.0)}
+  assert_tree_bitwise(hist[3][0], expected)
+  assert_tree_bitwise(lo.slow_params(hist[3][1]), expected)
+
+
+@pytest.mark.parametrize("sync", SYNC_MODES)
+def test_rollback_overflowing_fast_params(sync):
+  # A finite update whose fast params overflow to inf also rolls back.
+  big = np.float32(3e38)
+  tx = lo.lookahead(optax.sgd(1.0), sync_period=3, sync=sync,
+                    on_nonfinite="rollback")
+  params = jnp.array([big, 1.0])
+  hist = run(tx, params, [jnp.array([1.0, 0.0]), jnp.array([-big, 0.0])])
+  np.testing.assert_array_equal(hist[0][0], [big - 1.0, 1.0])
+  assert_bitwise(hist[1][0], params)
+
+
+def test_rollback_resets_adam_moments_and_keeps_count():
+  tx = lo.lookahead(optax.adam(0.1), sync_period=5, on_nonfinite="rollback")
+  params = {"w": jnp.ones(3), "b": jnp.zeros(2)}
+  ok = {"w": jnp.ones(3), "b": jnp.ones(2)}
+  bad = {"w": jnp.array([1.0, np.nan, 1.0]), "b": jnp.ones(2)}
+  hist = run(tx, params, [ok, ok, bad])
+  p, state = hist[-1]
+  assert_tree_bitwise(p, params)
+  adam_state = state.inner_state[0]
+  assert int(adam_state.count) == 3  # Schedules do not restart.
+  for leaf in jax.tree.leaves((adam_state.mu, adam_state.nu)):
+    np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+
+
+def test_rollback_all_finite_is_bitwise_propagate():
+  # With finite gradients, rollback changes nothing (adam, 3 cycles, jit).
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}
+  grads = [{"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}
+           for _ in range(9)]
+  make = lambda mode: lo.lookahead(optax.adam(0.1), 3, 0.5,
+                                   on_nonfinite=mode)
+  a = run(make("rollback"), params, grads, jit=True)
+  b = run(make("propagate"), params, grads, jit=True)
+  for (pa, sa), (pb, sb) in zip(a, b):
+    assert_tree_bitwise((pa, sa), (pb, sb))
+
+
+def test_propagate_is_default_and_nan_spreads():
+  tx = lo.lookahead(optax.sgd(0.1), sync_period=2)
+  hist = run(tx, jnp.array([1.0]), [jnp.array([np.nan]), jnp.array([1.0])])
+  assert np.isnan(hist[0][0]).all()
+  assert np.isnan(lo.slow_params(hist[1][1])).all()  # The sync spread it.
+
+
+def test_rollback_cannot_repair_nonfinite_params():
+  # Documented limit: an additive update cannot turn NaN params finite.
+  tx = lo.lookahead(optax.sgd(0.1), sync_period=2, on_nonfinite="rollback")
+  state = tx.init(jnp.array([1.0]))
+  updates, state = tx.update(jnp.array([1.0]), state, jnp.array([np.nan]))
+  assert np.isnan(updates).all()
+  np.testing.assert_array_equal(lo.slow_params(state), [1.0])
+
+
+@pytest.mark.parametrize("sync", SYNC_MODES)
+def test_rollback_training_goes_on_and_converges(sync):
+  # Least squares with adam, 300 jitted steps in a scan; NaN gradients at
+  # steps 7, 8 (mid-cycle) and 50 (a sync step). Converges to the solution;
+  # "propagate" ends in NaN.
+  rng = np.random.default_rng(1)
+  a = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
+  x_star = jnp.asarray([1.0, -2.0, 0.5, 3.0])
+  b = a @ x_star
+  loss = lambda x: 0.5 * jnp.mean((a @ x - b) ** 2)
+
+  def train(mode):
+    tx = lo.lookahead(optax.adam(0.05), sync_period=5, sync=sync,
+                      on_nonfinite=mode)
+    x0 = jnp.zeros(4)
+
+    def step(carry, t):
+      x, state = carry
+      g = jax.grad(loss)(x)
+      g = jnp.where((t == 7) | (t == 8) | (t == 50), jnp.nan, g)
+      updates, state = tx.update(g, state, x)
+      return (optax.apply_updates(x, updates), state), None
+
+    (x, state), _ = jax.lax.scan(step, (x0, tx.init(x0)), jnp.arange(300))
+    return x, state
+
+  x, state = jax.jit(train, static_argnums=0)("rollback")
+  np.testing.assert_allclose(x, x_star, atol=1e-3)
+  np.testing.assert_allclose(lo.slow_params(state), x_star, atol=1e-3)
+  assert int(state.step) == 300
+  x_bad, _ = jax.jit(train, static_argnums=0)("propagate")
+  assert np.isnan(x_bad).all()
+
+
+# ---------------------------------------------------------------------------
+# slow_dtype
+# ---------------------------------------------------------------------------
+
+
+def _creep(slow_dtype, sync, cycles):
+  """bf16 params at 1; two sgd steps of +2**-7 (one bf16 ulp) per cycle."""
+  tx = lo.lookahead(optax.sgd(1.0), sync_period=2, slow_step_size=0.25,
+                    sync=sync, slow_dtype=slow_dtype)
+  grads = [jnp.full([1], -(2.0 ** -7), BF16)] * (2 * cycles)
+  hist = run(tx, jnp.ones([1], BF16), grads, jit=True)
+  return [(h[0], lo.slow_params(h[1])) for h in hist[1::2]]
+
+
+@pytest.mark.parametrize("sync", SYNC_MODES)
+def test_slow_dtype_float32_accumulates_small_moves(sync):
+  # Each cycle the fast weights go 1 ulp, 2 ulps up from bf16(slow); the sync
+  # moves the slow weights a quarter of the way: in bf16 that is half an ulp
+  # (1 + 2**-8), which rounds back to 1 (ties to even) every cycle, for ever.
+  for params, slow in _creep(None, sync, cycles=6):
+    assert_bitwise(params, jnp.ones([1], BF16))
+    assert_bitwise(slow, jnp.ones([1], BF16))
+  # Float32 slow weights keep the quarter steps:
+  # s1 = 1 + 2**-8 (params round to 1), s2 = s1 + (1 + 2**-6 - s1) / 4
+  # = 1 + 1.75 * 2**-8 (params round up to 1 + 2**-7), and so on.
+  expected_slow, s = [], 1.0
+  for _ in range(6):
+    p = float(jnp.asarray(s, jnp.float32).astype(BF16))
+    s = s + 0.25 * (p + 2 * 2.0 ** -7 - s)
+    expected_slow.append(s)
+  got = _creep(jnp.float32, sync, cycles=6)
+  np.testing.assert_array_equal([float(s[0]) for _, s in got], expected_slow)
+  np.testing.assert_array_equal(expected_slow[:2],
+                                [1 + 2.0 ** -8, 1 + 1.75 * 2.0 ** -8])
+  for params, slow in got:
+    assert slow.dtype == jnp.float32 and params.dtype == BF16
+    assert_bitwise(params, slow.astype(BF16))
+  assert float(got[-1][0][0]) > 1.0
+
+
+@pytest.mark.parametrize("sync", SYNC_MODES)
+def test_slow_dtype_large_move_keeps_params_equal_to_slow(sync):
+  # k=1, alpha=0.999, bf16 params 1, fast 0: the float32 target is 0.001,
+  # bf16(0.001) = 0.00100708; the bf16 update bf16(0.00100708 - 1) rounds to
+  # -1, so the params land on 0, not on bf16(target). The slow weights must
+  # store what the params became (0), not the target.
+  tx = lo.lookahead(optax.sgd(1.0), sync_period=1, slow_step_size=0.999,
+                    sync=sync, slow_dtype=jnp.float32)
+  for jit in (False, True):
+    [(params, state)] = run(tx, jnp.ones([1], BF16),
+                            [jnp.ones([1], BF16)], jit=jit)
+    assert_bitwise(params, jnp.zeros([1], BF16))
+    assert_bitwise(lo.slow_params(state), jnp.zeros([1], jnp.float32))
+
+
+def test_slow_dtype_leaves_non_float_params_and_eval_params():
+  tx = lo.lookahead(optax.sgd(1.0), sync_period=1, slow_dtype=jnp.float32)
+  params = {"w": jnp.ones(2, BF16), "n": jnp.arange(2)}
+  state = tx.init(params)
+  assert state.slow_params["w"].dtype == jnp.float32
+  assert state.slow_params["n"].dtype == params["n"].dtype
+  ev = lo.eval_params(state, params)
+  assert ev["w"].dtype == BF16
+
+
+def test_slow_dtype_must_be_floating():
+  with pytest.raises(TypeError, match="`slow_dtype` must be a floating"):
+    lo.lookahead(optax.sgd(1.0), slow_dtype=jnp.int32)
+
+
+# ---------------------------------------------------------------------------
+# Gradient accumulation with optax.MultiSteps
+# ---------------------------------------------------------------------------
+
+
+def _multisteps_vs_mean_grads(inner, inner_state, seed):
+  """(MultiSteps(lookahead) history at applied steps, reference history)."""
+  n_micro, k, applied = 2, 2, 6
+  rng = np.random.default_rng(seed)
+  # Micro-batch gradients are multiples of 1/8, two per applied step, so their
+  # mean (MultiSteps' running mean) is exact.
+  params = {"w": jnp.asarray(rng.integers(-8, 9, size=(2, 3)) / 4, jnp.float32),
+            "b": jnp.asarray(rng.integers(-8, 9, size=3) / 4, jnp.float32)}
+  micro = [jax.tree.map(lambda p: jnp.asarray(
+      rng.integers(-16, 17, size=p.shape) / 8, jnp.float32), params)
+           for _ in range(n_micro * applied)]
+  make = lambda: lo.lookahead(inner, k, 0.5, inner_state=inner_state)
+  hist = run(optax.MultiSteps(make(), every_k_schedule=n_micro), params,
+             micro, jit=True)
+  means = [jax.tree.map(lambda x, y: (x + y) / 2, *micro[2 * i:2 * i + 2])
+           for i in range(applied)]
+  ref = run(make(), params, means, jit=True)
+  # Between applied steps the params do not move.
+  for i in range(applied):
+    assert_tree_bitwise(hist[2 * i][0], hist[2 * i - 1][0] if i else params)
+  return hist[1::2], ref
+
+
+@pytest.mark.parametrize("inner_state", ("keep", "reset"))
+def test_multisteps_of_lookahead_equals_lookahead_on_mean_grads(inner_state):
+  # sgd(0.5, momentum=0.5) on dyadic numbers: every operation is exact, so
+  # the two runs must agree bitwise.
+  hist, ref = _multisteps_vs_mean_grads(
+      optax.sgd(0.5, momentum=0.5), inner_state, seed=2)
+  for i, ((p, state), (p_ref, s_ref)) in enumerate(zip(hist, ref)):
+    assert_tree_bitwise(p, p_ref)
+    assert_tree_bitwise(state.inner_opt_state, s_ref)
+    # The lookahead step counts applied steps, not micro-steps; after the
+    # syncs (applied steps 2, 4, 6) the params equal the slow weights.
+    assert int(state.inner_opt_state.step) == i + 1
+    if (i + 1) % 2 == 0:
+      assert_tree_bitwise(lo.slow_params(state), p)
+
+
+def test_multisteps_of_lookahead_adam_matches_to_rounding():
+  # With adam, XLA compiles the two programs differently (e.g. fused
+  # multiply-adds), so the runs agree to a few ulps, as plain adam does.
+  hist, ref = _multisteps_vs_mean_grads(optax.adam(0.1), "keep", seed=3)
+  for (p, state), (p_ref, s_ref) in zip(hist, ref):
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6),
+                 (p, lo.slow_params(state)), (p_ref, lo.slow_params(s_ref)))
+    assert int(state.inner_opt_state.step) == int(s_ref.step)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda m: m,
+    lambda m: m.gradient_transformation(),
+    lambda m: optax.chain(optax.clip(1.0), m.gradient_transformation()),
+])
+def test_lookahead_of_multisteps_raises(wrap):
+  inner = wrap(optax.MultiSteps(optax.sgd(0.1), every_k_schedule=4))
+  with pytest.raises(ValueError, match=r"must not be an optax\.MultiSteps|"
+                     r"contains an optax\.MultiSteps") as info:
+    tx = lo.lookahead(inner, sync_period=5)
+    tx.init(jnp.ones(2))
+  assert "optax.MultiSteps(lookahead(inner, ...), every_k_schedule=n)" in str(
+      info.value)
+
+
+# ---------------------------------------------------------------------------
+# optax.apply_if_finite
+# ---------------------------------------------------------------------------
+
+
+def test_apply_if_finite_skips_steps_without_touching_lookahead_state():
+  make = lambda: lo.lookahead(optax.adam(0.1), sync_period=2)
+  tx = optax.apply_if_finite(make(), max_consecutive_errors=3)
+  params = jnp.array([1.0, 2.0])
+  gs = [jnp.array([1.0, -1.0]), jnp.array([0.5, 0.25]),
+        jnp.array([-1.0, 2.0]), jnp.array([0.25, 0.5])]
+  nan = jnp.array([np.nan, 1.0])
+  hist = run(tx, params, [gs[0], nan, gs[1], gs[2], nan, gs[3]], jit=True)
+  ref = run(make(), params, gs, jit=True)
+  # A skipped step leaves params and the whole lookahead state as they were.
+  assert_tree_bitwise(hist[1][0], hist[0][0])
+  assert_tree_bitwise(hist[1][1].inner_state, hist[0][1].inner_state)
+  # The other steps are those of lookahead without the NaN steps: the sync
+  # counts applied steps.
+  for h, r in zip([hist[0], hist[2], hist[3], hist[5]], ref):
+    assert_tree_bitwise(h[0], r[0])
+    assert_tree_bitwise(h[1].inner_state, r[1])
+  assert int(hist[-1][1].total_notfinite) == 2
+
+
+# ---------------------------------------------------------------------------
+# inner_state="reset"
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sync", SYNC_MODES)
+def test_reset_keeps_dtypes_and_counts_and_clears_nans(sync):
+  schedule = optax.linear_schedule(0.1, 0.0, transition_steps=10)
+  inner = optax.apply_if_finite(optax.adam(schedule), max_consecutive_errors=5)
+  tx = lo.lookahead(inner, sync_period=2, inner_state="reset", sync=sync)
+  params = {"w": jnp.ones(3), "h": jnp.ones(2, BF16)}
+  state = tx.init(params)
+  g = {"w": jnp.ones(3), "h": jnp.ones(2, BF16)}
+  updates, state = tx.update(g, state, params)
+  params = optax.apply_updates(params, updates)
+  # Poison a moment: a multiplicative reset (0 * NaN) would keep the NaN.
+  adam = state.inner_state.inner_state[0]
+  adam = adam._replace(mu={"w": jnp.full(3, np.nan), "h": adam.mu["h"]})
+  inner_state = state.inner_state._replace(
+      inner_state=(adam,) + tuple(state.inner_state.inner_state[1:]))
+  state = state._replace(inner_state=inner_state)
+  before = jax.tree.map(lambda x: x.dtype, state)
+  _, state = jax.jit(tx.update)(g, state, params)  # Step 2: a sync.
+  assert jax.tree.map(lambda x: x.dtype, state) == before
+  finite_state = state.inner_state
+  assert finite_state.last_finite.dtype == jnp.bool_  # bool stays bool.
+  adam = finite_state.inner_state[0]
+  assert int(adam.count) == 2  # The schedule goes on from step 2.
+  for leaf in jax.tree.leaves((adam.mu, adam.nu)):
+    assert_bitwise(leaf, jnp.zeros_like(leaf))
+  assert adam.mu["h"].dtype == BF16
+
+
+# ---------------------------------------------------------------------------
+# Errors for mismatched trees
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(name="setup")
+def _setup():
+  tx = lo.lookahead(optax.adam(0.1), sync_period=2)
+  params = {"b": jnp.zeros(2), "w": jnp.ones((2, 3))}
+  return tx, params, tx.init(params)
+
+
+@pytest.mark.parametrize("jit", (False, True))
+@pytest.mark.parametrize("which, bad, message", [
+    ("params", {"w": jnp.ones((2, 3))},
+     r"`params` does not have the tree structure of the slow params "
+     r"\(missing \['b'\]\)\."),
+    ("params", {"b": jnp.zeros(2), "w": jnp.ones((2, 3)), "z": jnp.ones(1)},
+     r"`params` does not have the tree structure of the slow params "
+     r"\(unexpected \['z'\]\)\."),
+    ("params", {"b": jnp.zeros(2), "w": jnp.ones((3, 2))},
+     r"`params` leaf \['w'\] has shape \(3, 2\), expected \(2, 3\) as in "
+     r"the slow params\."),
+    ("params", {"b": jnp.zeros(2, BF16), "w": jnp.ones((2, 3))},
+     r"`params` leaf \['b'\] has dtype bfloat16, expected float32 as in "
+     r"the slow params\."),
+    ("updates", {"b": jnp.zeros(3), "w": jnp.ones((2, 3))},
+     r"`updates` leaf \['b'\] has shape \(3,\), expected \(2,\) as in "
+     r"the slow params\."),
+    ("updates", [jnp.zeros(2), jnp.ones((2, 3))],
+     r"`updates` does not have the tree structure of the slow params"),
+])
+def test_mismatched_trees_raise_naming_the_path(setup, jit, which, bad,
+                                                message):
+  tx, params, state = setup
+  grads = params
+  if which == "params":
+    params = bad
+  else:
+    grads = bad
+  update = jax.jit(tx.update) if jit else tx.update
+  with pytest.raises(ValueError, match=message):
+    update(grads, state, params)
+
+
+def test_missing_params_raises(setup):
+  tx, params, state = setup
+  with pytest.raises(ValueError, match="`params` is required"):
+    tx.update(params, state)
+
+
+def test_wrong_state_type_raises(setup):
+  tx, params, _ = setup
+  with pytest.raises(TypeError, match="`state` must be a LookaheadState"):
+    tx.update(params, optax.EmptyState(), params)
+
+
+def test_mismatch_error_names_nested_path():
+  tx = lo.lookahead(optax.sgd(0.1))
+  params = {"enc": {"layers": [jnp.ones(2), jnp.ones(3)]}}
+  state = tx.init(params)
+  bad = {"enc": {"layers": [jnp.ones(2), jnp.ones(4)]}}
+  with pytest.raises(ValueError,
+                     match=r"leaf \['enc'\]\['layers'\]\[1\] has shape"):
+    tx.update(params, state, bad)
+
+

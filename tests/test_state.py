@@ -1,0 +1,182 @@
+"""`slow_params` and `eval_params` find the slow weights in any optax state.
+
+Every case uses sgd(0.5) on 0.5 * x**2 (grad = x): from x = 4 one step gives
+fast weights 2 while the slow weights are still 4; with k = 2 the second step
+gives fast 1 and syncs the slow weights to 4 + 0.5 (1 - 4) = 2.5.
+"""
+
+import re
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import lookahead_optax as lo
+
+
+def _la(sync_period=2):
+  return lo.lookahead(optax.sgd(0.5), sync_period=sync_period,
+                      slow_step_size=0.5)
+
+
+def _run(tx, params, num_steps):
+  state = tx.init(params)
+  for _ in range(num_steps):
+    updates, state = tx.update(params, state, params)  # grads = params
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+PARAMS = {"a": jnp.array([4.0]), "b": jnp.array([-8.0, 2.0])}
+
+
+def test_plain_lookahead_state():
+  params, state = _run(_la(), PARAMS, 1)
+  chex.assert_trees_all_equal(params, {"a": jnp.array([2.0]),
+                                       "b": jnp.array([-4.0, 1.0])})
+  chex.assert_trees_all_equal(lo.slow_params(state), PARAMS)
+  chex.assert_trees_all_equal(lo.eval_params(state, params), PARAMS)
+  params, state = _run(_la(), PARAMS, 2)
+  expected = {"a": jnp.array([2.5]), "b": jnp.array([-5.0, 1.25])}
+  chex.assert_trees_all_equal(lo.slow_params(state), expected)
+  chex.assert_trees_all_equal(lo.eval_params(state, params), expected)
+
+
+def test_inside_chain():
+  tx = optax.chain(optax.clip(100.0), _la())
+  params, state = _run(tx, PARAMS, 1)
+  chex.assert_trees_all_equal(lo.slow_params(state), PARAMS)
+  assert isinstance(state[1], lo.LookaheadState)
+  _, state = _run(tx, PARAMS, 2)
+  chex.assert_trees_all_equal(
+      lo.slow_params(state),
+      {"a": jnp.array([2.5]), "b": jnp.array([-5.0, 1.25])})
+
+
+def test_masked_keeps_masked_out_leaves_from_params():
+  tx = optax.masked(_la(), {"a": True, "b": False})
+  params, state = _run(tx, PARAMS, 1)
+  slow = lo.slow_params(state)
+  chex.assert_trees_all_equal(slow["a"], PARAMS["a"])
+  assert isinstance(slow["b"], optax.MaskedNode)
+  # optax.masked passes the masked-out grads through: b moved to -8 + -8.
+  chex.assert_trees_all_equal(params["b"], jnp.array([-16.0, 4.0]))
+  evaluated = lo.eval_params(state, params)
+  chex.assert_trees_all_equal(evaluated, {"a": PARAMS["a"], "b": params["b"]})
+
+
+def test_multi_transform_groups_are_merged():
+  params = {"x": jnp.array([4.0]), "y": jnp.array([4.0])}
+  tx = optax.multi_transform(
+      {"k2": _la(sync_period=2), "k3": _la(sync_period=3)},
+      param_labels={"x": "k2", "y": "k3"})
+  new_params, state = _run(tx, params, 2)
+  # x synced at step 2 (slow 2.5); y has not synced yet (slow 4, fast 1).
+  chex.assert_trees_all_equal(
+      lo.slow_params(state), {"x": jnp.array([2.5]), "y": jnp.array([4.0])})
+  chex.assert_trees_all_equal(new_params,
+                              {"x": jnp.array([2.5]), "y": jnp.array([1.0])})
+  chex.assert_trees_all_equal(
+      lo.eval_params(state, new_params),
+      {"x": jnp.array([2.5]), "y": jnp.array([4.0])})
+
+
+def test_inject_hyperparams():
+  tx = optax.inject_hyperparams(lo.lookahead)(
+      optax.sgd(0.5), sync_period=2, slow_step_size=0.5)
+  params, state = _run(tx, PARAMS, 1)
+  chex.assert_trees_all_equal(lo.slow_params(state), PARAMS)
+  chex.assert_trees_all_equal(lo.eval_params(state, params), PARAMS)
+
+
+def test_multisteps_counts_applied_steps():
+  tx = optax.MultiSteps(_la(), every_k_schedule=2)
+  x = jnp.array([4.0])
+  state = tx.init(x)
+  # Four micro-steps with the same gradient 4: two applied steps of the
+  # averaged gradient; the second applied step syncs.
+  for _ in range(4):
+    updates, state = tx.update(jnp.array([4.0]), state, x)
+    x = optax.apply_updates(x, updates)
+  assert int(state.inner_opt_state.step) == 2
+  # Applied steps: 4 - 2 = 2, then fast 2 - 2 = 0, sync 4 + 0.5 (0 - 4) = 2.
+  chex.assert_trees_all_equal(x, jnp.array([2.0]))
+  chex.assert_trees_all_equal(lo.slow_params(state), jnp.array([2.0]))
+
+
+class _TrainState(NamedTuple):
+  """Stands for a Flax TrainState: the optimizer state is `opt_state`."""
+  params: Any
+  opt_state: Any
+
+
+class _Optimizer:
+  """Stands for an `nnx.Optimizer`: a plain object with `opt_state`."""
+
+  def __init__(self, opt_state):
+    self.opt_state = opt_state
+
+
+def test_object_with_opt_state():
+  params, state = _run(_la(), PARAMS, 1)
+  for holder in (_Optimizer(state), _TrainState(params, state)):
+    chex.assert_trees_all_equal(lo.slow_params(holder), PARAMS)
+    chex.assert_trees_all_equal(lo.eval_params(holder, params), PARAMS)
+
+
+def test_flax_train_state():
+  train_state = pytest.importorskip("flax.training.train_state")
+  ts = train_state.TrainState.create(
+      apply_fn=lambda *a: None, params=PARAMS, tx=_la())
+  ts = ts.apply_gradients(grads=PARAMS)
+  chex.assert_trees_all_equal(ts.params["a"], jnp.array([2.0]))
+  chex.assert_trees_all_equal(lo.eval_params(ts, ts.params), PARAMS)
+
+
+def test_slow_dtype_cast_back_to_params_dtype():
+  params = {"w": jnp.array([4.0], jnp.bfloat16)}
+  tx = lo.lookahead(optax.sgd(0.5), 2, 0.5, slow_dtype=jnp.float32)
+  params, state = _run(tx, params, 2)
+  assert lo.slow_params(state)["w"].dtype == jnp.float32
+  evaluated = lo.eval_params(state, params)
+  assert evaluated["w"].dtype == jnp.bfloat16
+  chex.assert_trees_all_equal(evaluated, {"w": jnp.array([2.5], jnp.bfloat16)})
+
+
+@pytest.mark.parametrize("state", [
+    optax.adam(0.1).init(PARAMS),
+    optax.chain(optax.sgd(0.1)).init(PARAMS),
+    (),
+])
+def test_no_lookahead_state_raises(state):
+  with pytest.raises(ValueError, match=re.escape(
+      "No LookaheadState found in the given optimizer state of type "
+      f"{type(state).__name__}: was the optimizer built with "
+      "`lookahead_optax.lookahead`?")):
+    lo.slow_params(state)
+  with pytest.raises(ValueError, match="No LookaheadState found"):
+    lo.eval_params(state, PARAMS)
+
+
+def test_two_lookaheads_on_the_same_params_raise():
+  tx = optax.chain(_la(), _la())
+  state = tx.init(PARAMS)
+  with pytest.raises(ValueError, match=re.escape(
+      "Several lookahead states hold slow weights for the same parameter")):
+    lo.slow_params(state)
+
+
+def test_eval_params_structure_mismatch_raises():
+  state = _la().init(PARAMS)
+  with pytest.raises(ValueError, match=re.escape(
+      "The slow weights do not have the structure of `params`")):
+    lo.eval_params(state, {"a": jnp.array([1.0])})
+
+
+def test_works_under_jit():
+  params, state = _run(_la(), PARAMS, 1)
+  evaluated = jax.jit(lo.eval_params)(state, params)
+  chex.assert_trees_all_equal(evaluated, PARAMS)
