@@ -54,3 +54,50 @@ def param_shaped_mask(state: Any, params: Any) -> Any:
     return jax.tree.unflatten(treedef, [visit(c) for c in children])
 
   return visit(state)
+
+
+def map_param_shaped(fn: Any, per_param: Any, params: Any, state: Any,
+                     *others: Any) -> Any:
+  """Maps `fn` over the parameter-shaped leaves of an optimizer state.
+
+  Finds the subtrees of `state` that are copies of the params tree (as in
+  `param_shaped_mask`) and replaces each leaf ``x`` of such a subtree with
+  ``fn(aux, x, *ys)``, where ``aux`` is the leaf of `per_param` for the same
+  parameter and ``ys`` are the matching leaves of `others` (trees with the
+  structure of `state`, e.g. the previous state). When ``aux`` is None the leaf
+  is kept as it is. Every other leaf of `state` (counters, flags, MaskedNode
+  holes) is kept as it is.
+
+  Args:
+    fn: ``fn(aux, x, *ys) -> new x``.
+    per_param: a list with one entry per leaf of `params` (flattened with
+      `optax.MaskedNode` as a leaf), e.g. a row mask or None.
+    params: the parameters (or their shapes) the state was initialised with.
+    state: an optimizer state.
+    *others: trees with the structure of `state`.
+
+  Returns:
+    A tree with the structure of `state`.
+  """
+
+  def visit(node, *other_nodes):
+    if _matches_params(node, params):
+      leaves, treedef = jax.tree.flatten(node, is_leaf=_is_masked_node)
+      other_leaves = [jax.tree.leaves(o, is_leaf=_is_masked_node)
+                      for o in other_nodes]
+      out = []
+      for i, (aux, leaf) in enumerate(zip(per_param, leaves)):
+        if aux is None or _is_masked_node(leaf):
+          out.append(leaf)
+        else:
+          out.append(fn(aux, leaf, *(o[i] for o in other_leaves)))
+      return jax.tree.unflatten(treedef, out)
+    children, treedef = jax.tree.flatten(node, is_leaf=lambda x: x is not node)
+    if treedef.num_leaves == 1 and treedef.num_nodes == 1:
+      return node  # A leaf that is not param-shaped.
+    other_children = [treedef.flatten_up_to(o) for o in other_nodes]
+    return jax.tree.unflatten(treedef, [
+        visit(c, *(oc[i] for oc in other_children))
+        for i, c in enumerate(children)])
+
+  return visit(state, *others)

@@ -1,0 +1,479 @@
+"""Tests of `lazy`: lazy (row-sparse) updates for embedding tables."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lookahead_optax as lo
+
+V, D = 40, 3
+LR, B1, B2, EPS = 1e-2, 0.9, 0.999, 1e-8
+
+
+def _batch(rng, num_ids=8, num_rows=V, dim=D):
+  """Random ids (with duplicates) and the dense gradient of their lookup."""
+  ids = rng.integers(0, num_rows, size=num_ids)
+  ids[1] = ids[0]  # Always a duplicate.
+  rows = rng.standard_normal((num_ids, dim)).astype(np.float32)
+  grads = np.zeros((num_rows, dim), np.float32)
+  np.add.at(grads, ids, rows)  # Duplicate ids are summed.
+  return ids, grads
+
+
+# The Adam arithmetic of one row, written out by hand. It is compiled with
+# `jax.jit`, as the optimizer step is, so that XLA applies the same float
+# rewrites (fused multiply-adds, division by a scalar as a multiplication by
+# its reciprocal) to both and the comparison can be bitwise.
+@jax.jit
+def _adam_rows(m, v, g, t):
+  m = (1 - B1) * g + B1 * m
+  v = (1 - B2) * g**2 + B2 * v
+  m_hat = m / (1 - B1**t).astype(jnp.float32)
+  v_hat = v / (1 - B2**t).astype(jnp.float32)
+  return (m_hat / (jnp.sqrt(v_hat + 0.0) + EPS)) * -LR, m, v
+
+
+def _jit_update(tx):
+  return jax.jit(lambda g, s, p, ids=None: tx.update(g, s, p, touched_rows=ids))
+
+
+@pytest.mark.parametrize("pass_ids", [False, True])
+def test_matches_lazyadam_reference(pass_ids):
+  """LazyAdam/SparseAdam by hand: only the rows in the batch move."""
+  rng = np.random.default_rng(0)
+  tx = lo.lazy(optax.adam(LR, B1, B2, EPS))
+  update = _jit_update(tx)
+  p_ref = rng.standard_normal((V, D)).astype(np.float32)
+  m_ref, v_ref = np.zeros_like(p_ref), np.zeros_like(p_ref)
+  params = jnp.asarray(p_ref)
+  state = tx.init(params)
+  for t in range(1, 13):
+    ids, grads = _batch(rng)
+    if pass_ids and t % 3 == 0:
+      # A looked-up row whose gradient is exactly zero still counts.
+      zero_row = int(np.setdiff1d(np.arange(V), ids)[0])
+      ids = np.append(ids, zero_row)
+    updates, state = update(jnp.asarray(grads), state, params,
+                            jnp.asarray(ids) if pass_ids else None)
+    params = np.asarray(params) + np.asarray(updates)
+    rows = np.unique(ids)
+    u, m, v = _adam_rows(m_ref[rows], v_ref[rows], grads[rows], jnp.int32(t))
+    p_ref[rows] += np.asarray(u)
+    m_ref[rows], v_ref[rows] = m, v
+    adam_state = state.inner_state[0]
+    np.testing.assert_array_equal(params, p_ref)
+    np.testing.assert_array_equal(adam_state.mu, m_ref)
+    np.testing.assert_array_equal(adam_state.nu, v_ref)
+    assert int(adam_state.count) == t  # Global step for bias correction.
+    untouched = np.setdiff1d(np.arange(V), rows)
+    assert not np.any(np.asarray(updates)[untouched])
+
+
+def test_zero_gradient_row_counts_only_with_ids():
+  tx = lo.lazy(optax.sgd(1.0, momentum=0.5))
+  params = jnp.zeros((3, 2))
+  state = tx.init(params)
+  _, state = tx.update(jnp.ones((3, 2)), state, params)
+  grads = jnp.zeros((3, 2))
+  updates, frozen = tx.update(grads, state, params)
+  np.testing.assert_array_equal(updates, np.zeros((3, 2)))
+  np.testing.assert_array_equal(frozen.inner_state[0].trace, np.ones((3, 2)))
+  updates, moved = tx.update(grads, state, params, touched_rows=jnp.array([1]))
+  np.testing.assert_array_equal(updates, [[0, 0], [-0.5, -0.5], [0, 0]])
+  np.testing.assert_array_equal(
+      moved.inner_state[0].trace, [[1, 1], [0.5, 0.5], [1, 1]])
+
+
+def test_nan_gradient_row_is_touched():
+  tx = lo.lazy(optax.sgd(1.0))
+  grads = jnp.array([[0.0, jnp.nan], [0.0, -0.0], [jnp.inf, 0.0]])
+  updates, _ = tx.update(grads, tx.init(jnp.zeros((3, 2))), jnp.zeros((3, 2)))
+  np.testing.assert_array_equal(
+      updates, [[-0.0, np.nan], [0.0, 0.0], [-np.inf, -0.0]])
+
+
+def test_untouched_rows_bitwise_unchanged():
+  rng = np.random.default_rng(1)
+  tx = lo.lazy(optax.adamw(0.1, weight_decay=0.5))
+  update = _jit_update(tx)
+  params = jnp.asarray(rng.standard_normal((V, D)), jnp.float32)
+  state = tx.init(params)
+  _, grads = _batch(rng, num_ids=30)  # A dense-ish first step.
+  updates, state = update(jnp.asarray(grads), state, params)
+  params = optax.apply_updates(params, updates)
+  for _ in range(4):
+    ids, grads = _batch(rng)
+    before_p, before_s = np.asarray(params), jax.tree.map(np.asarray, state)
+    updates, state = update(jnp.asarray(grads), state, params)
+    params = optax.apply_updates(params, updates)
+    untouched = np.setdiff1d(np.arange(V), ids)
+    # Params, first and second moments: bitwise, weight decay not applied.
+    np.testing.assert_array_equal(
+        np.asarray(params)[untouched], before_p[untouched])
+    adam, old = state.inner_state[0], before_s.inner_state[0]
+    np.testing.assert_array_equal(np.asarray(adam.mu)[untouched],
+                                  old.mu[untouched])
+    np.testing.assert_array_equal(np.asarray(adam.nu)[untouched],
+                                  old.nu[untouched])
+    assert not np.any(np.asarray(params)[np.unique(ids)]
+                      == before_p[np.unique(ids)])
+
+
+def _row_reference(inner, p0, batches):
+  """Each row as its own optimizer, stepped only when touched.
+
+  Integer scalar leaves of a row's state (step counts) are set to the global
+  step before each update, as lazy optimizers count steps globally.
+  """
+  p = p0.copy()
+  states = [inner.init(jnp.asarray(p0[r])) for r in range(len(p0))]
+  row_update = jax.jit(inner.update)
+  for t, (ids, grads) in enumerate(batches):
+    for r in np.unique(ids):
+      state = jax.tree.map(
+          lambda x: jnp.full_like(x, t)
+          if jnp.ndim(x) == 0 and jnp.issubdtype(x.dtype, jnp.integer) else x,
+          states[r])
+      u, states[r] = row_update(jnp.asarray(grads[r]), state,
+                                jnp.asarray(p[r]))
+      p[r] = p[r] + np.asarray(u)
+  return p
+
+
+@pytest.mark.parametrize("name", ["adamw", "radam", "sgd_momentum", "chain"])
+def test_inner_optimizers_match_rowwise_reference(name):
+  inner = {
+      "adamw": optax.adamw(0.05, weight_decay=0.1),
+      "radam": optax.radam(0.05),
+      "sgd_momentum": optax.sgd(0.1, momentum=0.9, nesterov=True),
+      "chain": optax.chain(
+          optax.scale_by_adam(), optax.add_decayed_weights(0.01),
+          optax.scale_by_schedule(optax.linear_schedule(0.1, 0.01, 10)),
+          optax.scale(-1.0)),
+  }[name]
+  num_rows, steps = 6, 8  # radam's rectified phase starts after step 5.
+  rng = np.random.default_rng(2)
+  p0 = rng.standard_normal((num_rows, D)).astype(np.float32)
+  batches = [_batch(rng, num_ids=3, num_rows=num_rows) for _ in range(steps)]
+  tx = lo.lazy(inner)
+  update = _jit_update(tx)
+  params, state = jnp.asarray(p0), tx.init(jnp.asarray(p0))
+  for _, grads in batches:
+    updates, state = update(jnp.asarray(grads), state, params)
+    params = np.asarray(params) + np.asarray(updates)
+  np.testing.assert_array_equal(params, _row_reference(inner, p0, batches))
+
+
+def test_freeze_state_false_moves_state_densely():
+  rng = np.random.default_rng(3)
+  adam = optax.adam(LR)
+  tx = lo.lazy(adam, freeze_state=False)
+  update, dense_update = _jit_update(tx), jax.jit(adam.update)
+  p0 = rng.standard_normal((V, D)).astype(np.float32)
+  params, state = p0.copy(), tx.init(jnp.asarray(p0))
+  dense_state = adam.init(jnp.asarray(p0))
+  for _ in range(5):
+    ids, grads = _batch(rng)
+    updates, state = update(jnp.asarray(grads), state, params)
+    dense_u, dense_state = dense_update(jnp.asarray(grads), dense_state)
+    touched = np.isin(np.arange(V), ids)[:, None]
+    np.testing.assert_array_equal(
+        updates, np.where(touched, dense_u, 0.0))
+    jax.tree.map(np.testing.assert_array_equal, state.inner_state,
+                 dense_state)
+    params = params + np.asarray(updates)
+
+
+def _tree_params(rng):
+  return {
+      "emb": jnp.asarray(rng.standard_normal((V, D)), jnp.float32),
+      "dense": {"w": jnp.asarray(rng.standard_normal((D, D)), jnp.float32),
+                "b": jnp.asarray(rng.standard_normal((D,)), jnp.float32)},
+  }
+
+
+def _tree_grads(rng, params):
+  ids, g_emb = _batch(rng)
+  grads = jax.tree.map(
+      lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
+      params)
+  grads["emb"] = jnp.asarray(g_emb)
+  grads["dense"]["w"] = grads["dense"]["w"].at[0].set(0.0)  # A zero row.
+  return ids, grads
+
+
+@pytest.mark.parametrize("mask", [
+    None,  # Default: ndim >= 2, so "emb" and "dense/w".
+    {"emb": True, "dense": False},  # A prefix of the params.
+    lambda p: jax.tree.map(lambda x: x.shape[0] == V, p),  # From raw params.
+])
+def test_leaves_outside_mask_equal_plain_inner(mask):
+  rng = np.random.default_rng(4)
+  params = _tree_params(rng)
+  adam = optax.adam(LR)
+  tx = lo.lazy(adam, mask=mask)
+  update, dense_update = _jit_update(tx), jax.jit(adam.update)
+  state, dense_state = tx.init(params), adam.init(params)
+  lazy_w = mask is None
+  for _ in range(3):
+    ids, grads = _tree_grads(rng, params)
+    updates, state = update(grads, state, params)
+    dense_u, dense_state = dense_update(grads, dense_state, params)
+    np.testing.assert_array_equal(updates["dense"]["b"], dense_u["dense"]["b"])
+    if lazy_w:  # Row 0 of w has a zero gradient: frozen.
+      np.testing.assert_array_equal(updates["dense"]["w"][0], np.zeros(D))
+      np.testing.assert_array_equal(updates["dense"]["w"][1:],
+                                    dense_u["dense"]["w"][1:])
+    else:
+      np.testing.assert_array_equal(updates["dense"]["w"],
+                                    dense_u["dense"]["w"])
+    untouched = np.setdiff1d(np.arange(V), ids)
+    np.testing.assert_array_equal(np.asarray(updates["emb"])[untouched], 0.0)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(state.inner_state[0].nu["dense"]["b"],
+                                dense_state[0].nu["dense"]["b"])
+
+
+def test_lookahead_keeps_rows_untouched_during_a_cycle():
+  rng = np.random.default_rng(5)
+  k = 3
+  tx = lo.lookahead(lo.lazy(optax.adam(0.1)), sync_period=k,
+                    slow_step_size=0.5)
+  update = _jit_update(tx)
+  params = jnp.asarray(rng.standard_normal((V, D)), jnp.float32)
+  p0 = np.asarray(params)
+  state = tx.init(params)
+  ever = set()
+  for _ in range(4):
+    start_p = np.asarray(params)
+    start_slow = np.asarray(lo.slow_params(state))
+    cycle = set()
+    for _ in range(k):
+      ids, grads = _batch(rng, num_ids=4)
+      ids = ids % (V // 2)  # Rows V/2.. are never touched.
+      grads = np.zeros((V, D), np.float32)
+      np.add.at(grads, ids, rng.standard_normal((ids.size, D)))
+      cycle.update(ids.tolist())
+      updates, state = update(jnp.asarray(grads), state, params)
+      params = optax.apply_updates(params, updates)
+    ever |= cycle
+    still = np.setdiff1d(np.arange(V), sorted(cycle))
+    slow = np.asarray(lo.slow_params(state))
+    np.testing.assert_array_equal(np.asarray(params), slow)  # Synced.
+    np.testing.assert_array_equal(slow[still], start_slow[still])
+    np.testing.assert_array_equal(np.asarray(params)[still], start_p[still])
+    moved = sorted(cycle)
+    assert np.all(np.any(slow[moved] != start_slow[moved], axis=1))
+  never = np.setdiff1d(np.arange(V), sorted(ever))
+  assert never.size >= V // 2
+  np.testing.assert_array_equal(np.asarray(params)[never], p0[never])
+
+
+def test_touched_rows_pass_through_lookahead_and_chain():
+  rng = np.random.default_rng(6)
+  params = _tree_params(rng)
+  inner = optax.chain(
+      optax.clip_by_global_norm(1.0),
+      lo.lazy(optax.adamw(1e-2), mask={"emb": True, "dense": False}))
+  tx = lo.lookahead(inner, sync_period=5, slow_step_size=0.5)
+  update = _jit_update(tx)
+  state = tx.init(params)
+  _, grads = _tree_grads(rng, params)
+  grads["emb"] = grads["emb"].at[7].set(1.0)  # Row 7 gets momentum.
+  updates, state = update(grads, state, params)
+  params = optax.apply_updates(params, updates)
+  grads = jax.tree.map(jnp.zeros_like, grads)
+  without, _ = update(grads, state, params)
+  with_ids, _ = update(grads, state, params, {"emb": jnp.array([7, 7])})
+  np.testing.assert_array_equal(without["emb"], np.zeros((V, D)))
+  assert np.all(np.asarray(with_ids["emb"][7]) < 0)  # Momentum step.
+  np.testing.assert_array_equal(np.delete(np.asarray(with_ids["emb"]), 7, 0),
+                                0.0)
+  # Dense leaves are the same with or without ids.
+  np.testing.assert_array_equal(with_ids["dense"]["w"], without["dense"]["w"])
+
+
+def test_partition_with_two_lazy_groups():
+  rng = np.random.default_rng(7)
+  params = {"a": jnp.asarray(rng.standard_normal((V, D)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal((V, D)), jnp.float32),
+            "w": jnp.asarray(rng.standard_normal((D, D)), jnp.float32)}
+  lazy_a, lazy_b = lo.lazy(optax.adam(LR)), lo.lazy(optax.sgd(0.1, 0.9))
+  tx = optax.partition(
+      {"a": lazy_a, "b": lazy_b, "w": optax.adam(LR)},
+      {"a": "a", "b": "b", "w": "w"})
+  singles = {"a": lazy_a, "b": lazy_b, "w": lo.lazy(optax.adam(LR))}
+  update = _jit_update(tx)
+  state = tx.init(params)
+  single_states = {k: t.init(params[k]) for k, t in singles.items()}
+  for _ in range(3):
+    ids_a, g_a = _batch(rng)
+    ids_b, g_b = _batch(rng)
+    grads = {"a": jnp.zeros((V, D)), "b": jnp.asarray(g_b),
+             "w": jnp.ones((D, D))}
+    ids = {"a": jnp.asarray(ids_a), "b": jnp.asarray(ids_b)}
+    updates, state = update(grads, state, params, ids)
+    for k, t in singles.items():
+      u, single_states[k] = jax.jit(t.update)(
+          grads[k], single_states[k], params[k],
+          touched_rows=ids.get(k))
+      np.testing.assert_array_equal(updates[k], u)
+    params = optax.apply_updates(params, updates)
+  # "a" only ever had ids with zero gradients: adam moves by 0 / eps = 0.
+  np.testing.assert_array_equal(updates["a"], 0.0)
+
+
+def test_pmap_matches_per_device():
+  n = jax.local_device_count()
+  assert n == 8
+  rng = np.random.default_rng(8)
+  tx = lo.lazy(optax.adam(LR))
+  params = jnp.asarray(rng.standard_normal((n, V, D)), jnp.float32)
+  batches = [_batch(rng) for _ in range(n)]
+  grads = jnp.stack([jnp.asarray(g) for _, g in batches])
+  ids = jnp.stack([jnp.asarray(i) for i, _ in batches])
+  state = jax.pmap(tx.init)(params)
+  step = jax.pmap(lambda g, s, p, i: tx.update(g, s, p, touched_rows=i))
+  updates, state = step(grads, state, params, ids)
+  updates2, state2 = step(grads * 0, state, params, ids)
+  single = _jit_update(tx)
+  for d in range(n):
+    s = tx.init(params[d])
+    u, s = single(grads[d], s, params[d], ids[d])
+    np.testing.assert_array_equal(updates[d], u)
+    u, s = single(grads[d] * 0, s, params[d], ids[d])
+    np.testing.assert_array_equal(updates2[d], u)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[d], b), state2, s)
+
+
+def test_traced_ids_out_of_range_are_ignored():
+  tx = lo.lazy(optax.sgd(1.0, momentum=0.5))
+  params = jnp.zeros((4, 2))
+  state = tx.init(params)
+  _, state = tx.update(jnp.ones((4, 2)), state, params)
+  update = _jit_update(tx)
+  zeros = jnp.zeros((4, 2))
+  u, _ = update(zeros, state, params, jnp.array([-1, 4, 100, 2]))
+  np.testing.assert_array_equal(u, [[0, 0], [0, 0], [-0.5, -0.5], [0, 0]])
+
+
+def test_jit_does_not_retrace_and_matches_eager_on_touched_rows():
+  rng = np.random.default_rng(9)
+  adam = optax.adam(LR)
+  tx = lo.lazy(adam)
+  params = jnp.asarray(rng.standard_normal((V, D)), jnp.float32)
+  traces = []
+
+  def step(g, s, p, ids):
+    traces.append(1)
+    return tx.update(g, s, p, touched_rows=ids)
+
+  jitted = jax.jit(step)
+  state = tx.init(params)
+  for _ in range(3):
+    ids, grads = _batch(rng)
+    _, state = jitted(jnp.asarray(grads), state, params, jnp.asarray(ids))
+  assert len(traces) == 1
+  # Eager: bitwise what the eager dense inner gives on the touched rows.
+  ids, grads = _batch(rng)
+  u, _ = tx.update(jnp.asarray(grads), state, params,
+                   touched_rows=np.asarray(ids))
+  dense_u, _ = adam.update(jnp.asarray(grads), state.inner_state, params)
+  rows = np.unique(ids)
+  np.testing.assert_array_equal(np.asarray(u)[rows], np.asarray(dense_u)[rows])
+
+
+def test_state_is_lazy_state_and_donatable():
+  tx = lo.lazy(optax.adam(LR))
+  params = jnp.ones((V, D))
+  state = tx.init(params)
+  assert isinstance(state, lo.LazyState)
+  step = jax.jit(lambda p, s, g: (lambda u, s: (p + u, s))(
+      *tx.update(g, s, p)), donate_argnums=(0, 1))
+  p, s = step(params, state, jnp.ones((V, D)))
+  p, s = step(p, s, jnp.zeros((V, D)))
+  assert int(s.inner_state[0].count) == 2
+
+
+# Errors.
+
+
+def test_error_mask_structure():
+  params = {"emb": jnp.ones((V, D)), "w": jnp.ones((D, D))}
+  with pytest.raises(ValueError, match=r"the params have \['w'\], the mask "
+                     "does not"):
+    lo.lazy(optax.adam(LR), mask={"emb": True}).init(params)
+  with pytest.raises(ValueError, match=r"the mask has \['x'\], the params do "
+                     "not"):
+    lo.lazy(optax.adam(LR), mask={"emb": True, "w": False, "x": True}).init(
+        params)
+  with pytest.raises(ValueError, match="tree structure of the params"):
+    lo.lazy(optax.adam(LR), mask=lambda p: [True, False]).init(params)
+
+
+def test_error_mask_scalar_leaf():
+  params = {"emb": jnp.ones((V, D)), "scale": jnp.ones(())}
+  with pytest.raises(ValueError, match=r"selects leaf \['scale'\], which has "
+                     "ndim 0"):
+    lo.lazy(optax.adam(LR), mask={"emb": True, "scale": True}).init(params)
+  # The default mask skips scalars.
+  lo.lazy(optax.adam(LR)).init(params)
+
+
+def test_error_mask_leaf_not_bool():
+  params = {"emb": jnp.ones((V, D))}
+  with pytest.raises(TypeError, match=r"`mask` leaf \['emb'\] must be a bool"):
+    lo.lazy(optax.adam(LR), mask={"emb": "yes"}).init(params)
+
+
+def test_error_touched_rows_outside_mask():
+  params = {"emb": jnp.ones((V, D)), "w": jnp.ones((D, D))}
+  tx = lo.lazy(optax.adam(LR), mask={"emb": True, "w": False})
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  with pytest.raises(ValueError, match=r"ids for leaf \['w'\], which is "
+                     "outside the mask"):
+    tx.update(grads, state, params, touched_rows={"w": jnp.array([0])})
+  with pytest.raises(ValueError, match=r"leaf \['x'\] does not match any "
+                     "parameter leaf."):
+    tx.update(grads, state, params, touched_rows={"x": jnp.array([0])})
+  with pytest.raises(ValueError, match=r"leaf \['emb'\]\[0\] does not match "
+                     r"any parameter leaf \(the ids of a leaf must be one "
+                     r"integer array\)"):
+    tx.update(grads, state, params, touched_rows={"emb": [1, 2]})
+
+
+@pytest.mark.parametrize("bad", [V, -1])
+def test_error_touched_rows_out_of_range(bad):
+  params = {"emb": jnp.ones((V, D))}
+  tx = lo.lazy(optax.adam(LR))
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=(
+      rf"`touched_rows` leaf \['emb'\] has id {bad} out of range: ids must be "
+      rf"in \[0, {V}\)")):
+    tx.update({"emb": jnp.zeros((V, D))}, state, params,
+              touched_rows={"emb": np.array([[0, bad]])})
+
+
+def test_error_touched_rows_not_integer():
+  tx = lo.lazy(optax.adam(LR))
+  params = jnp.ones((V, D))
+  with pytest.raises(TypeError, match=r"`touched_rows` leaf <root> must hold "
+                     "integer row ids, got dtype float32"):
+    tx.update(params, tx.init(params), params,
+              touched_rows=jnp.array([1.0]))
+
+
+def test_error_bad_arguments():
+  with pytest.raises(TypeError, match="`inner` must be an optax "
+                     "GradientTransformation"):
+    lo.lazy(lambda x: x)
+  with pytest.raises(TypeError, match="`freeze_state` must be a bool, got 1."):
+    lo.lazy(optax.adam(LR), freeze_state=1)
+  tx = lo.lazy(optax.adam(LR))
+  params = jnp.ones((V, D))
+  with pytest.raises(TypeError, match="`state` must be a LazyState, got "
+                     "tuple."):
+    tx.update(params, optax.adam(LR).init(params), params)
