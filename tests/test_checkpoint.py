@@ -1,0 +1,358 @@
+"""Checkpoints: exact resume in a fresh process, structure checks, migration.
+
+The lookahead state is a plain pytree of arrays, so orbax-checkpoint saves
+and restores it as it is. A run interrupted mid-cycle and resumed in another
+Python process must follow the uninterrupted trajectory bitwise, for the
+default, `inner_state="pullback"`, `lazy` and mesh-sharded states.
+"""
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import jax
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import lookahead_optax as lo
+
+HERE = pathlib.Path(__file__).resolve().parent
+WORKER_PATH = HERE / "checkpoint_worker.py"
+TIMEOUT_S = 240
+
+
+def _load_worker():
+  spec = importlib.util.spec_from_file_location(
+      "checkpoint_worker", WORKER_PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+worker = _load_worker()
+
+
+def _available_cases():
+  cases = list(worker.CASES)
+  if not hasattr(lo, "lazy"):
+    cases.remove("lazy")
+  if jax.device_count() < 8:
+    cases.remove("sharded")
+  return cases
+
+
+def _save(path, tree):
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, tree)
+  checkpointer.wait_until_finished()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Per case: the state saved mid-run, the uninterrupted end, the resumed end.
+
+  All cases resume in one subprocess, to pay for one Python start.
+  """
+  ckpt_dir = tmp_path_factory.mktemp("checkpoints")
+  out_dir = tmp_path_factory.mktemp("resumed")
+  results = {}
+  cases = _available_cases()
+  for name in cases:
+    params, state, step_fn, batch_fn = worker.init(name)
+    params, state = worker.train(
+        params, state, step_fn, batch_fn, 0, worker.SAVE_AT)
+    _save(ckpt_dir / name, {"params": params, "opt_state": state})
+    saved = worker.flat({"params": params, "opt_state": state})
+    params, state = worker.train(
+        params, state, step_fn, batch_fn, worker.SAVE_AT, worker.TOTAL)
+    results[name] = {
+        "saved": saved,
+        "uninterrupted": worker.flat({"params": params, "opt_state": state}),
+    }
+  proc = subprocess.Popen(
+      [sys.executable, str(WORKER_PATH), "--ckpt-dir", str(ckpt_dir),
+       "--out", str(out_dir), *cases],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      cwd=str(HERE.parent))
+  try:
+    log, _ = proc.communicate(timeout=TIMEOUT_S)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+  assert proc.returncode == 0, log[-5000:]
+  for name in cases:
+    results[name]["resumed"] = dict(np.load(out_dir / f"{name}.npz"))
+  return results
+
+
+@pytest.mark.parametrize("case", worker.CASES)
+def test_resumed_run_is_bitwise_identical(runs, case):
+  if case not in runs:
+    pytest.skip(f"case {case!r} needs lo.lazy / 8 devices")
+  result = runs[case]
+  resumed = {k: v for k, v in result["resumed"].items()
+             if not k.startswith("__")}
+  uninterrupted = result["uninterrupted"]
+  assert sorted(resumed) == sorted(uninterrupted)
+  for key, value in uninterrupted.items():
+    np.testing.assert_array_equal(resumed[key], value, err_msg=key)
+  assert str(result["resumed"]["__state_type__"]) == "LookaheadState"
+  # TOTAL = 12 is a sync step: the params landed on the slow weights.
+  for key, value in uninterrupted.items():
+    if key.startswith("['params']"):
+      slow_key = key.replace("['params']", "['opt_state'].slow_params", 1)
+      np.testing.assert_array_equal(uninterrupted[slow_key], value)
+
+
+@pytest.mark.parametrize("case", worker.CASES)
+def test_checkpoint_was_taken_mid_cycle(runs, case):
+  if case not in runs:
+    pytest.skip(f"case {case!r} needs lo.lazy / 8 devices")
+  saved = runs[case]["saved"]
+  assert int(saved["['opt_state'].step"]) == worker.SAVE_AT
+  assert worker.SAVE_AT % worker.SYNC_PERIOD != 0
+  # Two steps after the sync at step 4, the fast params have left the slow
+  # weights: resuming needs both.
+  first_param = next(k for k in saved if k.startswith("['params']"))
+  slow_key = first_param.replace(
+      "['params']", "['opt_state'].slow_params", 1)
+  assert not np.array_equal(saved[first_param], saved[slow_key])
+
+
+def test_pullback_checkpoint_holds_the_synced_inner_state(runs):
+  saved = runs["pullback"]["saved"]
+  trace = saved["['opt_state'].inner_state.inner_state[0].trace['w1']"]
+  synced = saved[
+      "['opt_state'].inner_state.synced_inner_state[0].trace['w1']"]
+  assert trace.shape == synced.shape == (8, 16)
+  assert not np.array_equal(trace, synced)
+
+
+def test_lazy_rows_never_looked_up_stay_exact(runs):
+  if "lazy" not in runs:
+    pytest.skip("needs lo.lazy")
+  _, host_params, _, _, _ = worker.make_case("lazy")
+  for result in (runs["lazy"]["uninterrupted"], runs["lazy"]["resumed"]):
+    # Rows 12..31 are never looked up: params, slow weights and Adam moments
+    # keep their initial values bitwise through save, restore and syncs.
+    np.testing.assert_array_equal(
+        result["['params']['embed']"][12:], host_params["embed"][12:])
+    np.testing.assert_array_equal(
+        result["['opt_state'].slow_params['embed']"][12:],
+        host_params["embed"][12:])
+    mu = next(v for k, v in result.items() if k.endswith(".mu['embed']"))
+    np.testing.assert_array_equal(mu[12:], 0.0)
+    assert np.any(mu[:12] != 0.0)
+  assert not np.array_equal(
+      runs["lazy"]["uninterrupted"]["['params']['embed']"][:12],
+      host_params["embed"][:12])
+
+
+def test_sharded_state_is_restored_onto_the_mesh(runs):
+  if "sharded" not in runs:
+    pytest.skip("needs 8 devices")
+  assert bool(runs["sharded"]["resumed"]["__shardings_ok__"])
+
+
+# --------------------------------------------------------------------------
+# Restoring into the wrong optimizer: a clear error.
+
+
+def _params():
+  return {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+
+
+def _abstract(tx, params):
+  return {"params": jax.eval_shape(lambda p: p, params),
+          "opt_state": jax.eval_shape(tx.init, params)}
+
+
+def _saved_metadata(tmp_path, tx, params):
+  path = tmp_path / "ckpt"
+  _save(path, {"params": params, "opt_state": tx.init(params)})
+  return ocp.StandardCheckpointer().metadata(path)
+
+
+def test_check_passes_on_matching_checkpoint(tmp_path):
+  params = _params()
+  tx = optax.chain(optax.clip(1.0),
+                   lo.lookahead(optax.adam(1e-3), inner_state="pullback"))
+  metadata = _saved_metadata(tmp_path, tx, params)
+  lo.check_state_structure(metadata, _abstract(tx, params))  # no error
+  lo.check_state_structure(metadata.item_metadata, _abstract(tx, params))
+
+
+def test_checkpoint_saved_without_lookahead(tmp_path):
+  params = _params()
+  metadata = _saved_metadata(tmp_path, optax.adam(1e-3), params)
+  target = _abstract(lo.lookahead(optax.adam(1e-3)), params)
+  with pytest.raises(ValueError) as info:
+    lo.check_state_structure(metadata, target, name="checkpoint")
+  message = str(info.value)
+  assert message.startswith(
+      "`checkpoint` does not match the expected structure: it has no leaf "
+      "opt_state.inner_state[0].count (expected int32[]), and an unexpected "
+      "leaf opt_state[0].count (int32[]).")
+  assert "It holds no slow weights: was it saved without lookahead?" in (
+      message)
+  assert "migrate_optax_state" in message
+
+
+def test_checkpoint_with_another_inner_optimizer(tmp_path):
+  params = _params()
+  metadata = _saved_metadata(
+      tmp_path, lo.lookahead(optax.sgd(0.1, momentum=0.9)), params)
+  target = _abstract(lo.lookahead(optax.adam(1e-3)), params)
+  with pytest.raises(ValueError, match=(
+      r"it has no leaf opt_state\.inner_state\[0\]\.count \(expected "
+      r"int32\[\]\), and an unexpected leaf "
+      r"opt_state\.inner_state\[0\]\.trace\.b \(float32\[3\]\)")):
+    lo.check_state_structure(metadata, target)
+  # Orbax alone also refuses, with its own message.
+  with pytest.raises(ValueError):
+    ocp.StandardCheckpointer().restore(tmp_path / "ckpt", target)
+
+
+def test_checkpoint_with_other_shapes_or_dtypes(tmp_path):
+  params = _params()
+  tx = lo.lookahead(optax.adam(1e-3))
+  metadata = _saved_metadata(tmp_path, tx, params)
+  wider = {"w": jnp.zeros((2, 4)), "b": jnp.ones(3)}
+  with pytest.raises(ValueError, match=(
+      r"`state` leaf opt_state\.inner_state\[0\]\.mu\.w has shape \(2, 3\), "
+      r"expected \(2, 4\)\.")):
+    lo.check_state_structure(metadata, _abstract(tx, wider))
+  f32_slow = lo.lookahead(optax.adam(1e-3), slow_dtype=jnp.float32)
+  bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  bf16_metadata = _saved_metadata(tmp_path / "bf16", tx, bf16)
+  with pytest.raises(ValueError, match=(
+      r"leaf opt_state\.slow_params\.b has dtype bfloat16, expected "
+      r"float32\.")):
+    lo.check_state_structure(bf16_metadata, _abstract(f32_slow, bf16))
+
+
+# --------------------------------------------------------------------------
+# Migrating a plain-optax checkpoint to lookahead.
+
+
+def test_migrate_plain_adam_checkpoint_and_continue(tmp_path):
+  params = {"w": jnp.array([1.0, -2.0, 3.0])}
+  grad_fn = jax.grad(lambda p: jnp.sum((p["w"] - 0.5) ** 2))
+  adam = optax.adam(0.1)
+
+  @jax.jit
+  def plain_step(params, state):
+    updates, state = adam.update(grad_fn(params), state)
+    return optax.apply_updates(params, updates), state
+
+  state = adam.init(params)
+  for _ in range(3):
+    params, state = plain_step(params, state)
+  _save(tmp_path / "plain", {"params": params, "opt_state": state})
+
+  # Restore with the plain optimizer's target, then migrate.
+  restored = ocp.StandardCheckpointer().restore(
+      tmp_path / "plain", _abstract(adam, params))
+  tx = lo.lookahead(optax.adam(0.1), sync_period=3, slow_step_size=0.5)
+  with pytest.raises(ValueError, match="saved without lookahead"):
+    lo.check_state_structure(restored, _abstract(tx, params))
+  la_state = lo.migrate_optax_state(
+      tx, restored["opt_state"], restored["params"])
+  assert isinstance(la_state, lo.LookaheadState)
+  assert int(la_state.step) == 0
+  assert int(la_state.inner_state[0].count) == 3  # Adam's count goes on
+  np.testing.assert_array_equal(
+      la_state.inner_state[0].nu["w"], state[0].nu["w"])
+  np.testing.assert_array_equal(la_state.slow_params["w"], params["w"])
+  lo.check_state_structure(la_state, jax.eval_shape(tx.init, params))
+
+  @jax.jit
+  def la_step(params, state):
+    updates, state = tx.update(grad_fn(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  p_la, s_la = restored["params"], la_state
+  p_plain, s_plain = params, state
+  for i in range(3):
+    p_la, s_la = la_step(p_la, s_la)
+    p_plain, s_plain = plain_step(p_plain, s_plain)
+    if i < 2:  # Before the first sync lookahead is the inner optimizer.
+      np.testing.assert_array_equal(p_la["w"], p_plain["w"])
+  # Step 3 syncs: half-way from the params at migration to the fast params.
+  np.testing.assert_allclose(
+      p_la["w"], params["w"] + 0.5 * (p_plain["w"] - params["w"]),
+      rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(p_la["w"], s_la.slow_params["w"])
+
+
+def test_migrate_nested_pullback_and_slow_dtype():
+  params = {"w": jnp.array([1.0, 2.0], jnp.bfloat16), "b": jnp.zeros(
+      (), jnp.bfloat16)}
+  plain = optax.chain(optax.clip(1.0), optax.sgd(0.1, momentum=0.9))
+  plain_state = plain.init(params)
+  _, plain_state = plain.update(
+      {"w": jnp.array([1.0, -1.0], jnp.bfloat16),
+       "b": jnp.ones((), jnp.bfloat16)}, plain_state, params)
+  tx = optax.chain(optax.clip(1.0), lo.lookahead(
+      optax.sgd(0.1, momentum=0.9), inner_state="pullback",
+      slow_dtype=jnp.float32))
+  state = lo.migrate_optax_state(tx, plain_state, params, step=2)
+  la_state = state[1]
+  assert isinstance(la_state.inner_state, lo.PullbackState)
+  assert int(la_state.step) == 2
+  for tree in (la_state.inner_state.inner_state,
+               la_state.inner_state.synced_inner_state):
+    np.testing.assert_array_equal(
+        tree[0].trace["w"], plain_state[1][0].trace["w"])
+  assert la_state.slow_params["w"].dtype == jnp.float32
+  np.testing.assert_array_equal(la_state.slow_params["w"], [1.0, 2.0])
+  lo.check_state_structure(state, jax.eval_shape(tx.init, params))
+  # The result is a usable state.
+  updates, _ = jax.jit(tx.update)(params, state, params)
+  assert updates["w"].dtype == jnp.bfloat16
+
+
+def test_migrate_errors():
+  params = {"w": jnp.ones(3)}
+  with pytest.raises(ValueError, match="`tx` holds no lookahead"):
+    lo.migrate_optax_state(optax.adam(1e-3), optax.adam(1e-3).init(params),
+                           params)
+  tx = lo.lookahead(optax.adam(1e-3))
+  with pytest.raises(ValueError, match=(
+      r"`opt_state` does not match the expected structure: it has no leaf "
+      r"\[0\]\.count")):
+    lo.migrate_optax_state(tx, optax.sgd(0.1, momentum=0.9).init(params),
+                           params)
+  with pytest.raises(ValueError, match="container types"):
+    # Same leaves, but dicts and lists where optax has NamedTuples (what
+    # orbax returns when restoring without a target).
+    raw = [{"count": jnp.zeros([], jnp.int32), "mu": {"w": jnp.zeros(3)},
+            "nu": {"w": jnp.zeros(3)}}, None]
+    lo.migrate_optax_state(tx, raw, params)
+
+
+def test_migrate_keeps_shardings():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  sharding = NamedSharding(mesh, P("data"))
+  params = {"w": jax.device_put(jnp.arange(16.0), sharding)}
+  adam = optax.adam(0.1)
+  adam_state = jax.jit(adam.init, out_shardings=(optax.ScaleByAdamState(
+      NamedSharding(mesh, P()), {"w": sharding}, {"w": sharding}),
+                                                 optax.EmptyState()))(params)
+  tx = lo.lookahead(optax.adam(0.1), inner_state="pullback")
+  state = lo.migrate_optax_state(tx, adam_state, params)
+  for leaf in (state.slow_params["w"],
+               state.inner_state.inner_state[0].mu["w"],
+               state.inner_state.synced_inner_state[0].nu["w"]):
+    assert leaf.sharding.is_equivalent_to(sharding, 1)
+  np.testing.assert_array_equal(state.slow_params["w"], np.arange(16.0))
