@@ -4,6 +4,12 @@ Import the public names from here; the underscored modules are private and may
 change without notice (don't import `lookahead_optax._*`).
 """
 
+from lookahead_optax._checkpoint import check_state_structure
+from lookahead_optax._checkpoint import migrate_optax_state
+from lookahead_optax._flax import eval_model
+from lookahead_optax._flax import eval_train_state
+from lookahead_optax._lazy import LazyState
+from lookahead_optax._lazy import lazy
 from lookahead_optax._lookahead import LookaheadState
 from lookahead_optax._lookahead import lookahead
 from lookahead_optax._lookahead import PullbackState
@@ -15,10 +21,16 @@ from lookahead_optax._state import slow_params
 __version__ = "0.1.0"
 
 __all__ = (
+    "LazyState",
     "LookaheadState",
     "PullbackState",
+    "check_state_structure",
+    "eval_model",
     "eval_params",
+    "eval_train_state",
+    "lazy",
     "lookahead",
+    "migrate_optax_state",
     "ranger",
     "scale_by_ranger_radam",
     "slow_params",

@@ -1,0 +1,198 @@
+"""Quickstart: AdamW vs Lookahead(AdamW) on scikit-learn's digits, with Flax NNX.
+
+Trains a small MLP on the 8x8 digits data set (it ships with scikit-learn, no
+download) over a small learning-rate sweep, evaluates the Lookahead runs on
+both their fast and their slow weights (`lookahead_optax.eval_model`), prints a
+table and saves a figure.
+
+  python examples/quickstart.py            # full run, about a minute on 2 cores
+  python examples/quickstart.py --smoke    # a few seconds (CI)
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+import lookahead_optax as lo
+
+try:
+  from tqdm import tqdm
+except ImportError:  # tqdm is in the `examples` extra; fall back to a line.
+  tqdm = None
+
+
+def progress(total, desc):
+  """A tqdm bar, or a printed progress line when tqdm is not installed."""
+  if tqdm is not None:
+    return tqdm(total=total, desc=desc, leave=False)
+
+  class Line:
+    n = 0
+
+    def update(self, k=1):
+      self.n += k
+      if self.n == total or self.n % max(1, total // 10) == 0:
+        print(f"\r{desc}: {self.n}/{total}", end="", file=sys.stderr,
+              flush=True)
+
+    def close(self):
+      print(file=sys.stderr)
+
+  return Line()
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, rngs, hidden=128):
+    self.l1 = nnx.Linear(64, hidden, rngs=rngs)
+    self.l2 = nnx.Linear(hidden, hidden, rngs=rngs)
+    self.l3 = nnx.Linear(hidden, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.l1(x))
+    x = nnx.relu(self.l2(x))
+    return self.l3(x)
+
+
+def loss_fn(model, x, y):
+  logits = model(x)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+@nnx.jit
+def train_step(model, optimizer, x, y):
+  loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
+  optimizer.update(model, grads)
+  return loss
+
+
+@nnx.jit
+def evaluate(model, x, y):
+  logits = model(x)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return loss, jnp.mean(jnp.argmax(logits, -1) == y)
+
+
+@nnx.jit
+def evaluate_slow(model, optimizer, x, y):
+  # The model on the slow weights: a copy, the training goes on unchanged.
+  return evaluate(lo.eval_model(model, optimizer), x, y)
+
+
+def load_data():
+  digits = load_digits()
+  x = (digits.data / 16.0).astype(np.float32)
+  y = digits.target.astype(np.int32)
+  return train_test_split(x, y, test_size=0.25, random_state=0)
+
+
+def run(name, learning_rate, steps, data, batch_size, bar, seed=0):
+  x_train, x_test, y_train, y_test = data
+  tx = optax.adamw(learning_rate, weight_decay=1e-4)
+  if name == "lookahead":
+    tx = lo.lookahead(tx, sync_period=5, slow_step_size=0.5)
+  model = MLP(nnx.Rngs(seed))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  rng = np.random.default_rng(seed)
+  curve = []
+  for _ in range(steps):
+    idx = rng.integers(0, len(x_train), batch_size)
+    curve.append(float(train_step(model, optimizer, x_train[idx],
+                                  y_train[idx])))
+    bar.update()
+  train_loss, _ = evaluate(model, x_train, y_train)
+  _, test_acc = evaluate(model, x_test, y_test)
+  row = dict(name=name, lr=learning_rate, train_loss=float(train_loss),
+             test_acc=float(test_acc), curve=np.array(curve))
+  if name == "lookahead":
+    slow_loss, slow_acc = evaluate_slow(model, optimizer, x_train, y_train)
+    _, slow_acc = evaluate_slow(model, optimizer, x_test, y_test)
+    row.update(slow_train_loss=float(slow_loss), slow_test_acc=float(slow_acc))
+  return row
+
+
+def smooth(x, n=25):
+  n = min(n, len(x))
+  return np.convolve(x, np.ones(n) / n, mode="valid")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--smoke", action="store_true",
+                      help="a few steps and two learning rates (CI)")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="training steps per run (default 803, smoke 23: "
+                      "not multiples of k = 5, so that the runs end between "
+                      "syncs, where fast and slow weights differ)")
+  parser.add_argument("--out", default="docs/img",
+                      help="directory for quickstart.png")
+  args = parser.parse_args()
+  steps = args.steps or (23 if args.smoke else 803)
+  lrs = [1e-3, 1e-2] if args.smoke else [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+  data = load_data()
+
+  start = time.time()
+  rows = []
+  bar = progress(2 * len(lrs) * steps, "training")
+  for lr in lrs:
+    for name in ("adamw", "lookahead"):
+      rows.append(run(name, lr, steps, data, batch_size=64, bar=bar))
+  bar.close()
+
+  print(f"digits MLP, {steps} steps of batch 64 per run "
+        f"({time.time() - start:.0f} s); lookahead: k=5, alpha=0.5")
+  print(f"{'optimizer':<18}{'lr':>8}{'train loss':>12}"
+        f"{'test acc fast':>15}{'test acc slow':>15}")
+  for r in rows:
+    label = "adamw" if r["name"] == "adamw" else "lookahead(adamw)"
+    slow = f"{r['slow_test_acc']:15.4f}" if "slow_test_acc" in r else (
+        f"{'-':>15}")
+    print(f"{label:<18}{r['lr']:>8.0e}{r['train_loss']:>12.4f}"
+          f"{r['test_acc']:>15.4f}{slow}")
+
+  fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.8))
+  colors = plt.cm.viridis(np.linspace(0, 0.9, len(lrs)))
+  for r in rows:
+    c = colors[lrs.index(r["lr"])]
+    style = "-" if r["name"] == "lookahead" else ":"
+    ax0.plot(smooth(r["curve"]), style, color=c,
+             label=f"{'LA' if r['name'] == 'lookahead' else 'AdamW'} "
+             f"lr={r['lr']:.0e}")
+  ax0.set_yscale("log")
+  ax0.set_xlabel("step")
+  ax0.set_ylabel("train loss (smoothed)")
+  ax0.set_title("dotted: AdamW, solid: Lookahead(AdamW)")
+  ax0.legend(fontsize=6, ncol=2)
+  for name, key, marker in (("AdamW", "test_acc", "o"),
+                            ("Lookahead fast", "test_acc", "s"),
+                            ("Lookahead slow", "slow_test_acc", "^")):
+    want = "adamw" if name == "AdamW" else "lookahead"
+    ax1.plot(lrs, [r[key] for r in rows if r["name"] == want],
+             marker=marker, label=name)
+  ax1.set_xscale("log")
+  ax1.set_xlabel("learning rate")
+  ax1.set_ylabel("test accuracy")
+  ax1.set_title("test accuracy after training")
+  ax1.legend()
+  fig.tight_layout()
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, "quickstart.png")
+  fig.savefig(path, dpi=100)
+  print(f"saved {path}")
+
+
+if __name__ == "__main__":
+  main()

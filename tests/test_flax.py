@@ -1,0 +1,302 @@
+"""Flax integration: linen `TrainState` and NNX `nnx.Optimizer` with lookahead."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from flax import linen as nn
+from flax import nnx
+from flax.training import train_state
+
+import lookahead_optax as lo
+
+
+def _assert_trees_equal(a, b):
+  """Bitwise equality of two pytrees of arrays (same structure)."""
+  la, ta = jax.tree.flatten(a)
+  lb, tb = jax.tree.flatten(b)
+  assert ta == tb, (ta, tb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert jnp.result_type(x) == jnp.result_type(y)
+
+
+def _data(n=32, d=4, seed=0):
+  kx, kw = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(kx, (n, d))
+  y = jnp.tanh(x @ jax.random.normal(kw, (d, 1)))
+  return x, y
+
+
+# ----------------------------------------------------------------- linen --
+
+
+class _LinenMLP(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(1)(nn.tanh(nn.Dense(8)(x)))
+
+
+def _linen_state(tx):
+  model = _LinenMLP()
+  x, _ = _data()
+  params = model.init(jax.random.key(1), x)["params"]
+  return train_state.TrainState.create(
+      apply_fn=model.apply, params=params, tx=tx)
+
+
+@jax.jit
+def _linen_step(state, x, y):
+  def loss_fn(params):
+    pred = state.apply_fn({"params": params}, x)
+    return jnp.mean((pred - y) ** 2)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  return state.apply_gradients(grads=grads), loss
+
+
+def test_linen_hand_worked_sgd():
+  # kernel 1 -> 0.5 -> 0 (fast), then the sync: 1 + 0.5 * (0 - 1) = 0.5.
+  model = nn.Dense(1, use_bias=False, kernel_init=nn.initializers.ones)
+  state = train_state.TrainState.create(
+      apply_fn=model.apply,
+      params=model.init(jax.random.key(0), jnp.ones((1, 1)))["params"],
+      tx=lo.lookahead(optax.sgd(1.0), sync_period=2, slow_step_size=0.5))
+  grads = {"kernel": jnp.array([[0.5]])}
+  apply = jax.jit(lambda s, g: s.apply_gradients(grads=g))
+  seen = []
+  for _ in range(4):
+    state = apply(state, grads)
+    seen.append((float(state.params["kernel"][0, 0]),
+                 float(lo.eval_train_state(state).params["kernel"][0, 0])))
+  # (fast, slow) after each step; the second cycle: 0.5 -> 0 -> -0.5, sync
+  # 0.5 + 0.5 * (-0.5 - 0.5) = 0.
+  assert seen == [(0.5, 1.0), (0.5, 0.5), (0.0, 0.5), (0.0, 0.0)]
+  assert int(state.step) == 4
+
+
+def test_linen_trainstate_matches_functional_loop_bitwise():
+  tx = lo.lookahead(optax.adamw(5e-2), sync_period=3, slow_step_size=0.5)
+  state = _linen_state(tx)
+  params, opt_state = state.params, tx.init(state.params)
+  x, y = _data()
+
+  @jax.jit
+  def loss_and_grad(params):
+    def loss_fn(p):
+      return jnp.mean((state.apply_fn({"params": p}, x) - y) ** 2)
+
+    return jax.value_and_grad(loss_fn)(params)
+
+  @jax.jit
+  def functional_step(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  apply = jax.jit(lambda s, g: s.apply_gradients(grads=g))
+  losses = []
+  for i in range(12):
+    loss, grads = loss_and_grad(state.params)
+    _, functional_grads = loss_and_grad(params)
+    state = apply(state, grads)
+    params, opt_state = functional_step(params, opt_state, functional_grads)
+    losses.append(float(loss))
+    _assert_trees_equal(state.params, params)
+    _assert_trees_equal(lo.slow_params(state), lo.slow_params(opt_state))
+    if (i + 1) % 3 == 0:  # a sync: fast == slow bitwise
+      _assert_trees_equal(lo.eval_train_state(state).params, state.params)
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_linen_eval_train_state_under_jit():
+  tx = lo.lookahead(optax.sgd(0.1), sync_period=4, slow_step_size=0.5)
+  state = _linen_state(tx)
+  x, y = _data()
+  for _ in range(2):
+    state, _ = _linen_step(state, x, y)
+
+  @jax.jit
+  def eval_loss(state):
+    s = lo.eval_train_state(state)
+    return jnp.mean((s.apply_fn({"params": s.params}, x) - y) ** 2), s
+
+  loss, slow_state = eval_loss(state)
+  initial = _linen_state(tx)  # no sync yet: the slow weights are theta_0
+  _assert_trees_equal(slow_state.params, initial.params)
+  want = jnp.mean((initial.apply_fn({"params": initial.params}, x) - y) ** 2)
+  np.testing.assert_array_equal(loss, want)
+  assert int(slow_state.step) == 2
+  _assert_trees_equal(slow_state.opt_state, state.opt_state)
+  # The training state is untouched (fast weights differ from theta_0).
+  assert not np.array_equal(state.params["Dense_0"]["kernel"],
+                            initial.params["Dense_0"]["kernel"])
+
+
+def test_linen_partial_lookahead_keeps_fast_leaves():
+  labels = {"Dense_0": {"bias": "la", "kernel": "la"},
+            "Dense_1": {"bias": "plain", "kernel": "plain"}}
+  tx = optax.multi_transform(
+      {"la": lo.lookahead(optax.sgd(0.1), sync_period=5),
+       "plain": optax.sgd(0.1)}, labels)
+  state = _linen_state(tx)
+  start = state.params
+  x, y = _data()
+  state, _ = _linen_step(state, x, y)
+  slow = lo.eval_train_state(state).params
+  _assert_trees_equal(slow["Dense_0"], start["Dense_0"])
+  _assert_trees_equal(slow["Dense_1"], state.params["Dense_1"])
+
+
+def test_eval_train_state_errors():
+  with pytest.raises(TypeError, match="`state` must be a Flax TrainState"):
+    lo.eval_train_state({"params": 1})
+  state = _linen_state(optax.sgd(0.1))
+  with pytest.raises(ValueError, match="No LookaheadState"):
+    lo.eval_train_state(state)
+
+
+# ------------------------------------------------------------------- nnx --
+
+
+class _NNXMLP(nnx.Module):
+
+  def __init__(self, rngs, batch_norm=False):
+    self.l1 = nnx.Linear(4, 8, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, rngs=rngs) if batch_norm else None
+    self.l2 = nnx.Linear(8, 1, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.l1(x)
+    if self.bn is not None:
+      h = self.bn(h)
+    return self.l2(jnp.tanh(h))
+
+
+@nnx.jit
+def _nnx_step(model, optimizer, x, y):
+  def loss_fn(model):
+    return jnp.mean((model(x) - y) ** 2)
+
+  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  optimizer.update(model, grads)
+  return loss
+
+
+def _pure(state):
+  return nnx.to_pure_dict(state)
+
+
+def test_nnx_optimizer_matches_functional_loop_bitwise():
+  tx = lo.lookahead(optax.adamw(5e-2), sync_period=3, slow_step_size=0.5)
+  model = _NNXMLP(nnx.Rngs(0))
+  graphdef, params0 = nnx.split(model, nnx.Param)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x, y = _data()
+
+  params = _pure(params0)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def functional_step(params, opt_state):
+    def loss_fn(p):
+      m = nnx.merge(graphdef, p)
+      return jnp.mean((m(x) - y) ** 2)
+
+    grads = jax.grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  losses = []
+  for i in range(12):
+    losses.append(float(_nnx_step(model, optimizer, x, y)))
+    params, opt_state = functional_step(params, opt_state)
+    _assert_trees_equal(_pure(nnx.state(model, nnx.Param)), params)
+    slow = lo.slow_params(optimizer)
+    assert all(isinstance(v, jax.Array) for v in jax.tree.leaves(slow))
+    _assert_trees_equal(_pure(slow), lo.slow_params(opt_state))
+    if (i + 1) % 3 == 0:  # a sync: fast == slow bitwise
+      _assert_trees_equal(_pure(slow), params)
+  assert int(optimizer.step[...]) == 12
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_nnx_eval_params_keeps_variable_types():
+  model = _NNXMLP(nnx.Rngs(0))
+  params0 = _pure(nnx.state(model, nnx.Param))
+  optimizer = nnx.Optimizer(
+      model, lo.lookahead(optax.sgd(0.1), sync_period=5), wrt=nnx.Param)
+  x, y = _data()
+  _nnx_step(model, optimizer, x, y)
+  fast = nnx.state(model, nnx.Param)
+  slow = lo.eval_params(optimizer, fast)
+  assert jax.tree.structure(slow) == jax.tree.structure(fast)
+  assert isinstance(slow["l1"]["kernel"], nnx.Param)
+  _assert_trees_equal(_pure(slow), params0)
+  # Putting them into a model with nnx.update gives theta_0 back.
+  nnx.update(model, slow)
+  _assert_trees_equal(_pure(nnx.state(model, nnx.Param)), params0)
+
+
+def test_nnx_eval_model_under_jit_copies_other_state():
+  model = _NNXMLP(nnx.Rngs(0), batch_norm=True)
+  params0 = _pure(nnx.state(model, nnx.Param))
+  optimizer = nnx.Optimizer(
+      model, lo.lookahead(optax.sgd(0.1), sync_period=5), wrt=nnx.Param)
+  x, y = _data()
+  for _ in range(2):
+    _nnx_step(model, optimizer, x, y)
+  fast = _pure(nnx.state(model, nnx.Param))
+  stats = _pure(nnx.state(model, nnx.BatchStat))
+  assert not np.array_equal(stats["bn"]["mean"], np.zeros(8))
+
+  @nnx.jit
+  def eval_fn(model, optimizer, x):
+    slow = lo.eval_model(model, optimizer)
+    slow.eval()
+    return slow(x), nnx.state(slow, nnx.Param), nnx.state(slow, nnx.BatchStat)
+
+  pred, slow_params, slow_stats = eval_fn(model, optimizer, x)
+  _assert_trees_equal(_pure(slow_params), params0)  # no sync yet: theta_0
+  _assert_trees_equal(_pure(slow_stats), stats)  # batch stats copied
+  # Reference: the model with theta_0 and the current batch statistics.
+  ref = nnx.clone(model)
+  nnx.update(ref, params0)
+  ref.eval()
+  np.testing.assert_array_equal(pred, ref(x))
+  # The trained model is untouched and still in training mode.
+  _assert_trees_equal(_pure(nnx.state(model, nnx.Param)), fast)
+  assert model.bn.use_running_average is False
+
+  # The copy does not alias the model's variables.
+  slow_model = lo.eval_model(model, optimizer)
+  slow_model.bn.mean[...] = jnp.full((8,), 7.0)
+  _assert_trees_equal(_pure(nnx.state(model, nnx.BatchStat)), stats)
+
+
+def test_nnx_chain_clip_then_lookahead():
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   lo.lookahead(optax.sgd(0.05), sync_period=2))
+  model = _NNXMLP(nnx.Rngs(3))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x, y = _data()
+  for _ in range(4):
+    _nnx_step(model, optimizer, x, y)
+  _assert_trees_equal(_pure(lo.slow_params(optimizer)),
+                      _pure(nnx.state(model, nnx.Param)))
+  _assert_trees_equal(_pure(nnx.state(lo.eval_model(model, optimizer),
+                                      nnx.Param)),
+                      _pure(nnx.state(model, nnx.Param)))
+
+
+def test_eval_model_errors():
+  model = _NNXMLP(nnx.Rngs(0))
+  plain = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+  with pytest.raises(ValueError, match="No LookaheadState"):
+    lo.eval_model(model, plain)
+  with pytest.raises(TypeError, match="`model` must be a Flax NNX Module"):
+    lo.eval_model({"w": 1}, plain)
+  with pytest.raises(TypeError, match="`optimizer` must be an nnx.Optimizer"):
+    lo.eval_model(model, optax.sgd(0.1))
