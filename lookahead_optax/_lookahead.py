@@ -264,11 +264,15 @@ def lookahead(
       alpha = slow_step_size
     alpha = jnp.asarray(alpha)
 
-    needs_init = inner_state == "reset" or on_nonfinite == "rollback"
-    param_mask = (
-        _tree.param_shaped_mask(new_inner, params)
-        if needs_init or inner_state == "pullback" else None
-    )
+    num_params = len(jax.tree.leaves(
+        params, is_leaf=lambda x: isinstance(x, optax.MaskedNode)))
+
+    def map_param_shaped(fn, tree, *others):
+      """`fn` over the parameter-shaped leaves of an inner state `tree`."""
+      return _tree.map_param_shaped(
+          lambda _, x, *ys: fn(x, *ys), [True] * num_params, params, tree,
+          *others)
+
     if on_nonfinite == "rollback":
       fast = optax.apply_updates(params, inner_updates)
       finite = [jnp.all(jnp.isfinite(x)) for x in
@@ -336,14 +340,13 @@ def lookahead(
       """The inner state (and last-synced copy) after a sync."""
       if inner_state == "reset":
         init = inner.init(params)
-        return (jax.tree.map(
-            lambda m, x, i: jnp.asarray(i, dtype=x.dtype) if m else x,
-            param_mask, new_inner, init), synced)
+        return (map_param_shaped(
+            lambda x, i: jnp.asarray(i, dtype=x.dtype), new_inner, init),
+                synced)
       if inner_state == "pullback":
-        pulled = jax.tree.map(
-            lambda m, x, c: (c + alpha.astype(x.dtype) * (x - c)).astype(
-                x.dtype) if m else x,
-            param_mask, new_inner, synced)
+        pulled = map_param_shaped(
+            lambda x, c: (c + alpha.astype(x.dtype) * (x - c)).astype(x.dtype),
+            new_inner, synced)
         return pulled, pulled
       return new_inner, synced
 
@@ -375,10 +378,9 @@ def lookahead(
           rollback_update, params, inner_updates, state.slow_params)
       new_updates = select(bad, rollback, new_updates)
       init = inner.init(params)
-      new_inner = jax.tree.map(
-          lambda m, x, i: jnp.where(bad, jnp.asarray(i, dtype=x.dtype), x)
-          if m else x,
-          param_mask, new_inner, init)
+      new_inner = map_param_shaped(
+          lambda x, i: jnp.where(bad, jnp.asarray(i, dtype=x.dtype), x),
+          new_inner, init)
 
     if inner_state == "pullback":
       new_inner = PullbackState(new_inner, synced)

@@ -27,41 +27,18 @@ def _matches_params(node: Any, params: Any) -> bool:
   return True
 
 
-def param_shaped_mask(state: Any, params: Any) -> Any:
-  """Marks the leaves of `state` that sit in a copy of the params tree.
-
-  These are the leaves that hold one value per parameter (e.g. Adam's first and
-  second moments, a momentum trace). Counters, flags and hyperparameters are not
-  marked. A subtree counts as a copy of the params when it has the params' tree
-  structure (with `optax.MaskedNode` standing in for masked-out leaves, as in
-  `optax.masked` and `optax.multi_transform` states) and its leaves have the
-  params' shapes and a floating dtype.
-
-  Args:
-    state: an optimizer state.
-    params: the parameters the state was initialised with (or their shapes).
-
-  Returns:
-    A pytree with the structure of `state` and a Python bool at every leaf.
-  """
-
-  def visit(node):
-    if _matches_params(node, params):
-      return jax.tree.map(lambda _: True, node)
-    children, treedef = jax.tree.flatten(node, is_leaf=lambda x: x is not node)
-    if treedef.num_leaves == 1 and treedef.num_nodes == 1:
-      return False  # `node` is a leaf that is not param-shaped.
-    return jax.tree.unflatten(treedef, [visit(c) for c in children])
-
-  return visit(state)
-
-
 def map_param_shaped(fn: Any, per_param: Any, params: Any, state: Any,
                      *others: Any) -> Any:
   """Maps `fn` over the parameter-shaped leaves of an optimizer state.
 
-  Finds the subtrees of `state` that are copies of the params tree (as in
-  `param_shaped_mask`) and replaces each leaf ``x`` of such a subtree with
+  Parameter-shaped leaves hold one value per parameter (e.g. Adam's first and
+  second moments, a momentum trace); counters, flags and hyperparameters are
+  not. A subtree of `state` counts as a copy of the params when it has the
+  params' tree structure (with `optax.MaskedNode` standing in for masked-out
+  leaves, as in `optax.masked` and `optax.multi_transform` states) and its
+  leaves have the params' shapes and a floating dtype.
+
+  Finds those subtrees and replaces each leaf ``x`` of such a subtree with
   ``fn(aux, x, *ys)``, where ``aux`` is the leaf of `per_param` for the same
   parameter and ``ys`` are the matching leaves of `others` (trees with the
   structure of `state`, e.g. the previous state). When ``aux`` is None the leaf
