@@ -12,3 +12,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
       os.environ.get("XLA_FLAGS", "") + " " + _DEVICES_FLAG
   ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# A mkdocs build extension, not library code (needs griffe from the docs extra).
+collect_ignore = ["docs/griffe_doctest_examples.py"]

@@ -229,9 +229,12 @@ def lazy(
   `optax.partition`. Concrete ids are checked; traced ids (under `jax.jit`)
   cannot raise, and ids out of range are then ignored.
 
-  On CPU with ``freeze_state=True`` and donated state, start JAX with
-  ``XLA_FLAGS=--xla_cpu_copy_insertion_use_region_analysis=true``: without it
-  XLA:CPU copies the inner state's tables at every step (docs/lazy.md).
+  On CPU with ``freeze_state=True`` and donated state, compile the step with
+  ``jax.jit(step, donate_argnums=(0, 1), compiler_options={
+  "xla_cpu_copy_insertion_use_region_analysis": True})`` (or start JAX with
+  ``XLA_FLAGS=--xla_cpu_copy_insertion_use_region_analysis=true``): without
+  it XLA:CPU copies the inner state's tables at every step, which makes the
+  step several times slower (docs/lazy.md).
 
   Args:
     inner: the optimizer to run, any optax gradient transformation (e.g.

@@ -4,9 +4,7 @@ The root conftest.py asks XLA for 8 host CPU devices before JAX starts, so these
 tests run anywhere (CI has no accelerator).
 """
 
-import doctest
 import functools
-import pathlib
 import re
 
 import jax
@@ -420,15 +418,3 @@ def test_shard_map_data_parallel_step():
 
 
 # --------------------------------------------------------------------------
-# The docs page's examples.
-
-
-def test_docs_page_examples_run():
-  """docs/multi_device.md: every `>>>` example runs and prints what it says."""
-  page = pathlib.Path(__file__).resolve().parents[1] / "docs" / (
-      "multi_device.md")
-  result = doctest.testfile(
-      str(page), module_relative=False, verbose=False, report=True,
-      optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-  assert result.attempted > 40
-  assert result.failed == 0, f"{result.failed} failing examples, see above"
