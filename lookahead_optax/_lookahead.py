@@ -112,8 +112,9 @@ def lookahead(
       May be a traced integer (e.g. under `optax.inject_hyperparams`).
     slow_step_size: `alpha`, the slow weights' step size: a float in [0, 1], a
       scalar array (may be traced), or a schedule evaluated on the number of
-      syncs done before the current one. `alpha = 1` reduces to `inner`,
-      `alpha = 0` returns to the initial params at every sync.
+      syncs done before the current one. `alpha = 1` reduces to `inner`
+      (bitwise), `alpha = 0` returns to the initial params at every sync (up
+      to one rounding where a weight moved by more than a factor of two).
     inner_state: what happens to the inner optimizer's state at a sync.
       ``"keep"`` (the paper's default) leaves it alone. ``"reset"`` resets its
       parameter-shaped leaves (e.g. Adam moments) to their initial values,
