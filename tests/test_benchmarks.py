@@ -1,0 +1,149 @@
+"""Smoke tests of the benchmark suite (benchmarks/): no timed assertions."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lookahead_optax as lo
+from benchmarks import common
+from benchmarks import run as bench_run
+from benchmarks import step
+
+
+def _table(report: str, first_header: str) -> list:
+  """The rows (lists of cells) of the markdown table whose header starts so."""
+  lines = report.splitlines()
+  start = next(i for i, line in enumerate(lines)
+               if line.startswith(f"| {first_header} |"))
+  rows = []
+  for line in lines[start + 2:]:
+    if not line.startswith("|"):
+      break
+    rows.append([c.strip() for c in line.strip("|").split("|")])
+  return rows
+
+
+def _section(report: str, title: str) -> str:
+  return report.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench")
+  md, png = out / "benchmarks.md", out / "img" / "step.png"
+  png.parent.mkdir()
+  report = bench_run.main([
+      "--quick", "--skip", "formulations,policies,lazy,nodonate",
+      "--out", str(md), "--plot", str(png)])
+  return report, md, png
+
+
+def test_quick_run_writes_report_and_plot(quick_report):
+  report, md, png = quick_report
+  assert md.read_text() == report
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "![step time vs param count](img/step.png)" in report
+  assert "Quick run (tiny sizes): not representative." in report
+  for title in ("How to run", "Machine",
+                "Optimizer step, params and state donated", "Memory",
+                "End-to-end training step (Flax)"):
+    assert f"## {title}" in report
+  # Skipped sections are absent; no 10M row, so no targets table.
+  assert "## Optimizer step, not donated" not in report
+  assert "## Why `sync=\"select\"` on CPU" not in report
+  assert "## Targets" not in report
+
+
+def test_quick_step_table_has_every_layout_and_variant(quick_report):
+  report, _, _ = quick_report
+  rows = _table(_section(report, "Optimizer step, params and state donated"),
+                "layout")
+  assert [r[0] for r in rows] == ["leaf", "tree"]
+  assert rows[0][2] == "1"
+  assert rows[1][2] == str(2 * 12 + 4)  # the quick tree has 2 layers
+  for r in rows:
+    assert len(r) == 3 + len(step.VARIANTS) + 1
+    assert float(r[3]) > 0  # adam, ms
+    for cell in r[4:4 + len(step.VARIANTS) - 1]:
+      assert re.fullmatch(r"[0-9.]+ \([0-9.]+x\)", cell), cell
+    assert re.fullmatch(r"[0-9.]+x", r[-1])
+
+
+def test_quick_memory_table_counts_state_exactly(quick_report):
+  report, _, _ = quick_report
+  rows = _table(_section(report, "Memory"), "layout")
+  assert [(r[0], r[2]) for r in rows] == [
+      (layout, name) for layout in ("leaf", "tree") for name in step.VARIANTS]
+  params = common.make_params("leaf", bench_run.QUICK_SIZES[0])
+  n = common.tree_size(params)
+  by_name = {r[2]: r for r in rows if r[0] == "leaf"}
+  # Beyond adam: one float32 params copy and one int32 counter, to the byte.
+  for name in (step.LA_SELECT, step.LA_COND, step.OPTAX_LA):
+    assert by_name[name][7] == f"{4 * n + 4:,}"
+    assert by_name[name][8] == "yes"
+  assert by_name[step.ADAM][7] == "0"
+
+
+def test_quick_e2e_table_rows(quick_report):
+  report, _, _ = quick_report
+  rows = _table(_section(report, "End-to-end training step (Flax)"), "model")
+  assert [r[3] for r in rows] == [
+      "adam", "lookahead(adam) select", "lookahead(adam) cond"]
+  assert rows[0][5] == "+0.0%"
+  for r in rows:
+    assert r[0] == "MLP 32-64-64-10"
+    assert re.fullmatch(r"[+-][0-9.]+%", r[5])
+
+
+@pytest.mark.parametrize("sync", ["select", "cond"])
+def test_lookahead_state_is_adam_state_plus_params_plus_int32(sync):
+  params = common.transformer_params(100_000, layers=1)
+  adam = optax.adam(1e-3)
+  tx = lo.lookahead(adam, 5, 0.5, sync=sync)
+  adam_bytes = common.tree_bytes(jax.eval_shape(adam.init, params))
+  la_bytes = common.tree_bytes(jax.eval_shape(tx.init, params))
+  assert la_bytes - adam_bytes == common.tree_bytes(params) + 4
+
+
+def test_transformer_tree_sizes():
+  for n, width in ((1_000_000, 56), (10_000_000, 232), (25_000_000, 384),
+                   (50_000_000, 560)):
+    assert common.transformer_width(n) == width
+    shapes = common._transformer_shapes(width)  # pylint: disable=protected-access
+    leaves = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    assert len(leaves) == 148
+    count = sum(int(np.prod(s)) for s in leaves)
+    assert abs(count - n) / n < 0.06
+
+
+def test_interleaved_ratio_is_the_median_of_paired_rounds():
+  def variant(name, reps):
+    def fn(x, state, g):
+      for _ in range(reps):
+        x = jnp.sin(x) + g
+      return x, state + 1
+
+    return common.Variant(
+        name, fn, lambda: (jnp.ones(1000), jnp.zeros([], jnp.int32),
+                           jnp.ones(1000)), donate=True)
+
+  timings = common.interleaved(
+      [variant("a", 1), variant("b", 3)], rounds=3, steps_per_block=5,
+      warmup_steps=1, baseline="a")
+  a, b = timings
+  assert (a.name, b.name) == ("a", "b")
+  assert a.ratio == 1.0
+  assert len(a.times_s) == len(b.times_s) == 3
+  paired = sorted(y / x for x, y in zip(a.times_s, b.times_s))
+  assert b.ratio == paired[1]
+  assert b.state_bytes == 4 and b.param_bytes == 4000
+  assert b.memory["argument"] == 4000 + 4 + 4000
+
+
+def test_markdown_table():
+  assert common.markdown_table(["a", "b"], [[1, "x"]]) == (
+      "| a | b |\n|---|---|\n| 1 | x |")
