@@ -47,14 +47,19 @@ class PullbackState(NamedTuple):
   synced_inner_state: optax.OptState
 
 
-def _resolve_sync_mode(sync: str) -> str:
+def _resolve_sync_mode(sync: str, inner_state: str) -> str:
   if sync != "auto":
     return sync
-  # Measured on CPU (docs/benchmarks.md): the branchless select fuses with the
-  # inner update into one pass and is 2-3x faster than a conditional there.
-  # Other backends keep the design's `lax.cond`, which skips the slow-weight
-  # pass on k-1 of every k steps.
-  return "select" if jax.default_backend() == "cpu" else "cond"
+  # Measured on CPU (docs/benchmarks.md): with inner_state="keep" the
+  # branchless select fuses with the inner update into one pass (1.05x adam)
+  # where a conditional costs 1.6-2.9x. With "reset"/"pullback" the select
+  # also rewrites the inner state every step and XLA copies the moments
+  # (4.4x/7.5x adam), so the conditional (1.6x/1.7x) wins. Other backends
+  # keep the design's `lax.cond`, which skips the slow-weight pass on k-1 of
+  # every k steps (not measured here: run the benchmarks on your hardware).
+  if jax.default_backend() == "cpu" and inner_state == "keep":
+    return "select"
+  return "cond"
 
 
 def _copy(x: jax.Array) -> jax.Array:
@@ -126,8 +131,9 @@ def lookahead(
     sync: how the sync is compiled. ``"select"`` computes the sync update
       branch-free at every step and selects it on sync steps (fuses with the
       inner update into one pass; fastest on CPU). ``"cond"`` runs the sync in
-      a `jax.lax.cond`. ``"auto"`` (default) picks ``"select"`` on CPU and
-      ``"cond"`` elsewhere. Both compute the same sync; they may differ in
+      a `jax.lax.cond`. ``"auto"`` (default) picks ``"select"`` on CPU with
+      ``inner_state="keep"`` and ``"cond"`` otherwise (the fastest measured;
+      docs/benchmarks.md). Both compute the same sync; they may differ in
       the last bit of a few elements because XLA fuses multiply-adds (FMA)
       differently in the two (on CPU), while the params equal the slow
       weights bitwise after a sync in both.
@@ -355,7 +361,7 @@ def lookahead(
       return jax.tree.map(lambda x, y: jnp.where(flag, x, y), a, b)
 
     do_sync = is_sync if bad is None else is_sync & ~bad
-    if _resolve_sync_mode(sync) == "select":
+    if _resolve_sync_mode(sync, inner_state) == "select":
       new_updates, new_slow = sync_tree(
           do_sync, inner_updates, state.slow_params)
       if inner_state != "keep":
