@@ -14,24 +14,23 @@ starts. On a machine with 8 accelerators, drop `--cpu-devices` (pass 0).
   python examples/data_parallel.py --smoke    # a few seconds (CI)
 """
 
-import argparse
 import os
 import re
 import sys
 
+# The examples' plumbing: flags, data, tables, figures. It imports no JAX.
+import _common
+from _common import plt
+
 
 def _parse_args():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--smoke", action="store_true",
-                      help="a few steps (CI)")
-  parser.add_argument("--steps", type=int, default=None,
-                      help="training steps per run (default 603, smoke 23; "
-                      "not multiples of k = 5, so that the runs end between "
-                      "syncs)")
+  parser = _common.parser(
+      __doc__, "data_parallel.png",
+      steps_help="training steps per run (default 603, smoke 23; not "
+      "multiples of k = 5, so that the runs end between syncs)",
+      smoke_help="a few steps (CI)")
   parser.add_argument("--cpu-devices", type=int, default=8,
                       help="simulated CPU devices (0: use the real devices)")
-  parser.add_argument("--out", default="docs/img",
-                      help="directory for data_parallel.png")
   return parser.parse_args()
 
 
@@ -49,16 +48,10 @@ if ARGS is not None and ARGS.cpu_devices:
 import functools
 import time
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import lookahead_optax as lo
 
@@ -154,19 +147,11 @@ def run(name, tx, data, steps, batch_size, n_dev, seed=0):
   return row
 
 
-def smooth(x, n=25):
-  n = min(n, len(x))
-  return np.convolve(x, np.ones(n) / n, mode="valid")
-
-
 def main(args):
   n_dev = jax.local_device_count()
   steps = args.steps or (23 if args.smoke else 603)
   batch_size = 8 * n_dev
-  digits = load_digits()
-  data = train_test_split((digits.data / 16.0).astype(np.float32),
-                          digits.target.astype(np.int32), test_size=0.25,
-                          random_state=0)
+  data = _common.digits_split()
   adamw = optax.adamw(3e-3, weight_decay=1e-4)
   optimizers = {
       "adamw": adamw,
@@ -182,29 +167,24 @@ def main(args):
   print(f"digits MLP, {n_dev} {jax.devices()[0].platform.upper()} devices, "
         f"{steps} steps of global batch {batch_size} "
         f"({batch_size // n_dev} per device)")
-  print(f"{'optimizer':<28}{'test acc':>9}{'slow acc':>9}"
-        f"{'replicas equal':>15}{'|pmap - 1 dev|':>15}{'s':>6}")
-  for r in rows:
-    slow = f"{r['slow_test_acc']:9.4f}" if "slow_test_acc" in r else (
-        f"{'-':>9}")
-    print(f"{r['name']:<28}{r['test_acc']:9.4f}{slow}"
-          f"{str(r['replicas_equal']):>15}{r['max_diff']:15.1e}"
-          f"{r['seconds']:6.1f}")
+  _common.print_table(
+      [("optimizer", "<28"), ("test acc", ">9.4f"), ("slow acc", ">9.4f"),
+       ("replicas equal", ">15"), ("|pmap - 1 dev|", ">15.1e"),
+       ("s", ">6.1f")],
+      [(r["name"], r["test_acc"], r.get("slow_test_acc"),
+        str(r["replicas_equal"]), r["max_diff"], r["seconds"]) for r in rows])
   ok = all(r["replicas_equal"] and r["max_diff"] < 1e-4 for r in rows)
 
   fig, ax = plt.subplots(figsize=(6, 3.8))
   for r in rows:
-    ax.plot(smooth(r["curve"]), label=r["name"])
+    ax.plot(_common.smooth(r["curve"]), label=r["name"])
   ax.set_yscale("log")
   ax.set_xlabel("step")
   ax.set_ylabel("train loss (smoothed)")
   ax.set_title(f"pmap data parallelism on {n_dev} devices")
   ax.legend()
   fig.tight_layout()
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, "data_parallel.png")
-  fig.savefig(path, dpi=100)
-  print(f"saved {path}")
+  _common.save_figure(fig, args.out, "data_parallel.png")
   if not ok:
     print("data-parallel and single-device runs differ", file=sys.stderr)
     sys.exit(1)

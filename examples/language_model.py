@@ -19,17 +19,10 @@ looked up the optimizer moved anyway, and saves the validation curves.
   python examples/language_model.py --smoke    # CI
 """
 
-import argparse
 import collections
-import os
 import re
-import sys
 import time
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,32 +32,11 @@ from pydoc_data import topics
 
 import lookahead_optax as lo
 
-try:
-  from tqdm import tqdm
-except ImportError:  # tqdm is in the `examples` extra; fall back to a line.
-  tqdm = None
+import _common  # the examples' plumbing: flags, data, tables, figures
+from _common import plt
 
 CONTEXT = 32
 UNK = "<unk>"
-
-
-def progress(total, desc):
-  """A tqdm bar, or a printed progress line when tqdm is not installed."""
-  if tqdm is not None:
-    return tqdm(total=total, desc=desc, leave=False)
-
-  class Line:
-    n = 0
-
-    def update(self, k=1):
-      self.n += k
-      print(f"\r{desc}: {self.n}/{total}", end="", file=sys.stderr,
-            flush=True)
-
-    def close(self):
-      print(file=sys.stderr)
-
-  return Line()
 
 
 def load_corpus(min_count=2):
@@ -119,14 +91,10 @@ def windows(ids, starts):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--smoke", action="store_true", help="short run (CI)")
-  parser.add_argument("--steps", type=int, default=None,
-                      help="training steps per optimizer (default 600, "
-                      "smoke 5)")
+  parser = _common.parser(
+      __doc__, "language_model.png",
+      steps_help="training steps per optimizer (default 600, smoke 5)")
   parser.add_argument("--learning-rate", type=float, default=3e-3)
-  parser.add_argument("--out", default="docs/img",
-                      help="directory for language_model.png")
   args = parser.parse_args()
   steps = args.steps or (5 if args.smoke else 600)
   # Evaluate every 48 steps: not a multiple of k, so fast and slow differ.
@@ -153,7 +121,7 @@ def main():
     return jnp.exp(loss_fn(params, valid))
 
   results = {}
-  bar = progress(len(OPTIMIZERS) * steps, "training")
+  bar = _common.progress(len(OPTIMIZERS) * steps, "training")
   for name in OPTIMIZERS:
     tx = make_optimizer(name, args.learning_rate, params0)
 
@@ -199,13 +167,13 @@ def main():
 
   print(f"{steps} steps of {batch_size} x {CONTEXT} tokens, "
         f"learning rate {args.learning_rate:g}; lookahead k=5, alpha=0.5")
-  print(f"{'optimizer':<54}{'valid ppl (fast)':>17}{'valid ppl (slow)':>17}"
-        f"{'unseen rows moved':>19}{'time':>7}")
-  for name, r in results.items():
-    slow = f"{r['slow']:17.2f}" if "lookahead" in name else f"{'-':>17}"
-    moved = f"{r['unseen_moved']}/{r['unseen']}"
-    print(f"{name:<54}{r['fast']:>17.2f}{slow}{moved:>19}"
-          f"{r['seconds']:>6.0f}s")
+  _common.print_table(
+      [("optimizer", "<54"), ("valid ppl (fast)", ">17.2f"),
+       ("valid ppl (slow)", ">17.2f"), ("unseen rows moved", ">19"),
+       ("time", ">7")],
+      [(name, r["fast"], r["slow"] if "lookahead" in name else None,
+        f"{r['unseen_moved']}/{r['unseen']}", f"{r['seconds']:.0f}s")
+       for name, r in results.items()])
 
   fig, ax = plt.subplots(figsize=(6.5, 4))
   for name, r in results.items():
@@ -222,10 +190,7 @@ def main():
                fontsize=10)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, "language_model.png")
-  fig.savefig(path, dpi=100)
-  print(f"saved {path}")
+  _common.save_figure(fig, args.out, "language_model.png")
 
 
 if __name__ == "__main__":

@@ -12,52 +12,21 @@ learning-rate sweep.
   python examples/linen_trainstate.py --smoke    # CI
 """
 
-import argparse
-import os
-import sys
 import time
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
 from flax.training import train_state
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import lookahead_optax as lo
 
-try:
-  from tqdm import tqdm
-except ImportError:  # tqdm is in the `examples` extra; fall back to a line.
-  tqdm = None
+import _common  # the examples' plumbing: flags, data, tables, figures
+from _common import plt
 
 SYNC_PERIOD = 5
-
-
-def progress(total, desc):
-  """A tqdm bar, or a printed progress line when tqdm is not installed."""
-  if tqdm is not None:
-    return tqdm(total=total, desc=desc, leave=False)
-
-  class Line:
-    n = 0
-
-    def update(self, k=1):
-      self.n += k
-      if self.n == total or self.n % max(1, total // 10) == 0:
-        print(f"\r{desc}: {self.n}/{total}", end="", file=sys.stderr,
-              flush=True)
-
-    def close(self):
-      print(file=sys.stderr)
-
-  return Line()
 
 
 class CNN(nn.Module):
@@ -96,13 +65,6 @@ def evaluate(state, x, y):
   return out
 
 
-def load_data():
-  digits = load_digits()
-  x = (digits.data / 16.0).astype(np.float32)
-  y = digits.target.astype(np.int32)
-  return train_test_split(x, y, test_size=0.25, random_state=0)
-
-
 def run(learning_rate, steps, data, bar, trace_last, seed=0):
   x_train, x_test, y_train, y_test = data
   model = CNN()
@@ -128,30 +90,27 @@ def run(learning_rate, steps, data, bar, trace_last, seed=0):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--smoke", action="store_true",
-                      help="a few steps, one learning rate (CI)")
-  parser.add_argument("--steps", type=int, default=None,
-                      help="training steps per run (default 603, smoke 23)")
-  parser.add_argument("--out", default="docs/img",
-                      help="directory for linen_trainstate.png")
-  args = parser.parse_args()
+  args = _common.parser(
+      __doc__, "linen_trainstate.png",
+      steps_help="training steps per run (default 603, smoke 23)",
+      smoke_help="a few steps, one learning rate (CI)").parse_args()
   steps = args.steps or (23 if args.smoke else 603)
   lrs = [1e-2] if args.smoke else [1e-3, 3e-3, 1e-2, 3e-2]
   trace_last = min(steps, 40)
-  data = load_data()
+  data = _common.digits_split()
 
   start = time.time()
-  bar = progress(len(lrs) * steps, "training")
+  bar = _common.progress(len(lrs) * steps, "training")
   rows = [run(lr, steps, data, bar, trace_last) for lr in lrs]
   bar.close()
   print(f"digits CNN, linen TrainState, lookahead(adamw, k={SYNC_PERIOD}, "
         f"alpha=0.5), {steps} steps of batch 64 ({time.time() - start:.0f} s)")
-  print(f"{'lr':>8}{'train loss fast':>17}{'train loss slow':>17}"
-        f"{'test acc fast':>15}{'test acc slow':>15}")
-  for r in rows:
-    print(f"{r['lr']:>8.0e}{r['train_fast']:>17.4f}{r['train_slow']:>17.4f}"
-          f"{r['acc_fast']:>15.4f}{r['acc_slow']:>15.4f}")
+  _common.print_table(
+      [("lr", ">8.0e"), ("train loss fast", ">17.4f"),
+       ("train loss slow", ">17.4f"), ("test acc fast", ">15.4f"),
+       ("test acc slow", ">15.4f")],
+      [(r["lr"], r["train_fast"], r["train_slow"], r["acc_fast"],
+        r["acc_slow"]) for r in rows])
 
   fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.8))
   r = rows[len(rows) // 2]
@@ -173,10 +132,7 @@ def main():
   ax1.set_title("after training")
   ax1.legend()
   fig.tight_layout()
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, "linen_trainstate.png")
-  fig.savefig(path, dpi=100)
-  print(f"saved {path}")
+  _common.save_figure(fig, args.out, "linen_trainstate.png")
 
 
 if __name__ == "__main__":

@@ -9,49 +9,17 @@ table and saves a figure.
   python examples/quickstart.py --smoke    # a few seconds (CI)
 """
 
-import argparse
-import os
-import sys
 import time
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import lookahead_optax as lo
 
-try:
-  from tqdm import tqdm
-except ImportError:  # tqdm is in the `examples` extra; fall back to a line.
-  tqdm = None
-
-
-def progress(total, desc):
-  """A tqdm bar, or a printed progress line when tqdm is not installed."""
-  if tqdm is not None:
-    return tqdm(total=total, desc=desc, leave=False)
-
-  class Line:
-    n = 0
-
-    def update(self, k=1):
-      self.n += k
-      if self.n == total or self.n % max(1, total // 10) == 0:
-        print(f"\r{desc}: {self.n}/{total}", end="", file=sys.stderr,
-              flush=True)
-
-    def close(self):
-      print(file=sys.stderr)
-
-  return Line()
+import _common  # the examples' plumbing: flags, data, tables, figures
+from _common import plt
 
 
 class MLP(nnx.Module):
@@ -92,13 +60,6 @@ def evaluate_slow(model, optimizer, x, y):
   return evaluate(lo.eval_model(model, optimizer), x, y)
 
 
-def load_data():
-  digits = load_digits()
-  x = (digits.data / 16.0).astype(np.float32)
-  y = digits.target.astype(np.int32)
-  return train_test_split(x, y, test_size=0.25, random_state=0)
-
-
 def run(name, learning_rate, steps, data, batch_size, bar, seed=0):
   x_train, x_test, y_train, y_test = data
   tx = optax.adamw(learning_rate, weight_decay=1e-4)
@@ -124,29 +85,20 @@ def run(name, learning_rate, steps, data, batch_size, bar, seed=0):
   return row
 
 
-def smooth(x, n=25):
-  n = min(n, len(x))
-  return np.convolve(x, np.ones(n) / n, mode="valid")
-
-
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--smoke", action="store_true",
-                      help="a few steps and two learning rates (CI)")
-  parser.add_argument("--steps", type=int, default=None,
-                      help="training steps per run (default 803, smoke 23: "
-                      "not multiples of k = 5, so that the runs end between "
-                      "syncs, where fast and slow weights differ)")
-  parser.add_argument("--out", default="docs/img",
-                      help="directory for quickstart.png")
-  args = parser.parse_args()
+  args = _common.parser(
+      __doc__, "quickstart.png",
+      steps_help="training steps per run (default 803, smoke 23: not "
+      "multiples of k = 5, so that the runs end between syncs, where fast "
+      "and slow weights differ)",
+      smoke_help="a few steps and two learning rates (CI)").parse_args()
   steps = args.steps or (23 if args.smoke else 803)
   lrs = [1e-3, 1e-2] if args.smoke else [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
-  data = load_data()
+  data = _common.digits_split()
 
   start = time.time()
   rows = []
-  bar = progress(2 * len(lrs) * steps, "training")
+  bar = _common.progress(2 * len(lrs) * steps, "training")
   for lr in lrs:
     for name in ("adamw", "lookahead"):
       rows.append(run(name, lr, steps, data, batch_size=64, bar=bar))
@@ -154,21 +106,19 @@ def main():
 
   print(f"digits MLP, {steps} steps of batch 64 per run "
         f"({time.time() - start:.0f} s); lookahead: k=5, alpha=0.5")
-  print(f"{'optimizer':<18}{'lr':>8}{'train loss':>12}"
-        f"{'test acc fast':>15}{'test acc slow':>15}")
-  for r in rows:
-    label = "adamw" if r["name"] == "adamw" else "lookahead(adamw)"
-    slow = f"{r['slow_test_acc']:15.4f}" if "slow_test_acc" in r else (
-        f"{'-':>15}")
-    print(f"{label:<18}{r['lr']:>8.0e}{r['train_loss']:>12.4f}"
-          f"{r['test_acc']:>15.4f}{slow}")
+  _common.print_table(
+      [("optimizer", "<18"), ("lr", ">8.0e"), ("train loss", ">12.4f"),
+       ("test acc fast", ">15.4f"), ("test acc slow", ">15.4f")],
+      [("adamw" if r["name"] == "adamw" else "lookahead(adamw)", r["lr"],
+        r["train_loss"], r["test_acc"], r.get("slow_test_acc"))
+       for r in rows])
 
   fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.8))
   colors = plt.cm.viridis(np.linspace(0, 0.9, len(lrs)))
   for r in rows:
     c = colors[lrs.index(r["lr"])]
     style = "-" if r["name"] == "lookahead" else ":"
-    ax0.plot(smooth(r["curve"]), style, color=c,
+    ax0.plot(_common.smooth(r["curve"]), style, color=c,
              label=f"{'LA' if r['name'] == 'lookahead' else 'AdamW'} "
              f"lr={r['lr']:.0e}")
   ax0.set_yscale("log")
@@ -188,10 +138,7 @@ def main():
   ax1.set_title("test accuracy after training")
   ax1.legend()
   fig.tight_layout()
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, "quickstart.png")
-  fig.savefig(path, dpi=100)
-  print(f"saved {path}")
+  _common.save_figure(fig, args.out, "quickstart.png")
 
 
 if __name__ == "__main__":

@@ -12,21 +12,17 @@ MLP, SGD with momentum 0.9 as the inner optimizer): the final training loss
   python examples/robustness.py --smoke    # CI
 """
 
-import argparse
-import os
 import time
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
 
 import lookahead_optax as lo
+
+import _common  # the examples' plumbing: flags, data, tables, figures
+from _common import plt
 
 
 def init_mlp(key, sizes=(64, 64, 10)):
@@ -77,10 +73,10 @@ def make_sweep(x, y, steps, batch_size, sync_period, alpha):
 
 def table(title, row_name, rows, lrs, values):
   print(title)
-  print(f"{row_name:>10}" + "".join(f"{lr:>9.3g}" for lr in lrs))
-  for r, v in zip(rows, values):
-    print(f"{r!s:>10}" + "".join(
-        f"{x:>9.4f}" if np.isfinite(x) else f"{'diverged':>9}" for x in v))
+  _common.print_table(
+      [(row_name, ">10")] + [(f"{lr:.3g}", ">9.4f") for lr in lrs],
+      [[str(r)] + [x if np.isfinite(x) else None for x in v]
+       for r, v in zip(rows, values)], missing="diverged")
 
 
 def heatmap(ax, values, rows, lrs, row_label, title):
@@ -101,22 +97,17 @@ def heatmap(ax, values, rows, lrs, row_label, title):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--smoke", action="store_true", help="tiny grid (CI)")
-  parser.add_argument("--steps", type=int, default=None,
-                      help="training steps per run (default 500, smoke 20)")
-  parser.add_argument("--out", default="docs/img",
-                      help="directory for robustness.png")
-  args = parser.parse_args()
+  args = _common.parser(
+      __doc__, "robustness.png",
+      steps_help="training steps per run (default 500, smoke 20)",
+      smoke_help="tiny grid (CI)").parse_args()
   steps = args.steps or (20 if args.smoke else 500)
   if args.smoke:
     lrs, alphas, ks = [0.01, 0.3], [1.0, 0.5], [5]
   else:
     lrs = [0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
     alphas, ks = [1.0, 0.8, 0.5, 0.2], [2, 5, 10, 20]
-  digits = load_digits()
-  x = jnp.asarray(digits.data / 16.0, jnp.float32)
-  y = jnp.asarray(digits.target, jnp.int32)
+  x, y = map(jnp.asarray, _common.digits())  # all 1,797 images: train loss
   lr_array = jnp.asarray(lrs, jnp.float32)
 
   start = time.time()
@@ -138,10 +129,7 @@ def main():
           "final train loss, by alpha")
   im = heatmap(ax1, by_k, ks, lrs, "k (alpha = 0.5)", "final train loss, by k")
   fig.colorbar(im, ax=[ax0, ax1], label="log10 loss (capped at 10)")
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, "robustness.png")
-  fig.savefig(path, dpi=100, bbox_inches="tight")
-  print(f"saved {path}")
+  _common.save_figure(fig, args.out, "robustness.png", bbox_inches="tight")
 
 
 if __name__ == "__main__":

@@ -14,19 +14,15 @@ Lookahead).
   python examples/trajectories.py --smoke    # CI
 """
 
-import argparse
-import os
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import lookahead_optax as lo
+
+import _common  # the examples' plumbing: flags, tables, figures
+from _common import plt
 
 
 def rosenbrock(p):
@@ -76,24 +72,19 @@ def trajectory(f, tx, start, steps, sigma, seed=0):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--smoke", action="store_true", help="short run (CI)")
-  parser.add_argument("--steps", type=int, default=None,
-                      help="steps per trajectory (default 300, smoke 30)")
+  parser = _common.parser(
+      __doc__, "trajectories.png",
+      steps_help="steps per trajectory (default 300, smoke 30)")
   parser.add_argument("--sync-period", type=int, default=10, help="k")
   parser.add_argument("--slow-step-size", type=float, default=0.5,
                       help="alpha")
-  parser.add_argument("--out", default="docs/img",
-                      help="directory for trajectories.png")
   args = parser.parse_args()
   steps = args.steps or (30 if args.smoke else 300)
   k, alpha = args.sync_period, args.slow_step_size
   grid = 80 if args.smoke else 300
 
   fig, axes = plt.subplots(1, len(SURFACES), figsize=(11, 4.6))
-  print(f"{steps} steps, lookahead k={k}, alpha={alpha}")
-  print(f"{'surface':<28}{'optimizer':<22}{'mean f, last third':>20}"
-        f"{'final f':>10}")
+  rows = []  # (surface, optimizer, mean f over the last third, final f)
   for ax, (name, (f, start, opt, lr, momentum, sigma, ext)) in zip(
       axes, SURFACES.items()):
     inner = optax.sgd(lr, momentum=momentum)
@@ -131,15 +122,17 @@ def main():
                         ("Lookahead slow", slow_all)):
       values = np.asarray(jax.vmap(f)(jnp.asarray(path)))
       tail = values[-max(1, steps // 3):]
-      print(f"{name:<28}{label:<22}{tail.mean():>20.4g}{values[-1]:>10.4g}")
+      rows.append((name, label, tail.mean(), values[-1]))
+  print(f"{steps} steps, lookahead k={k}, alpha={alpha}")
+  _common.print_table(
+      [("surface", "<28"), ("optimizer", "<22"),
+       ("mean f, last third", ">20.4g"), ("final f", ">10.4g")], rows)
+
   axes[0].legend(loc="lower left", fontsize=8)
   fig.suptitle(f"Lookahead (k={k}, alpha={alpha}) around SGD with momentum, "
                f"{steps} steps")
   fig.tight_layout()
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, "trajectories.png")
-  fig.savefig(path, dpi=80)
-  print(f"saved {path}")
+  _common.save_figure(fig, args.out, "trajectories.png", dpi=80)
 
 
 if __name__ == "__main__":
