@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lookahead_optax import _tree
 from lookahead_optax._lookahead import LookaheadState
 from lookahead_optax._lookahead import PullbackState
 
@@ -168,10 +169,6 @@ def _is_lookahead_state(x: Any) -> bool:
   return isinstance(x, LookaheadState)
 
 
-def _is_masked_node(x: Any) -> bool:
-  return isinstance(x, optax.MaskedNode)
-
-
 def _strip(abstract: Any) -> Any:
   """The state tree with every LookaheadState replaced by its inner state."""
 
@@ -262,9 +259,9 @@ def migrate_optax_state(
       inner = PullbackState(inner, jax.tree.map(copy, inner))
     try:
       slow = jax.tree.map(
-          lambda s, p: s if _is_masked_node(s) else jnp.array(
+          lambda s, p: s if _tree.is_masked_node(s) else jnp.array(
               p, dtype=s.dtype, copy=True),
-          template.slow_params, params, is_leaf=_is_masked_node)
+          template.slow_params, params, is_leaf=_tree.is_masked_node)
     except ValueError as e:
       raise ValueError(
           "The slow weights of a lookahead in `tx` do not have the structure "

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lookahead_optax import _tree
+
 
 def is_traced(value: Any) -> bool:
   """Returns True if `value` is an abstract (traced) JAX value."""
@@ -128,13 +130,13 @@ def check_same_tree(
     shape, ref_shape = jnp.shape(leaf), jnp.shape(ref)
     if shape != ref_shape:
       raise ValueError(
-          f"`{name}` leaf {jax.tree_util.keystr(path) or '<root>'} has shape "
+          f"`{name}` leaf {_tree.path_str(path)} has shape "
           f"{shape}, expected {ref_shape} as in {reference_name}."
       )
     if check_dtypes:
       dtype, ref_dtype = jnp.result_type(leaf), jnp.result_type(ref)
       if dtype != ref_dtype:
         raise ValueError(
-            f"`{name}` leaf {jax.tree_util.keystr(path) or '<root>'} has dtype "
+            f"`{name}` leaf {_tree.path_str(path)} has dtype "
             f"{dtype}, expected {ref_dtype} as in {reference_name}."
         )

@@ -26,17 +26,9 @@ class LazyState(NamedTuple):
   inner_state: optax.OptState
 
 
-def _is_masked_node(x: Any) -> bool:
-  return isinstance(x, optax.MaskedNode)
-
-
-def _path_str(path: _KeyPath) -> str:
-  return jax.tree_util.keystr(tuple(path)) or "<root>"
-
-
 def _leaves_with_path(tree: Any) -> list:
   """(key path, leaf) pairs of `tree`, with `optax.MaskedNode` as a leaf."""
-  return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked_node)[0]
+  return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_tree.is_masked_node)[0]
 
 
 def _mask_structure_error(mask_tree: Any, params: Any) -> ValueError:
@@ -50,12 +42,12 @@ def _mask_structure_error(mask_tree: Any, params: Any) -> ValueError:
   detail = None
   for path in mask_paths:
     if not any(covers(path, p) for p in param_paths):
-      detail = f"the mask has {_path_str(path)}, the params do not"
+      detail = f"the mask has {_tree.path_str(path)}, the params do not"
       break
   if detail is None:
     for path in param_paths:
       if not any(covers(m, path) for m in mask_paths):
-        detail = f"the params have {_path_str(path)}, the mask does not"
+        detail = f"the params have {_tree.path_str(path)}, the mask does not"
         break
   if detail is None:
     detail = (f"{jax.tree.structure(mask_tree)} vs "
@@ -68,7 +60,7 @@ def _mask_structure_error(mask_tree: Any, params: Any) -> ValueError:
 def _as_bool(path: _KeyPath, value: Any) -> bool:
   if _checks.is_traced(value):
     raise TypeError(
-        f"`mask` leaf {_path_str(path)} is a traced value: the mask must be "
+        f"`mask` leaf {_tree.path_str(path)} is a traced value: the mask must be "
         "static (Python bools), e.g. computed from the params' shapes.")
   if isinstance(value, (bool, np.bool_)):
     return bool(value)
@@ -76,7 +68,7 @@ def _as_bool(path: _KeyPath, value: Any) -> bool:
       value.dtype == bool):
     return bool(value)
   raise TypeError(
-      f"`mask` leaf {_path_str(path)} must be a bool, got {value!r}.")
+      f"`mask` leaf {_tree.path_str(path)} must be a bool, got {value!r}.")
 
 
 def _default_mask(params: Any) -> Any:
@@ -98,7 +90,7 @@ def _resolve_mask(mask: Any, params: Any) -> list:
     mask_tree = mask
 
   def broadcast(m, sub):
-    return jax.tree.map(lambda _: m, sub, is_leaf=_is_masked_node)
+    return jax.tree.map(lambda _: m, sub, is_leaf=_tree.is_masked_node)
 
   try:
     full = jax.tree.map(broadcast, mask_tree, params)
@@ -110,13 +102,13 @@ def _resolve_mask(mask: Any, params: Any) -> list:
     raise _mask_structure_error(mask_tree, params)
   flags = []
   for (path, m), (_, p) in zip(full_leaves, param_leaves):
-    if _is_masked_node(p) or _is_masked_node(m):
+    if _tree.is_masked_node(p) or _tree.is_masked_node(m):
       flags.append(False)
       continue
     flag = _as_bool(path, m)
     if flag and jnp.ndim(p) == 0:
       raise ValueError(
-          f"`mask` selects leaf {_path_str(path)}, which has ndim 0: lazy "
+          f"`mask` selects leaf {_tree.path_str(path)}, which has ndim 0: lazy "
           "updates need rows (slices along axis 0) of a leaf with ndim >= 1."
       )
     flags.append(flag)
@@ -137,7 +129,7 @@ def _touched_ids(touched_rows: Any, params: Any, flags: list) -> list:
   ids = [None] * len(param_leaves)
   for path, value in jax.tree_util.tree_flatten_with_path(touched_rows)[0]:
     path = tuple(path)
-    where = _path_str(path)
+    where = _tree.path_str(path)
     i = index.get(path)
     if i is None:
       hint = ""
@@ -147,7 +139,7 @@ def _touched_ids(touched_rows: Any, params: Any, flags: list) -> list:
           f"`touched_rows` leaf {where} does not match any parameter leaf"
           f"{hint}.")
     param = param_leaves[i][1]
-    if _is_masked_node(param):
+    if _tree.is_masked_node(param):
       continue  # A leaf handled by another transformation (a partition).
     if not flags[i]:
       raise ValueError(
@@ -316,16 +308,16 @@ def lazy(
     inner_updates, new_inner = inner.update(
         updates, state.inner_state, params, **extra_args)
 
-    grad_leaves = jax.tree.leaves(updates, is_leaf=_is_masked_node)
+    grad_leaves = jax.tree.leaves(updates, is_leaf=_tree.is_masked_node)
     rows = []
     for flag, grad, leaf_ids in zip(flags, grad_leaves, ids):
-      if flag and not _is_masked_node(grad):
+      if flag and not _tree.is_masked_node(grad):
         rows.append(_row_mask(jnp.asarray(grad), leaf_ids))
       else:
         rows.append(None)
 
     update_leaves, treedef = jax.tree.flatten(
-        inner_updates, is_leaf=_is_masked_node)
+        inner_updates, is_leaf=_tree.is_masked_node)
     new_updates = jax.tree.unflatten(treedef, [
         u if r is None else jnp.where(
             _broadcast_rows(r, u), u, jnp.zeros((), jnp.result_type(u)))

@@ -272,7 +272,7 @@ def lookahead(
     alpha = jnp.asarray(alpha)
 
     num_params = len(jax.tree.leaves(
-        params, is_leaf=lambda x: isinstance(x, optax.MaskedNode)))
+        params, is_leaf=_tree.is_masked_node))
 
     def map_param_shaped(fn, tree, *others):
       """`fn` over the parameter-shaped leaves of an inner state `tree`."""

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lookahead_optax import _tree
 from lookahead_optax._lookahead import LookaheadState
 
 
@@ -29,16 +30,12 @@ def _is_nnx_variable(x: Any) -> bool:
 
 
 def _is_hole_or_variable(x: Any) -> bool:
-  return isinstance(x, optax.MaskedNode) or _is_nnx_variable(x)
+  return _tree.is_masked_node(x) or _is_nnx_variable(x)
 
 
 def _unwrap_leaf(x: Any) -> Any:
   """The array inside a Flax NNX variable, else `x`."""
-  if hasattr(x, "get_value") and callable(x.get_value):
-    return x.get_value()
-  if type(x).__module__.startswith("flax") and hasattr(x, "value"):
-    return x.value
-  return x
+  return x.get_value() if _is_nnx_variable(x) else x
 
 
 def _outermost_lookahead_states(state: Any) -> list[LookaheadState]:
@@ -52,7 +49,7 @@ def _merge(a: Any, b: Any) -> Any:
   """Merges two slow-param trees that hold disjoint leaves (MaskedNode holes)."""
 
   def pick(x, y):
-    x_hole, y_hole = isinstance(x, optax.MaskedNode), isinstance(y, optax.MaskedNode)
+    x_hole, y_hole = _tree.is_masked_node(x), _tree.is_masked_node(y)
     if x_hole:
       return y
     if y_hole:
@@ -62,9 +59,8 @@ def _merge(a: Any, b: Any) -> Any:
         "call `slow_params` on the state of the one you want."
     )
 
-  is_hole = lambda x: isinstance(x, optax.MaskedNode)
   try:
-    return jax.tree.map(pick, a, b, is_leaf=is_hole)
+    return jax.tree.map(pick, a, b, is_leaf=_tree.is_masked_node)
   except ValueError as e:
     if "slow weights" in str(e):
       raise
@@ -154,10 +150,9 @@ def eval_params(state: Any, params: optax.Params) -> optax.Params:
     ({'w': Array([0.5], dtype=float32)}, {'w': Array([1.], dtype=float32)})
   """
   slow = slow_params(state)
-  is_hole = lambda x: isinstance(x, optax.MaskedNode)
 
   def substitute(s, p):
-    if is_hole(s):
+    if _tree.is_masked_node(s):
       return p
     p_value = _unwrap_leaf(p)
     value = jnp.asarray(s).astype(jnp.result_type(p_value))
@@ -167,10 +162,10 @@ def eval_params(state: Any, params: optax.Params) -> optax.Params:
     return value
 
   try:
-    return jax.tree.map(substitute, slow, params, is_leaf=is_hole)
+    return jax.tree.map(substitute, slow, params, is_leaf=_tree.is_masked_node)
   except ValueError as e:
     raise ValueError(
         "The slow weights do not have the structure of `params`: "
-        f"{jax.tree.structure(slow, is_leaf=is_hole)} vs "
+        f"{jax.tree.structure(slow, is_leaf=_tree.is_masked_node)} vs "
         f"{jax.tree.structure(params)}."
     ) from e

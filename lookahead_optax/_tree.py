@@ -7,18 +7,24 @@ import jax.numpy as jnp
 import optax
 
 
-def _is_masked_node(x: Any) -> bool:
+def is_masked_node(x: Any) -> bool:
+  """Whether `x` is an `optax.MaskedNode` (a hole left by a mask)."""
   return isinstance(x, optax.MaskedNode)
+
+
+def path_str(path: Any) -> str:
+  """A key path as text for error messages (``<root>`` for the root)."""
+  return jax.tree_util.keystr(tuple(path)) or "<root>"
 
 
 def _matches_params(node: Any, params: Any) -> bool:
   """Whether `node` is a copy of the params tree (MaskedNode for holes)."""
-  node_leaves, node_def = jax.tree.flatten(node, is_leaf=_is_masked_node)
-  param_leaves, param_def = jax.tree.flatten(params, is_leaf=_is_masked_node)
+  node_leaves, node_def = jax.tree.flatten(node, is_leaf=is_masked_node)
+  param_leaves, param_def = jax.tree.flatten(params, is_leaf=is_masked_node)
   if node_def != param_def or not node_leaves:
     return False
   for leaf, param in zip(node_leaves, param_leaves):
-    if _is_masked_node(leaf) or _is_masked_node(param):
+    if is_masked_node(leaf) or is_masked_node(param):
       continue
     if not hasattr(leaf, "shape") or jnp.shape(leaf) != jnp.shape(param):
       return False
@@ -59,12 +65,12 @@ def map_param_shaped(fn: Any, per_param: Any, params: Any, state: Any,
 
   def visit(node, *other_nodes):
     if _matches_params(node, params):
-      leaves, treedef = jax.tree.flatten(node, is_leaf=_is_masked_node)
-      other_leaves = [jax.tree.leaves(o, is_leaf=_is_masked_node)
+      leaves, treedef = jax.tree.flatten(node, is_leaf=is_masked_node)
+      other_leaves = [jax.tree.leaves(o, is_leaf=is_masked_node)
                       for o in other_nodes]
       out = []
       for i, (aux, leaf) in enumerate(zip(per_param, leaves)):
-        if aux is None or _is_masked_node(leaf):
+        if aux is None or is_masked_node(leaf):
           out.append(leaf)
         else:
           out.append(fn(aux, leaf, *(o[i] for o in other_leaves)))
