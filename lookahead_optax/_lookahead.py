@@ -1,17 +1,18 @@
 """The Lookahead optimizer as a drop-in optax gradient transformation."""
 
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from lookahead_optax import _checks
+from lookahead_optax import _policies
+from lookahead_optax import _sync
 from lookahead_optax import _tree
 
-_INNER_STATE_POLICIES = ("keep", "reset", "pullback")
 _SYNC_MODES = ("auto", "select", "cond")
-_NONFINITE_POLICIES = ("propagate", "rollback")
+_DEFAULT_SLOW_STEP_SIZE = 0.5
 
 
 class LookaheadState(NamedTuple):
@@ -26,11 +27,16 @@ class LookaheadState(NamedTuple):
       as a copy of the initial params and move only at a sync.
     step: the number of `update` calls so far (int32). A sync happens on the
       call that brings `step` to a multiple of `sync_period`.
+    outer_state: the state of the outer step: the `outer` transformation's
+      state (initialised from the initial params), or, without `outer`, the
+      number of syncs done (`optax.ScaleByScheduleState`) when
+      `slow_step_size` is a schedule, else `optax.EmptyState()`.
   """
 
   inner_state: optax.OptState
   slow_params: optax.Params
   step: jax.Array
+  outer_state: optax.OptState = optax.EmptyState()
 
 
 class PullbackState(NamedTuple):
@@ -40,23 +46,24 @@ class PullbackState(NamedTuple):
     inner_state: the inner optimizer's current state.
     synced_inner_state: the inner state as it was after the last sync (the
       inner optimizer's initial state before the first sync). Its
-      parameter-shaped leaves cost one more copy of each of them.
+      parameter-shaped leaves cost one more copy of each of them; it must not
+      share buffers with `inner_state` (build it with a copy).
   """
 
   inner_state: optax.OptState
   synced_inner_state: optax.OptState
 
 
-def _resolve_sync_mode(sync: str, inner_state: str) -> str:
+def _resolve_formulation(sync: str, inner_state: str, on_nonfinite: str,
+                         axis_name: Optional[str]) -> str:
+  """`"select"` or `"cond"` (see `lookahead`'s `sync` and docs/benchmarks.md)."""
   if sync != "auto":
     return sync
+  if axis_name is not None:
+    return "cond"  # the collective must run on sync steps only
   # Measured on CPU (docs/benchmarks.md): with inner_state="keep" the
-  # branchless select fuses with the inner update into one pass (1.05x adam)
-  # where a conditional costs 1.6-2.9x. With "reset"/"pullback" the select
-  # also rewrites the inner state every step and XLA copies the moments
-  # (4.4x/7.5x adam), so the conditional (1.6x/1.7x) wins. Other backends
-  # keep the design's `lax.cond`, which skips the slow-weight pass on k-1 of
-  # every k steps (not measured here: run the benchmarks on your hardware).
+  # branch-free select fuses with the inner update into one pass where a
+  # conditional copies every buffer it carries.
   if jax.default_backend() == "cpu" and inner_state == "keep":
     return "select"
   return "cond"
@@ -67,18 +74,123 @@ def _copy(x: jax.Array) -> jax.Array:
   return jnp.array(x, copy=True)
 
 
-def _find_multisteps(tree: Any) -> bool:
-  leaves = jax.tree.leaves(
-      tree, is_leaf=lambda x: isinstance(x, optax.MultiStepsState)
-  )
-  return any(isinstance(x, optax.MultiStepsState) for x in leaves)
+def _has_state(tree: Any, state_type: type) -> bool:
+  leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, state_type))
+  return any(isinstance(x, state_type) for x in leaves)
+
+
+def _is_multisteps(inner: Any) -> bool:
+  return isinstance(inner, optax.MultiSteps) or isinstance(
+      getattr(inner.update, "__self__", None), optax.MultiSteps)
+
+
+_MULTISTEPS_ERROR = (
+    "lookahead would count micro-steps. Wrap lookahead instead: "
+    "optax.MultiSteps(lookahead(inner, ...), every_k_schedule=n).")
+
+
+def _check_slow_dtype(slow_dtype: Any) -> Any:
+  if slow_dtype is None:
+    return None
+  try:
+    dtype = jnp.dtype(slow_dtype)
+  except TypeError as e:
+    raise TypeError(
+        f"`slow_dtype` must be a floating dtype or None, got {slow_dtype!r}."
+    ) from e
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f"`slow_dtype` must be a floating dtype or None, got {slow_dtype!r}.")
+  return dtype
+
+
+def _check_outer(outer: Any, slow_step_size: Any, inner_state: str) -> None:
+  if outer is None:
+    return
+  _checks.check_transformation("outer", outer)
+  if slow_step_size is not None:
+    raise ValueError(
+        "`slow_step_size` and `outer` cannot both be given: with `outer`, the "
+        "outer transformation's own learning rate sets the slow weights' step "
+        "(`outer=optax.sgd(a)` is `slow_step_size=a`).")
+  if inner_state == "pullback":
+    raise ValueError(
+        "`inner_state='pullback'` interpolates the inner state with "
+        "`slow_step_size` and cannot combine with `outer`; use 'keep' or "
+        "'reset'.")
+
+
+def _check_axis_name(axis_name: Any, sync: str) -> None:
+  if axis_name is None:
+    return
+  if not isinstance(axis_name, str) or not axis_name:
+    raise TypeError(
+        f"`axis_name` must be a non-empty string or None, got {axis_name!r}.")
+  if sync == "select":
+    raise ValueError(
+        "`sync='select'` cannot combine with `axis_name`: the average over "
+        "replicas must run on sync steps only; use 'cond' or 'auto'.")
+
+
+def _check_axis_bound(axis_name: Optional[str]) -> None:
+  """A clear error, at trace time, when `axis_name` is not a mapped axis."""
+  if axis_name is None:
+    return
+  try:
+    jax.lax.axis_size(axis_name)
+  except NameError as e:
+    raise ValueError(
+        f"`axis_name` {axis_name!r} is not the name of a mapped axis here: "
+        "call the step under `jax.pmap(..., axis_name=...)` or `shard_map` "
+        "with that axis, or leave `axis_name=None`.") from e
+
+
+def _check_state(state: Any) -> None:
+  if isinstance(state, LookaheadState):
+    return
+  if isinstance(state, optax.LookaheadState):
+    raise TypeError(
+        "`state` must be a LookaheadState of lookahead_optax, got the state of "
+        "optax's own lookahead (optax.LookaheadState): build the state with "
+        "this optimizer's `tx.init(params)` on plain params (no "
+        "optax.LookaheadParams); a checkpointed optax.lookahead run can be "
+        "continued from its fast params and inner state with "
+        "`lookahead_optax.migrate_optax_state(tx, state.fast_state, "
+        "params.fast)`.")
+  raise TypeError(
+      f"`state` must be a LookaheadState of lookahead_optax, got "
+      f"{type(state).__name__}.")
+
+
+def _names_own_leaf(touched_rows: Any, params: Any) -> bool:
+  """Whether `touched_rows` has ids for a (non-masked) leaf of `params`."""
+  own = {tuple(path) for path, leaf in jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=_tree.is_masked_node)[0]
+         if not _tree.is_masked_node(leaf)}
+  return any(tuple(path) in own for path, _ in
+             jax.tree_util.tree_flatten_with_path(touched_rows)[0])
+
+
+def _check_touched_rows(extra_args: dict, inner_state: Any,
+                        params: Any) -> None:
+  """`touched_rows` for our leaves without a `lazy` inside would be ignored."""
+  from lookahead_optax._lazy import LazyState  # pylint: disable=g-import-not-at-top
+  touched_rows = extra_args.get("touched_rows")
+  if (touched_rows is not None and _names_own_leaf(touched_rows, params)
+      and not _has_state(inner_state, LazyState)):
+    raise ValueError(
+        "`touched_rows` was passed but the inner optimizer has no "
+        "`lookahead_optax.lazy`: the ids would be ignored. Wrap the embedding "
+        "optimizer in `lazy(...)` or drop `touched_rows`.")
 
 
 def lookahead(
     inner: optax.GradientTransformation,
     sync_period: int = 5,
-    slow_step_size: optax.ScalarOrSchedule = 0.5,
+    slow_step_size: Optional[optax.ScalarOrSchedule] = None,
     *,
+    outer: Optional[optax.GradientTransformation] = None,
+    axis_name: Optional[str] = None,
     inner_state: str = "keep",
     sync: str = "auto",
     on_nonfinite: str = "propagate",
@@ -86,86 +198,112 @@ def lookahead(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Lookahead: k steps forward with `inner`, then one step back.
 
-  Runs the inner optimizer on the (fast) params at every step. Every
-  `sync_period` steps the slow weights :math:`\phi` move towards the fast
-  weights :math:`\theta`,
+  Runs the inner optimizer on the (fast) params $\theta$ at every step. Every
+  `sync_period` steps the slow weights $\phi$ take one *outer step* on the
+  pseudo-gradient $\Delta = \phi - \theta$ and the params are sent to them.
+  By default the outer step is the paper's interpolation
+  $\phi \leftarrow \phi + \alpha (\theta - \phi)$, i.e. SGD with step
+  $\alpha$ on $\Delta$; `outer` makes it any optax transformation (SNOO:
+  SGD with Nesterov momentum, see `snoo`). With `axis_name`, replicas run
+  their inner steps on their own gradients and average $\Delta$ only at a
+  sync (DiLoCo).
 
-  .. math::
-    \phi \leftarrow \phi + \alpha (\theta - \phi),
-
-  and the returned update sends the fast params to the new slow weights. The
-  slow weights start as a copy of the initial params and live in the optimizer
-  state, so the params stay a plain pytree: `lookahead` drops into
-  `optax.apply_updates`, a Flax `TrainState` or an `nnx.Optimizer` with no other
-  change. Use `slow_params` or `eval_params` to evaluate on the slow weights.
-
-  The sync update is computed first and the slow weights are stored as
-  ``params + update`` with the arithmetic of `optax.apply_updates`, so after a
-  sync the params equal the slow weights bitwise (in any float dtype).
+  The slow weights start as a copy of the initial params and live in the
+  optimizer state, so the params stay a plain pytree: `lookahead` drops into
+  `optax.apply_updates`, a Flax `TrainState` or an `nnx.Optimizer` with no
+  other change. Use `slow_params` or `eval_params` to evaluate on the slow
+  weights. After a sync the params equal the slow weights bitwise (in any
+  float dtype): the slow weights are stored as `params + update` with the
+  arithmetic of `optax.apply_updates`.
 
   Lookahead must be the last transformation that changes the updates, e.g.
-  ``optax.chain(optax.clip_by_global_norm(1.0), lookahead(optax.adamw(1e-3)))``;
+  `optax.chain(optax.clip_by_global_norm(1.0), lookahead(optax.adamw(1e-3)))`;
   a transformation after it would move the params away from the slow weights.
-  For gradient accumulation wrap it, ``optax.MultiSteps(lookahead(...), n)``,
-  so that syncs count applied steps; ``lookahead(optax.MultiSteps(...))`` is
+  For gradient accumulation wrap it, `optax.MultiSteps(lookahead(...), n)`,
+  so that syncs count applied steps; `lookahead(optax.MultiSteps(...))` is
   rejected.
 
   Args:
     inner: the inner (fast) optimizer, any optax gradient transformation.
       Extra keyword arguments of `update` are passed on to it.
-    sync_period: `k`, the number of inner steps between syncs; an integer >= 1.
-      May be a traced integer (e.g. under `optax.inject_hyperparams`).
-    slow_step_size: `alpha`, the slow weights' step size: a float in [0, 1], a
-      scalar array (may be traced), or a schedule evaluated on the number of
-      syncs done before the current one. `alpha = 1` reduces to `inner`
-      (bitwise), `alpha = 0` returns to the initial params at every sync (up
-      to one rounding where a weight moved by more than a factor of two).
+    sync_period: `k`, the number of inner steps between syncs; an integer in
+      [1, 2**31 - 1]. May be a traced integer (e.g. under
+      `optax.inject_hyperparams`).
+    slow_step_size: $\alpha$, the step of the default interpolation: a float
+      in [0, 1], a scalar array (may be traced), or a schedule evaluated on
+      the number of syncs done before this one (a rolled-back step is not a
+      sync). None (default) means 0.5. Under `optax.inject_hyperparams` optax
+      evaluates a schedule itself, on the number of `update` calls. `alpha = 1`
+      gives `inner`'s trajectory (bitwise eagerly; under `jax.jit` to within
+      a few ulps, as XLA contracts multiply-adds differently in different
+      programs). `alpha = 0` returns to the initial params at every sync,
+      exactly where a weight stayed within a factor of two of its slow value
+      and otherwise up to one rounding at the scale of the fast weights.
+      Cannot be combined with `outer`.
+    outer: an optax transformation for the outer step, or None for the
+      interpolation above. At a sync it receives the pseudo-gradient
+      $\phi - \theta$ (in float32 or wider) with the slow weights as params,
+      and the slow weights move by its update. Its state lives in
+      `LookaheadState.outer_state`, initialised from the initial params.
+      `outer=optax.sgd(a)` equals `slow_step_size=a` up to rounding.
+    axis_name: the name of a `jax.pmap` / `shard_map` axis of data-parallel
+      replicas (DiLoCo). Each replica runs `inner` on its own gradients with
+      its own inner state (do not average the gradients in your step); at a
+      sync the pseudo-gradients are averaged over the axis (the step's only
+      collective, inside a `jax.lax.cond`, so the other `sync_period - 1`
+      steps communicate nothing) before the outer step, and the slow weights
+      stay bitwise identical on every replica. The params land on them
+      except where a weight moved by more than a factor of two in the cycle
+      (one rounding at the scale of the fast weights). Requires the initial
+      params to be identical on all replicas.
     inner_state: what happens to the inner optimizer's state at a sync.
-      ``"keep"`` (the paper's default) leaves it alone. ``"reset"`` resets its
+      `"keep"` (the paper's default) leaves it alone. `"reset"` resets its
       parameter-shaped leaves (e.g. Adam moments) to their initial values,
-      keeping step counts (schedules go on), dtypes, and clearing NaNs.
-      ``"pullback"`` interpolates the parameter-shaped leaves between their
-      value at the last sync and now with the same `alpha`, as the paper
-      authors' code does for momentum; it stores one more copy of those
-      leaves.
-    sync: how the sync is compiled. ``"select"`` computes the sync update
-      branch-free at every step and selects it on sync steps (fuses with the
-      inner update into one pass; fastest on CPU). ``"cond"`` runs the sync in
-      a `jax.lax.cond`. ``"auto"`` (default) picks ``"select"`` on CPU with
-      ``inner_state="keep"`` and ``"cond"`` otherwise (the fastest measured;
-      docs/benchmarks.md). Both compute the same sync; they may differ in
-      the last bit of a few elements because XLA fuses multiply-adds (FMA)
-      differently in the two (on CPU), while the params equal the slow
-      weights bitwise after a sync in both.
-    on_nonfinite: ``"propagate"`` (default) applies non-finite updates as
-      they are. ``"rollback"``: when the inner update or the fast params it
-      would produce has a non-finite value, the step returns the update that
-      sends the params back to the slow weights, resets the parameter-shaped
-      inner state, and leaves the slow weights untouched (no sync on that
-      step). Params that are already non-finite cannot be repaired by an
-      additive update.
+      keeping step counts (schedules go on), hyperparameters, dtypes, and
+      clearing NaNs. `"pullback"` interpolates the parameter-shaped leaves
+      between their value at the last sync and now with the same $\alpha$,
+      as the paper authors' code does for momentum; it stores one more copy
+      of those leaves and cannot combine with `outer`.
+    sync: how the sync is compiled. `"select"` computes it branch-free at
+      every step and selects it on sync steps (fuses with the inner update
+      into one pass). `"cond"` runs it in a `jax.lax.cond`. `"auto"`
+      (default) picks by backend and options (docs/benchmarks.md). Both
+      compute the same sync; they may differ in the last bit of a few
+      elements, as XLA contracts multiply-adds (FMA) differently in the two,
+      while the params equal the slow weights bitwise after a sync in both.
+    on_nonfinite: `"propagate"` (default) applies non-finite updates as they
+      are. `"rollback"`: when the inner update or the fast params it would
+      produce has a non-finite value, the step returns the update that sends
+      the params back to the slow weights, resets the parameter-shaped inner
+      state, and leaves the slow weights and the outer state untouched (no
+      sync on that step). Params that are already non-finite cannot be
+      repaired by an additive update.
     slow_dtype: if given, a floating dtype in which to keep the slow weights of
-      floating params (e.g. ``jnp.float32`` for bfloat16 params), so that small
+      floating params (e.g. `jnp.float32` for bfloat16 params), so that small
       updates accumulate in the slow weights instead of rounding away. After a
-      sync the params equal ``slow.astype(params.dtype)`` bitwise.
+      sync the params equal `slow.astype(params.dtype)` bitwise.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
     `LookaheadState`.
 
   Raises:
-    TypeError: if `inner` is not a gradient transformation, or `sync_period`
-      or `slow_step_size` has the wrong type.
-    ValueError: if `sync_period` < 1, `slow_step_size` is outside [0, 1] or
-      NaN, a string option is not one of its values, `inner` is an
-      `optax.MultiSteps`, or `update` is called without params or with params
-      or updates whose structure, shapes or dtypes differ from the state.
+    TypeError: if `inner` or `outer` is not a gradient transformation,
+      `sync_period`, `slow_step_size`, `axis_name` or `slow_dtype` has the
+      wrong type, or `update` gets a state that is not a `LookaheadState`.
+    ValueError: if `sync_period` is out of range, `slow_step_size` is outside
+      [0, 1] or NaN, a string option is not one of its values, `inner` is an
+      `optax.MultiSteps`, `outer` is combined with `slow_step_size` or
+      `inner_state="pullback"`, `axis_name` with `sync="select"` or used
+      outside a mapped axis, or `update` is called without params, with
+      params or updates whose structure, shapes or dtypes differ from the
+      state, or with `touched_rows` for leaves that no `lazy` handles.
 
   Example:
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import lookahead_optax as lo
-    >>> tx = lo.lookahead(optax.sgd(0.5), sync_period=2, slow_step_size=0.5)
+    >>> tx = lo.lookahead(optax.sgd(0.5), sync_period=2, slow_step_size=0.75)
     >>> params = jnp.array([4.0])
     >>> state = tx.init(params)
     >>> for _ in range(2):
@@ -173,225 +311,259 @@ def lookahead(
     ...   updates, state = tx.update(grads, state, params)
     ...   params = optax.apply_updates(params, updates)
     >>> print(params, lo.slow_params(state))
-    [2.5] [2.5]
+    [1.75] [1.75]
 
     The fast params went 4 -> 2 -> 1, then the sync moved the slow weights
-    half-way from 4 to 1, to 2.5, and sent the params there.
+    three quarters of the way from 4 to 1, to 1.75, and sent the params there.
 
   References:
-    Zhang, Lucas, Hinton, Ba, `Lookahead Optimizer: k steps forward, 1 step
-    back <https://arxiv.org/abs/1907.08610>`_, NeurIPS 2019.
+    Zhang, Lucas, Hinton, Ba, [Lookahead Optimizer: k steps forward, 1 step
+    back](https://arxiv.org/abs/1907.08610), NeurIPS 2019.
+
+    Douillard et al., [DiLoCo: Distributed Low-Communication Training of
+    Language Models](https://arxiv.org/abs/2311.08105), 2023.
   """
   _checks.check_transformation("inner", inner)
-  if isinstance(inner, optax.MultiSteps) or isinstance(
-      getattr(inner.update, "__self__", None), optax.MultiSteps
-  ):
-    raise ValueError(
-        "`inner` must not be an optax.MultiSteps: lookahead would count "
-        "micro-steps. Wrap lookahead instead: "
-        "optax.MultiSteps(lookahead(inner, ...), every_k_schedule=n)."
-    )
+  if _is_multisteps(inner):
+    raise ValueError(f"`inner` must not be an optax.MultiSteps: "
+                     f"{_MULTISTEPS_ERROR}")
   _checks.check_sync_period(sync_period)
-  _checks.check_unit_interval(
-      "slow_step_size", slow_step_size, allow_schedule=True
-  )
-  _checks.check_choice("inner_state", inner_state, _INNER_STATE_POLICIES)
+  if slow_step_size is not None:
+    _checks.check_unit_interval(
+        "slow_step_size", slow_step_size, allow_schedule=True)
+  _checks.check_choice("inner_state", inner_state,
+                       _policies.INNER_STATE_POLICIES)
   _checks.check_choice("sync", sync, _SYNC_MODES)
-  _checks.check_choice("on_nonfinite", on_nonfinite, _NONFINITE_POLICIES)
-  if slow_dtype is not None:
-    try:
-      slow_dtype = jnp.dtype(slow_dtype)
-    except TypeError as e:
-      raise TypeError(
-          f"`slow_dtype` must be a floating dtype or None, got {slow_dtype!r}."
-      ) from e
-    if not jnp.issubdtype(slow_dtype, jnp.floating):
-      raise TypeError(
-          f"`slow_dtype` must be a floating dtype or None, got {slow_dtype!r}."
-      )
+  _checks.check_choice("on_nonfinite", on_nonfinite,
+                       _policies.NONFINITE_POLICIES)
+  _check_outer(outer, slow_step_size, inner_state)
+  _check_axis_name(axis_name, sync)
+  slow_dtype = _check_slow_dtype(slow_dtype)
+  if outer is None and slow_step_size is None:
+    slow_step_size = _DEFAULT_SLOW_STEP_SIZE
+  counts_syncs = outer is None and callable(slow_step_size)
+  formulation = _resolve_formulation(sync, inner_state, on_nonfinite, axis_name)
   inner = optax.with_extra_args_support(inner)
 
-  def slow_leaf_dtype(param):
-    dtype = jnp.result_type(param)
+  def slow_copy(p):
+    dtype = jnp.result_type(p)
     if slow_dtype is not None and jnp.issubdtype(dtype, jnp.floating):
-      return slow_dtype
-    return dtype
+      dtype = slow_dtype
+    return jnp.array(p, dtype=dtype, copy=True)
 
   def init_fn(params):
     inner_init = inner.init(params)
-    if _find_multisteps(inner_init):
-      raise ValueError(
-          "`inner` contains an optax.MultiSteps: lookahead would count "
-          "micro-steps. Wrap lookahead instead: "
-          "optax.MultiSteps(lookahead(inner, ...), every_k_schedule=n)."
-      )
+    if _has_state(inner_init, optax.MultiStepsState):
+      raise ValueError(f"`inner` contains an optax.MultiSteps: "
+                       f"{_MULTISTEPS_ERROR}")
     if inner_state == "pullback":
       inner_init = PullbackState(inner_init, jax.tree.map(_copy, inner_init))
-    slow = jax.tree.map(
-        lambda p: jnp.asarray(p, dtype=slow_leaf_dtype(p), copy=True), params
-    )
-    return LookaheadState(
-        inner_state=inner_init,
-        slow_params=slow,
-        step=jnp.zeros([], jnp.int32),
-    )
+    slow = jax.tree.map(slow_copy, params)
+    if outer is not None:
+      outer_state = outer.init(slow)
+    elif counts_syncs:
+      outer_state = optax.ScaleByScheduleState(jnp.zeros([], jnp.int32))
+    else:
+      outer_state = optax.EmptyState()
+    return LookaheadState(inner_init, slow, jnp.zeros([], jnp.int32),
+                          outer_state)
+
+  def alpha_of(outer_state):
+    """The interpolation step of this sync (None with `outer`)."""
+    if outer is not None:
+      return None
+    if counts_syncs:
+      return jnp.asarray(slow_step_size(outer_state.count))
+    return jnp.asarray(slow_step_size)
+
+  def sync_fn(params, param_shaped, inner_init):
+    """The sync as a map of `SyncCarry`: outer step, landing, policy."""
+
+    def apply(carry):
+      alpha = alpha_of(carry.outer_state)
+      targets, outer_state = _sync.slow_targets(
+          params, carry.updates, carry.slow, carry.outer_state,
+          outer=outer, alpha=alpha, axis_name=axis_name)
+      if counts_syncs:
+        outer_state = optax.ScaleByScheduleState(
+            optax.safe_increment(outer_state.count))
+      updates = _sync.sync_updates(params, carry.updates, carry.slow, targets)
+      inner_state_, synced = _policies.at_sync(
+          inner_state, param_shaped, carry.inner_state, carry.synced_inner,
+          inner_init, alpha)
+      return _sync.SyncCarry(updates, targets, outer_state, inner_state_,
+                             synced)
+
+    return apply
+
+  def store_fn(params):
+    """The slow weights to store from the updates returned and the targets."""
+
+    def store(updates, targets, slow):
+      return jax.tree.map(
+          lambda p, u, t, s: _sync.stored_slow(
+              p, u, t, s, keep_target=axis_name is not None),
+          params, updates, targets, slow)
+
+    return store
 
   def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError(
-          "`params` is required: lookahead's update needs the current params "
-          "to compute the sync, call `tx.update(grads, state, params)`."
-      )
-    if not isinstance(state, LookaheadState):
-      raise TypeError(
-          f"`state` must be a LookaheadState, got {type(state).__name__}."
-      )
-    _checks.check_same_tree(
-        "params", params, state.slow_params,
-        check_dtypes=slow_dtype is None, reference_name="the slow params",
-    )
-    _checks.check_same_tree(
-        "updates", updates, state.slow_params,
-        reference_name="the slow params",
-    )
-
+    params, updates = _check_update_args(updates, state, params, slow_dtype)
+    _check_axis_bound(axis_name)
     if inner_state == "pullback":
       current, synced = state.inner_state
     else:
       current, synced = state.inner_state, None
+    _check_touched_rows(extra_args, current, params)
     inner_updates, new_inner = inner.update(
-        updates, current, params, **extra_args
-    )
+        updates, current, params, **extra_args)
 
     step = optax.safe_increment(state.step)
     is_sync = step % sync_period == 0
-    if callable(slow_step_size):
-      alpha = slow_step_size(state.step // sync_period)
-    else:
-      alpha = slow_step_size
-    alpha = jnp.asarray(alpha)
-
-    num_params = len(jax.tree.leaves(
-        params, is_leaf=_tree.is_masked_node))
-
-    def map_param_shaped(fn, tree, *others):
-      """`fn` over the parameter-shaped leaves of an inner state `tree`."""
-      return _tree.map_param_shaped(
-          lambda _, x, *ys: fn(x, *ys), [True] * num_params, params, tree,
-          *others)
-
+    needs_init = inner_state == "reset" or on_nonfinite == "rollback"
+    inner_init = inner.init(params) if needs_init else None
+    param_shaped = (_policies.ParamShaped(inner.init, params)
+                    if needs_init or inner_state == "pullback" else None)
+    bad = None
     if on_nonfinite == "rollback":
-      fast = optax.apply_updates(params, inner_updates)
-      finite = [jnp.all(jnp.isfinite(x)) for x in
-                jax.tree.leaves((inner_updates, fast))
-                if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-      bad = jnp.logical_not(jnp.all(jnp.stack(finite))) if finite else False
-    else:
-      bad = None
+      bad = _policies.is_nonfinite(params, inner_updates)
+      is_sync = is_sync & ~bad
 
-    def leaf_sync(flag, p, u, s):
-      """Returns (update, slow weights) of one leaf; a sync where `flag`.
-
-      The slow weights are written as ``params + update`` from the *selected*
-      update, the very expression `optax.apply_updates` computes, so XLA
-      fuses both into one pass and the params land on the slow weights
-      bitwise.
-      """
-      pdtype, sdtype = jnp.result_type(p), jnp.result_type(s)
-      udtype = jnp.result_type(u)
-      # Low-precision slow weights are blended in float32 and rounded once.
-      cdtype = jnp.promote_types(sdtype, jnp.float32)
-      # The fast weights enter the blend unrounded, in at least `cdtype`: XLA
-      # drops a bfloat16/float16 rounding of `p + u` under jit (excess
-      # precision) anyway, so this is what a jitted step computes, and now an
-      # eager one too.
-      adtype = jnp.promote_types(jnp.result_type(p, u), cdtype)
-      fast_c = (p.astype(adtype) + u.astype(adtype)).astype(cdtype)
-      s_c = s.astype(cdtype)
-      # An exact lerp at both ends: `alpha = 0` gives `s` and `alpha = 1`
-      # gives the fast weights bitwise (`s + 1 * (fast - s)` need not).
-      alpha_c = alpha.astype(cdtype)
-      low = alpha_c < 0.5
-      target = jnp.where(low, s_c, fast_c) + jnp.where(
-          low, alpha_c, alpha_c - 1) * (fast_c - s_c)
-      if sdtype == pdtype:
-        new_u = jnp.where(flag, jnp.asarray(target - p).astype(udtype), u)
-        landed = jnp.asarray(p + new_u).astype(pdtype)
-        return new_u, jnp.where(flag, landed, s)
-      # Slow weights kept in another dtype: keep the precise target unless
-      # the addition in the params' dtype misses its rounding (rare: a weight
-      # that moves by more than a factor of two), in which case store what
-      # the params actually become, so they still equal
-      # `slow.astype(params.dtype)` bitwise.
-      target = target.astype(sdtype)
-      target_p = target.astype(pdtype)
-      new_u = jnp.where(flag, jnp.asarray(target_p - p).astype(udtype), u)
-      landed = jnp.asarray(p + new_u).astype(pdtype)
-      stored = jnp.where(landed == target_p, target, landed.astype(sdtype))
-      return new_u, jnp.where(flag, stored, s)
-
-    def sync_tree(flag, inner_updates, slow):
-      pairs = jax.tree.map(
-          lambda p, u, s: leaf_sync(flag, p, u, s),
-          params, inner_updates, slow)
-      # `params` leads the maps so each (update, slow) pair is one leaf.
-      new_updates = jax.tree.map(lambda _, pair: pair[0], params, pairs)
-      new_slow = jax.tree.map(lambda _, pair: pair[1], params, pairs)
-      return new_updates, new_slow
-
-    def rollback_update(p, u, s):
-      return jnp.asarray(s.astype(jnp.result_type(p)) - p).astype(
-          jnp.result_type(u))
-
-    def sync_inner(new_inner, synced):
-      """The inner state (and last-synced copy) after a sync."""
-      if inner_state == "reset":
-        init = inner.init(params)
-        return (map_param_shaped(
-            lambda x, i: jnp.asarray(i, dtype=x.dtype), new_inner, init),
-                synced)
-      if inner_state == "pullback":
-        pulled = map_param_shaped(
-            lambda x, c: (c + alpha.astype(x.dtype) * (x - c)).astype(x.dtype),
-            new_inner, synced)
-        return pulled, pulled
-      return new_inner, synced
-
-    def select(flag, a, b):
-      return jax.tree.map(lambda x, y: jnp.where(flag, x, y), a, b)
-
-    do_sync = is_sync if bad is None else is_sync & ~bad
-    if _resolve_sync_mode(sync, inner_state) == "select":
-      new_updates, new_slow = sync_tree(
-          do_sync, inner_updates, state.slow_params)
-      if inner_state != "keep":
-        synced_inner, synced_copy = sync_inner(new_inner, synced)
-        new_inner = select(do_sync, synced_inner, new_inner)
-        if synced is not None:
-          synced = select(do_sync, synced_copy, synced)
-    else:
-      def sync_branch(operands):
-        inner_updates, slow, new_inner, synced = operands
-        new_updates, new_slow = sync_tree(True, inner_updates, slow)
-        new_inner, synced = sync_inner(new_inner, synced)
-        return new_updates, new_slow, new_inner, synced
-
-      new_updates, new_slow, new_inner, synced = jax.lax.cond(
-          do_sync, sync_branch, lambda operands: operands,
-          (inner_updates, state.slow_params, new_inner, synced))
-
+    carry = _sync.SyncCarry(inner_updates, state.slow_params,
+                            state.outer_state, new_inner, synced)
+    carry = _sync.run_sync(formulation, is_sync,
+                           sync_fn(params, param_shaped, inner_init),
+                           store_fn(params), carry)
+    new_updates, new_inner = carry.updates, carry.inner_state
     if bad is not None:
-      rollback = jax.tree.map(
-          rollback_update, params, inner_updates, state.slow_params)
-      new_updates = select(bad, rollback, new_updates)
-      init = inner.init(params)
-      new_inner = map_param_shaped(
-          lambda x, i: jnp.where(bad, jnp.asarray(i, dtype=x.dtype), x),
-          new_inner, init)
-
+      new_updates, new_inner = _policies.rollback(
+          bad, params, inner_updates, state.slow_params, new_updates,
+          new_inner, param_shaped, inner_init)
     if inner_state == "pullback":
-      new_inner = PullbackState(new_inner, synced)
-    return new_updates, LookaheadState(
-        inner_state=new_inner, slow_params=new_slow, step=step)
+      new_inner = PullbackState(new_inner, carry.synced_inner)
+    return new_updates, LookaheadState(new_inner, carry.slow, step,
+                                       carry.outer_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_update_args(updates: Any, state: Any, params: Any,
+                       slow_dtype: Any) -> tuple[Any, Any]:
+  """Checks `update`'s arguments; returns params and updates as arrays."""
+  if params is None:
+    raise ValueError(
+        "`params` is required: lookahead's update needs the current params "
+        "to compute the sync, call `tx.update(grads, state, params)`.")
+  _check_state(state)
+  params = jax.tree.map(jnp.asarray, params)
+  updates = jax.tree.map(jnp.asarray, updates)
+  _checks.check_same_tree(
+      "params", params, state.slow_params, check_dtypes=slow_dtype is None,
+      reference_name="the slow params")
+  if slow_dtype is not None:
+    _check_param_kinds(params, state.slow_params)
+  _checks.check_same_tree(
+      "updates", updates, state.slow_params, reference_name="the slow params")
+  return params, updates
+
+
+def _check_param_kinds(params: Any, slow: Any) -> None:
+  """With `slow_dtype`: floating params for floating slow weights, else equal.
+
+  The state does not record the params' own float dtype, so a float param
+  of another width cannot be told from the right one.
+  """
+  for (path, p), s in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                          jax.tree.leaves(slow)):
+    pdtype, sdtype = jnp.result_type(p), jnp.result_type(s)
+    same_kind = (jnp.issubdtype(pdtype, jnp.floating)
+                 if jnp.issubdtype(sdtype, jnp.floating) else pdtype == sdtype)
+    if not same_kind:
+      raise ValueError(
+          f"`params` leaf {_tree.path_str(path)} has dtype {pdtype}, which "
+          f"does not match the slow params' {sdtype}.")
+
+
+def _check_snoo_args(learning_rate: Any, momentum: Any) -> None:
+  if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or (
+      not 0.0 <= momentum < 1.0):
+    raise ValueError(f"`momentum` must be a float in [0, 1), got {momentum!r}.")
+  if callable(learning_rate):
+    return
+  if isinstance(learning_rate, bool) or not isinstance(
+      learning_rate, (int, float)) or not 0.0 <= learning_rate < float("inf"):
+    raise ValueError(
+        "`learning_rate` must be a finite float >= 0 or a schedule, got "
+        f"{learning_rate!r}.")
+
+
+def snoo(
+    inner: optax.GradientTransformation,
+    sync_period: int = 28,
+    learning_rate: optax.ScalarOrSchedule = 0.68,
+    momentum: float = 0.37,
+    **kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+  r"""SNOO: Lookahead whose outer step is SGD with Nesterov momentum.
+
+  Every `sync_period` inner steps, the slow weights $w$ take a Nesterov
+  momentum step on the pseudo-gradient $s = w - \tilde w$ (slow minus fast):
+
+  $$b \leftarrow \mu b + s, \qquad w \leftarrow w - \eta (\mu b + s),$$
+
+  with the momentum buffer $b$ starting at zero, and the params restart from
+  the new $w$. This is `lookahead(inner, sync_period,
+  outer=optax.sgd(learning_rate, momentum=momentum, nesterov=True))`; with
+  `momentum=0` it is Lookahead with `slow_step_size=learning_rate`. The
+  defaults are the settings of the authors' public reference run (GPT-2
+  medium speedrun: $\eta = 0.68$, $\mu = 0.37$, $K = 28$, inner state kept);
+  the paper tunes them per model scale, so treat them as a starting point.
+
+  Args:
+    inner: the inner optimizer (e.g. `optax.adamw`, Muon).
+    sync_period: `K`, inner steps between outer steps.
+    learning_rate: the outer learning rate $\eta$ (a float or a schedule of
+      the number of outer steps).
+    momentum: the outer Nesterov momentum $\mu$, in [0, 1).
+    **kwargs: passed on to `lookahead` (e.g. `axis_name`, `inner_state`,
+      `slow_dtype`); not `outer` or `slow_step_size`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    `LookaheadState`; `outer_state` holds the momentum buffer.
+
+  Raises:
+    ValueError: if `momentum` is outside [0, 1) or `learning_rate` is not a
+      finite number >= 0, and as `lookahead`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import lookahead_optax as lo
+    >>> tx = lo.snoo(optax.sgd(0.5), sync_period=2, learning_rate=0.5,
+    ...              momentum=0.5)
+    >>> params = jnp.array([4.0])
+    >>> state = tx.init(params)
+    >>> for _ in range(4):
+    ...   updates, state = tx.update(params, state, params)  # loss 0.5 p**2
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(params)
+    [0.390625]
+
+    First cycle: the fast params go 4 -> 2 -> 1, so $s = 3$, $b = 3$ and
+    $w = 4 - 0.5 (0.5 \cdot 3 + 3) = 1.75$. Second cycle: 1.75 -> 0.875 ->
+    0.4375, so $s = 1.3125$, $b = 0.5 \cdot 3 + 1.3125 = 2.8125$ and
+    $w = 1.75 - 0.5 (0.5 \cdot 2.8125 + 1.3125) = 0.390625$.
+
+  References:
+    Kallusky, Rao, Nandavanam, Shi, [SNOO: Step-K Nesterov Outer Optimizer -
+    The Surprising Effectiveness of Nesterov Momentum Applied to
+    Pseudo-Gradients](https://arxiv.org/abs/2510.15830), 2025.
+  """
+  for name in ("outer", "slow_step_size"):
+    if name in kwargs:
+      raise TypeError(f"`snoo` sets `{name}` itself; use `lookahead` to pass "
+                      "your own.")
+  _check_snoo_args(learning_rate, momentum)
+  outer = optax.sgd(learning_rate, momentum=momentum, nesterov=True)
+  return lookahead(inner, sync_period, outer=outer, **kwargs)

@@ -1,0 +1,173 @@
+"""The sync: one outer-optimizer step on the pseudo-gradient, landed exactly.
+
+At a sync the fast weights are $\\theta = p + u$ (the params after this step's
+inner update $u$) and the slow weights $\\phi$ take one outer step on the
+pseudo-gradient $\\Delta = \\phi - \\theta$:
+
+* Lookahead (no outer transformation): $\\phi \\leftarrow \\phi + \\alpha
+  (\\theta - \\phi)$, an exact interpolation;
+* any optax transformation `outer` (e.g. SNOO's Nesterov SGD): $\\phi
+  \\leftarrow \\phi + \\text{outer}(\\Delta)$.
+
+The params are then sent to the new slow weights by the update
+$\\phi' - p$. Everything here is per leaf and elementwise except the outer
+transformation itself, so that the sync fuses with the inner update.
+"""
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class SyncCarry(NamedTuple):
+  """What a sync may change; a non-sync step leaves it as the inner step made it.
+
+  Attributes:
+    updates: the updates this step returns (the inner updates unless synced).
+    slow: the slow weights.
+    outer_state: the outer transformation's state (or the sync count).
+    inner_state: the inner optimizer's state.
+    synced_inner: the inner state at the last sync ("pullback"), else None.
+  """
+
+  updates: Any
+  slow: Any
+  outer_state: Any
+  inner_state: Any
+  synced_inner: Any
+
+
+def compute_dtype(slow_leaf: jax.Array) -> Any:
+  """Low-precision slow weights are blended in float32 and rounded once."""
+  return jnp.promote_types(jnp.result_type(slow_leaf), jnp.float32)
+
+
+def fast_weights(p: jax.Array, u: jax.Array, cdtype: Any) -> jax.Array:
+  """The fast weights `p + u`, unrounded, in at least `cdtype`.
+
+  XLA drops a bfloat16/float16 rounding of `p + u` under jit (excess
+  precision) anyway, so this is what a jitted step computes, and an eager one
+  too.
+  """
+  adtype = jnp.promote_types(jnp.result_type(p, u), cdtype)
+  return (p.astype(adtype) + u.astype(adtype)).astype(cdtype)
+
+
+def interpolate(slow: jax.Array, fast: jax.Array, alpha: jax.Array) -> jax.Array:
+  """$\\phi + \\alpha (\\theta - \\phi)$, exact at both ends.
+
+  `alpha = 0` gives `slow` and `alpha = 1` gives `fast` bitwise (the naive
+  `slow + 1 * (fast - slow)` need not).
+  """
+  low = alpha < 0.5
+  return jnp.where(low, slow, fast) + jnp.where(
+      low, alpha, alpha - 1) * (fast - slow)
+
+
+def landing_update(p: jax.Array, u: jax.Array, target: jax.Array,
+                   slow: jax.Array) -> jax.Array:
+  """The update that sends the params leaf `p` to `target` (compute dtype).
+
+  `u` (the inner update) gives the update's dtype, `slow` (the old slow
+  weights) the slow weights' dtype, to which `target` is rounded first when
+  it differs from the params' (`slow_dtype`).
+  """
+  pdtype, sdtype = jnp.result_type(p), jnp.result_type(slow)
+  if sdtype != pdtype:
+    target = target.astype(sdtype).astype(pdtype)
+  return jnp.asarray(target - p).astype(jnp.result_type(u))
+
+
+def stored_slow(p: jax.Array, update: jax.Array, target: jax.Array,
+                slow: jax.Array, *, keep_target: bool) -> jax.Array:
+  """The slow weights to store, given the `update` the step returns.
+
+  They are `p + update` with the arithmetic of `optax.apply_updates`, so the
+  params land on them bitwise; only where that addition rounds (a weight that
+  moved by more than a factor of two in the cycle) do they differ from
+  `target`, by one rounding at the scale of the fast weights. With
+  `keep_target` (replicas that must agree bitwise, see `axis_name`) they are
+  `target` itself. Slow weights in another dtype (`slow_dtype`) keep the
+  precise target unless the params did not land on it.
+  """
+  pdtype, sdtype = jnp.result_type(p), jnp.result_type(slow)
+  if keep_target:
+    return target.astype(sdtype)
+  landed = jnp.asarray(p + update).astype(pdtype)
+  if sdtype == pdtype:
+    return landed
+  target = target.astype(sdtype)
+  return jnp.where(landed == target.astype(pdtype), target,
+                   landed.astype(sdtype))
+
+
+def _pmean(tree: Any, axis_name: Optional[str]) -> Any:
+  if axis_name is None:
+    return tree
+  return jax.lax.pmean(tree, axis_name)
+
+
+def slow_targets(params: Any, inner_updates: Any, slow: Any, outer_state: Any,
+                 *, outer: Optional[optax.GradientTransformation],
+                 alpha: Optional[jax.Array], axis_name: Optional[str]
+                 ) -> tuple[Any, Any]:
+  """The outer step: new slow weights (compute dtype) and outer state.
+
+  With `axis_name`, the pseudo-gradients (or, for Lookahead, the fast
+  weights) are averaged over that axis first: the only collective of a step.
+  """
+  cdtypes = jax.tree.map(compute_dtype, slow)
+  fast = jax.tree.map(fast_weights, params, inner_updates, cdtypes)
+  slow_c = jax.tree.map(lambda s, c: s.astype(c), slow, cdtypes)
+  if outer is None:
+    fast = _pmean(fast, axis_name)
+    targets = jax.tree.map(
+        lambda s, f: interpolate(s, f, alpha.astype(s.dtype)), slow_c, fast)
+    return targets, outer_state
+  delta = _pmean(jax.tree.map(jnp.subtract, slow_c, fast), axis_name)
+  outer_updates, outer_state = outer.update(delta, outer_state, slow)
+  targets = jax.tree.map(
+      lambda s, o: s + jnp.asarray(o).astype(s.dtype), slow_c, outer_updates)
+  return targets, outer_state
+
+
+def sync_updates(params: Any, inner_updates: Any, slow: Any,
+                 targets: Any) -> Any:
+  """The updates that send the params to the new slow weights `targets`."""
+  return jax.tree.map(landing_update, params, inner_updates, targets, slow)
+
+
+def tree_select(flag: jax.Array, on_true: Any, on_false: Any) -> Any:
+  """`jnp.where(flag, a, b)` leaf by leaf (a branch-free choice)."""
+  return jax.tree.map(lambda a, b: jnp.where(flag, a, b), on_true, on_false)
+
+
+def run_sync(formulation: str, flag: jax.Array,
+             sync_fn: Callable[[SyncCarry], SyncCarry],
+             store_fn: Callable[[Any, Any, Any], Any],
+             carry: SyncCarry) -> SyncCarry:
+  """Applies the sync to `carry` where `flag`, with the chosen formulation.
+
+  `sync_fn` returns the synced carry with the *targets* (the new slow weights
+  in the compute dtype) in its `slow` field; `store_fn(updates, targets,
+  slow)` turns them into the slow weights to store, from the very updates the
+  step returns, so that `optax.apply_updates` lands the params on them.
+
+  `"select"` computes the sync at every step and selects it (one fused pass,
+  no branch); `"cond"` runs it in a `jax.lax.cond` (skipped on other steps,
+  and the only place a collective may sit).
+  """
+
+  def synced(c):
+    out = sync_fn(c)
+    return out._replace(slow=store_fn(out.updates, out.slow, c.slow))
+
+  if formulation == "cond":
+    return jax.lax.cond(flag, synced, lambda c: c, carry)
+  out = sync_fn(carry)
+  chosen = tree_select(flag, out._replace(slow=carry.slow), carry)
+  slow = tree_select(flag, store_fn(chosen.updates, out.slow, carry.slow),
+                     carry.slow)
+  return chosen._replace(slow=slow)
