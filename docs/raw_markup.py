@@ -29,6 +29,10 @@ _MATH_CLASSES = frozenset({"arithmatex", "katex", "katex-display"})
 # can see "a role name right before a code span" (`:math:` + <code>).
 _CODE = "\x01"
 _MATH = "\x02"
+# A code span holding "text <url>": a reST link whose backquotes became code
+# (its trailing underscore may have become emphasis, so it is not always there).
+_LINK_CODE = "\x03"
+_LINK_TEXT = re.compile(r"<\s*(?:https?|ftp)://[^>]*>\s*$")
 _VOID = frozenset({
     "area", "base", "br", "col", "embed", "hr", "img", "input", "link",
     "meta", "source", "track", "wbr",
@@ -51,7 +55,7 @@ _TEXT_CHECKS = (
                 r"\b[^:\n]*:")),
     ("reST directive", re.compile(r"(?m)(?:^|\s)\.\. [A-Za-z][\w-]*::")),
     ("reST link", re.compile(
-        r"`[^`\n]*<[^>\n]+>`__?|" + _CODE + r"__?(?![\w])")),
+        r"`[^`\n]*<[^>\n]+>`__?|" + _CODE + r"__?(?![\w])|" + _LINK_CODE)),
     ("display math `$$` that did not become a math block",
      re.compile(r"\$\$")),
     ("`$...$` math outside a math span",
@@ -69,7 +73,7 @@ class _Page(html.parser.HTMLParser):
     super().__init__(convert_charrefs=True)
     self.chunks = []  # (heading anchor, text)
     self.external = []  # (tag, url)
-    self._skip = None  # [tag, depth, placeholder] while inside skipped text
+    self._skip = None  # [tag, depth, placeholder, text] inside skipped text
     self._anchor = ""
 
   def handle_starttag(self, tag, attrs):
@@ -85,11 +89,11 @@ class _Page(html.parser.HTMLParser):
       return
     classes = set((attrs.get("class") or "").split())
     if tag in _CODE_TAGS:
-      self._skip = [tag, 1, _CODE]
+      self._skip = [tag, 1, _CODE, []]
     elif tag in _HIDDEN_TAGS:
-      self._skip = [tag, 1, ""]
+      self._skip = [tag, 1, "", []]
     elif classes & _MATH_CLASSES:
-      self._skip = [tag, 1, _MATH]
+      self._skip = [tag, 1, _MATH, []]
 
   def handle_startendtag(self, tag, attrs):
     self._check_load(tag, dict(attrs))
@@ -98,12 +102,17 @@ class _Page(html.parser.HTMLParser):
     if self._skip is not None and tag == self._skip[0]:
       self._skip[1] -= 1
       if self._skip[1] == 0:
-        self.chunks.append((self._anchor, self._skip[2]))
+        placeholder = self._skip[2]
+        if placeholder == _CODE and _LINK_TEXT.search("".join(self._skip[3])):
+          placeholder = _LINK_CODE
+        self.chunks.append((self._anchor, placeholder))
         self._skip = None
 
   def handle_data(self, data):
     if self._skip is None:
       self.chunks.append((self._anchor, data))
+    else:
+      self._skip[3].append(data)
 
   def _check_load(self, tag, attrs):
     url = None
@@ -120,7 +129,8 @@ class _Page(html.parser.HTMLParser):
 def _snippet(text, start, end, width=40):
   left = max(0, start - width)
   right = min(len(text), end + width)
-  out = text[left:right].replace(_CODE, "`...`").replace(_MATH, "<math>")
+  out = (text[left:right].replace(_CODE, "`...`").replace(_MATH, "<math>")
+         .replace(_LINK_CODE, "`... <url>`"))
   return " ".join(out.split())
 
 

@@ -101,3 +101,32 @@ def test_nnx_checkpoint_recipe_restores_mid_cycle():
   for a, b in zip(jax.tree.leaves(lo.slow_params(optimizer)),
                   jax.tree.leaves(lo.slow_params(optimizer2))):
     assert jnp.array_equal(a, b)
+
+
+def _examples_common():
+  pytest.importorskip("matplotlib")
+  pytest.importorskip("sklearn")
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  path = DOCS.parent / "examples" / "_common.py"
+  spec = importlib.util.spec_from_file_location("examples_common", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_examples_save_figures_in_the_current_directory_by_default():
+  common = _examples_common()
+  args = common.parser("doc", "x.png", steps_help="steps").parse_args([])
+  assert args.out == "."
+  assert common.parser("doc", "x.png", steps_help="").parse_args(
+      ["--out", "docs/img"]).out == "docs/img"
+
+
+def test_examples_smooth_short_curves_keeps_points():
+  common = _examples_common()
+  steps, values = common.smooth([4.0, 3.0, 2.0, 1.0, 0.0] * 5)  # 25 steps
+  assert len(steps) == len(values) == 21  # window 5 (25 // 5), not 25
+  assert steps[0] == 4 and values[0] == pytest.approx(2.0)
+  steps, values = common.smooth(list(range(1000)))
+  assert len(values) == 976 and steps[-1] == 999  # window 25
+  assert common.few_points_marker(23) and not common.few_points_marker(800)

@@ -46,6 +46,10 @@ def _kinds(page_html):
      "reST link"),
     ("<p>anonymous <code>link &lt;https://a.b&gt;</code>__ here</p>",
      "reST link"),
+    # Markdown turns the underscores after two such links into emphasis.
+    ("<p>Wright, <code>Ranger\n&lt;https://github.com/a/b&gt;</code><em>, "
+     "2019; Zhang, <code>Lookahead &lt;https://arxiv.org/abs/1&gt;</code>"
+     "</em>, 2019.</p>", "reST link"),
     ("<p>:param tx: the optimizer</p>", "reST field list"),
     ("<p>the ``sync_period`` argument</p>", "stray backquote (an unrendered "),
     ("<p>the `sync_period argument</p>", "stray backquote (an unrendered "),
@@ -84,6 +88,8 @@ def test_flags_external_loads(page_html):
     # Code may hold anything: roles, dollars, backquotes, directives.
     "<pre><code>x = '$a$' + '``b``'  # :math:`c`\n.. math::\n\\phi</code></pre>",
     "<p>call <code>lo.lookahead(tx, sync_period=5)</code>_x</p>",
+    "<p>compare <code>a &lt; b</code> and <code>x &gt; y</code></p>",
+    '<p>see <a href="https://arxiv.org/abs/1907.08610">the paper</a></p>',
     "<p><code>`</code> and <kbd>$</kbd></p>",
     # Scripts and styles are not prose.
     "<script>var s = '$a$ :math:`b`';</script><style>a::before{}</style>",
