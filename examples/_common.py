@@ -11,12 +11,22 @@ This module imports neither JAX nor anything that imports it, so that
 """
 
 import argparse
+import contextlib
 import os
 import sys
+import threading
+import time
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display needed: the figures go to files
+# The docs show the figures about 700 pixels wide (a 10-inch figure at 100 dpi
+# shrunk by 0.7): fonts this size stay readable there.
+matplotlib.rcParams.update({
+    "font.size": 12, "axes.titlesize": 12, "axes.labelsize": 12,
+    "xtick.labelsize": 11, "ytick.labelsize": 11, "legend.fontsize": 11,
+    "figure.titlesize": 13, "lines.linewidth": 1.6,
+})
 # The scripts take pyplot from here (`from _common import plt`), after the
 # backend is set.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -46,37 +56,104 @@ def parser(doc, figure, steps_help, smoke_help="short run (CI)"):
   p = argparse.ArgumentParser(description=doc.splitlines()[0])
   p.add_argument("--smoke", action="store_true", help=smoke_help)
   p.add_argument("--steps", type=int, default=None, help=steps_help)
-  p.add_argument("--out", default="docs/img", help=f"directory for {figure}")
+  p.add_argument(
+      "--out", default=".",
+      help=f"directory for {figure} (default: the current directory)")
   return p
 
 
-def progress(total, desc):
-  """A tqdm bar, or a printed progress line when tqdm is not installed.
+HEARTBEAT_SECONDS = 3.0  # the longest a script stays silent
+
+
+def _say(message):
+  print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def busy(what):
+  """Says `what` is being done, and then every few seconds that it still is.
+
+  For the steps that print nothing for a while: compiling, a whole sweep under
+  one `jit`, an evaluation.
+
+  Args:
+    what: what is being done, e.g. `"compiling and running the sweep"`.
+
+  Yields:
+    Nothing; prints `what ... done (N s)` when the block ends.
+  """
+  start = time.time()
+  _say(f"{what} ...")
+  stop = threading.Event()
+
+  def beat():
+    while not stop.wait(HEARTBEAT_SECONDS):
+      _say(f"  {what}: {time.time() - start:.0f} s")
+
+  thread = threading.Thread(target=beat, daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    stop.set()
+    thread.join()
+  _say(f"{what} ... done ({time.time() - start:.1f} s)")
+
+
+class progress:  # pylint: disable=invalid-name
+  """A tqdm bar (or a printed line without tqdm) that never goes quiet.
+
+  When no step has finished for a few seconds (the first step of a run
+  compiles), it says so, with the time waited, instead of standing still.
 
   Args:
     total: the number of steps to count to.
     desc: the label in front of the count.
-
-  Returns:
-    An object with `update(k=1)` (k more steps done) and `close()`.
   """
-  if tqdm is not None:
-    return tqdm(total=total, desc=desc, leave=False)
 
-  class Line:
-    n = 0
+  def __init__(self, total, desc):
+    self.total, self.desc, self.n = total, desc, 0
+    self._last = self._start = time.time()
+    self._lock = threading.Lock()
+    self._bar = (tqdm(total=total, desc=desc, leave=False)
+                 if tqdm is not None else None)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._beat, daemon=True)
+    self._thread.start()
 
-    def update(self, k=1):
+  def update(self, k=1):
+    """Counts `k` more steps done."""
+    with self._lock:
       before, self.n = self.n, self.n + k
-      every = max(1, total // 10)  # print about ten times in all
-      if self.n == total or before // every != self.n // every:
-        print(f"\r{desc}: {self.n}/{total}", end="", file=sys.stderr,
-              flush=True)
+      self._last = time.time()
+      if self._bar is not None:
+        self._bar.set_postfix_str("", refresh=False)
+        self._bar.update(k)
+        return
+      every = max(1, self.total // 10)  # print about ten times in all
+      if self.n == self.total or before // every != self.n // every:
+        _say(f"{self.desc}: {self.n}/{self.total} "
+             f"({time.time() - self._start:.0f} s)")
 
-    def close(self):
-      print(file=sys.stderr)
+  def _beat(self):
+    while not self._stop.wait(HEARTBEAT_SECONDS / 3):
+      with self._lock:
+        idle = time.time() - self._last
+        if idle < HEARTBEAT_SECONDS:
+          continue
+        self._last = time.time()
+        note = "compiling" if self.n == 0 else "waiting for a step"
+        if self._bar is not None:
+          self._bar.set_postfix_str(f"{note}, {idle:.0f} s")
+        else:
+          _say(f"{self.desc}: {self.n}/{self.total} ({note}, {idle:.0f} s)")
 
-  return Line()
+  def close(self):
+    """Stops the bar (call it once all steps are done)."""
+    self._stop.set()
+    self._thread.join()
+    if self._bar is not None:
+      self._bar.close()
 
 
 def digits():
@@ -101,9 +178,31 @@ def digits_split():
 
 
 def smooth(x, n=25):
-  """The running mean of `x` over `n` values (fewer when `x` is shorter)."""
-  n = min(n, len(x))
-  return np.convolve(x, np.ones(n) / n, mode="valid")
+  """The running mean of `x` over up to `n` values, and the steps it is at.
+
+  Short curves (a `--smoke` run) are smoothed over fewer values, so that they
+  still have points to plot.
+
+  Args:
+    x: one value per step.
+    n: the largest window.
+
+  Returns:
+    `(steps, values)`: 0-based step indices (the window's last step) and the
+    running means, ready for `ax.plot(*smooth(x))`.
+  """
+  n = max(1, min(n, len(x) // 5))
+  values = np.convolve(x, np.ones(n) / n, mode="valid")
+  return np.arange(n - 1, len(x)), values
+
+
+def few_points_marker(n, marker="o"):
+  """`{"marker": marker}` for a curve of few points (a `--smoke` run), else {}.
+
+  Markers make a curve of a handful of points visible, where a bare line of
+  one or two points would not show.
+  """
+  return {"marker": marker, "markersize": 4} if n < 40 else {}
 
 
 def print_table(columns, rows, missing="-"):

@@ -108,7 +108,7 @@ def accuracy(params, x, y):
   return jnp.mean(jnp.argmax(predict(params, x), -1) == y)
 
 
-def run(name, tx, data, steps, batch_size, n_dev, seed=0):
+def run(name, tx, data, steps, batch_size, n_dev, bar, seed=0):
   x_train, x_test, y_train, y_test = data
   parallel_step, single_step = make_steps(tx)
   params = init_params(jax.random.PRNGKey(seed))
@@ -130,6 +130,7 @@ def run(name, tx, data, steps, batch_size, n_dev, seed=0):
         p_params, p_state, shard(x), shard(y))
     curve.append(float(loss[0]))
     s_params, s_state = single_step(s_params, s_state, x, y)
+    bar.update()
   seconds = time.time() - start
 
   first = lambda tree: jax.tree.map(lambda a: a[0], tree)
@@ -161,8 +162,11 @@ def main(args):
   if not args.smoke:
     optimizers["lookahead(adamw), pullback"] = lo.lookahead(
         adamw, sync_period=5, slow_step_size=0.5, inner_state="pullback")
-  rows = [run(name, tx, data, steps, batch_size, n_dev)
+  bar = _common.progress(len(optimizers) * steps,
+                         "training (pmap and one device)")
+  rows = [run(name, tx, data, steps, batch_size, n_dev, bar)
           for name, tx in optimizers.items()]
+  bar.close()
 
   print(f"digits MLP, {n_dev} {jax.devices()[0].platform.upper()} devices, "
         f"{steps} steps of global batch {batch_size} "
@@ -175,9 +179,10 @@ def main(args):
         str(r["replicas_equal"]), r["max_diff"], r["seconds"]) for r in rows])
   ok = all(r["replicas_equal"] and r["max_diff"] < 1e-4 for r in rows)
 
-  fig, ax = plt.subplots(figsize=(6, 3.8))
-  for r in rows:
-    ax.plot(_common.smooth(r["curve"]), label=r["name"])
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  for r, style in zip(rows, ("-", "--", ":")):
+    ax.plot(*_common.smooth(r["curve"]), style, label=r["name"],
+            **_common.few_points_marker(len(r["curve"])))
   ax.set_yscale("log")
   ax.set_xlabel("step")
   ax.set_ylabel("train loss (smoothed)")

@@ -112,26 +112,31 @@ def main():
       [(r["lr"], r["train_fast"], r["train_slow"], r["acc_fast"],
         r["acc_slow"]) for r in rows])
 
-  fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.8))
+  fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4.6),
+                                 layout="constrained")
   r = rows[len(rows) // 2]
   t = r["trace"]
-  ax0.plot(t[:, 0], t[:, 1], ".-", label="fast weights (state.params)")
-  ax0.plot(t[:, 0], t[:, 2], ".-", label="slow weights (eval_train_state)")
+  ax0.plot(t[:, 0], t[:, 1], "o-", ms=4, label="fast weights (state.params)")
+  ax0.plot(t[:, 0], t[:, 2], "s--", ms=4, markerfacecolor="none",
+           label="slow weights (eval_train_state)")
   for step in t[:, 0]:
     if step % SYNC_PERIOD == 0:
-      ax0.axvline(step, color="grey", lw=0.5, ls=":")
+      ax0.axvline(step, color="grey", lw=0.8, ls=":")
   ax0.set_xlabel("step (dotted: syncs)")
   ax0.set_ylabel("test loss")
   ax0.set_title(f"last {len(t)} steps, lr={r['lr']:.0e}")
-  ax0.legend(fontsize=8)
-  ax1.plot(lrs, [r["acc_fast"] for r in rows], "s-", label="fast weights")
-  ax1.plot(lrs, [r["acc_slow"] for r in rows], "^-", label="slow weights")
+  ax0.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1,
+             frameon=False)
+  ax1.plot(lrs, [r["acc_fast"] for r in rows], "o-", ms=8,
+           label="fast weights")
+  ax1.plot(lrs, [r["acc_slow"] for r in rows], "s--", ms=8,
+           markerfacecolor="none", markeredgewidth=1.5, label="slow weights")
   ax1.set_xscale("log")
   ax1.set_xlabel("AdamW learning rate")
   ax1.set_ylabel("test accuracy")
   ax1.set_title("after training")
-  ax1.legend()
-  fig.tight_layout()
+  ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2,
+             frameon=False)
   _common.save_figure(fig, args.out, "linen_trainstate.png")
 
 

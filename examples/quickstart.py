@@ -113,31 +113,39 @@ def main():
         r["train_loss"], r["test_acc"], r.get("slow_test_acc"))
        for r in rows])
 
-  fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.8))
-  colors = plt.cm.viridis(np.linspace(0, 0.9, len(lrs)))
+  fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 5),
+                                 layout="constrained")
+  colors = plt.cm.Dark2(np.arange(len(lrs)))  # distinct hues, one per lr
   for r in rows:
     c = colors[lrs.index(r["lr"])]
-    style = "-" if r["name"] == "lookahead" else ":"
-    ax0.plot(_common.smooth(r["curve"]), style, color=c,
-             label=f"{'LA' if r['name'] == 'lookahead' else 'AdamW'} "
-             f"lr={r['lr']:.0e}")
+    style = "-" if r["name"] == "lookahead" else "--"
+    ax0.plot(*_common.smooth(r["curve"]), style, color=c,
+             **_common.few_points_marker(len(r["curve"])))
   ax0.set_yscale("log")
   ax0.set_xlabel("step")
   ax0.set_ylabel("train loss (smoothed)")
-  ax0.set_title("dotted: AdamW, solid: Lookahead(AdamW)")
-  ax0.legend(fontsize=6, ncol=2)
-  for name, key, marker in (("AdamW", "test_acc", "o"),
-                            ("Lookahead fast", "test_acc", "s"),
-                            ("Lookahead slow", "slow_test_acc", "^")):
+  ax0.set_title("train loss")
+  # One legend entry per colour (learning rate) and per line style.
+  handles = [plt.Line2D([], [], color=c, lw=3) for c in colors]
+  handles += [plt.Line2D([], [], color="k", ls="--"),
+              plt.Line2D([], [], color="k", ls="-")]
+  labels = [f"lr={lr:.0e}" for lr in lrs] + ["AdamW", "Lookahead"]
+  ax0.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+             ncol=3, frameon=False, handlelength=1.6, columnspacing=1.0)
+  for name, key, fmt, face in (("AdamW", "test_acc", "o-", None),
+                               ("Lookahead fast", "test_acc", "s--", "none"),
+                               ("Lookahead slow", "slow_test_acc", "^:",
+                                "none")):
     want = "adamw" if name == "AdamW" else "lookahead"
-    ax1.plot(lrs, [r[key] for r in rows if r["name"] == want],
-             marker=marker, label=name)
+    ax1.plot(lrs, [r[key] for r in rows if r["name"] == want], fmt,
+             markersize=8, markerfacecolor=face, markeredgewidth=1.5,
+             label=name)
   ax1.set_xscale("log")
   ax1.set_xlabel("learning rate")
   ax1.set_ylabel("test accuracy")
   ax1.set_title("test accuracy after training")
-  ax1.legend()
-  fig.tight_layout()
+  ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
+             frameon=False, handlelength=2.4)
   _common.save_figure(fig, args.out, "quickstart.png")
 
 

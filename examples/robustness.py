@@ -86,13 +86,14 @@ def heatmap(ax, values, rows, lrs, row_label, title):
   ax.set_yticks(range(len(rows)), [str(r) for r in rows])
   ax.set_xlabel("inner learning rate (SGD, momentum 0.9)")
   ax.set_ylabel(row_label)
-  ax.set_title(title, fontsize=10)
+  ax.set_title(title)
   for i in range(values.shape[0]):
     for j in range(values.shape[1]):
       v = values[i, j]
-      text = f"{v:.3f}" if np.isfinite(v) else "div."
-      ax.text(j, i, text, ha="center", va="center", fontsize=7,
-              color="white" if shown[i, j] < -1.5 else "black")
+      text = f"{v:.2g}" if np.isfinite(v) else "div."
+      # viridis_r is dark for high losses: white text there, black elsewhere.
+      ax.text(j, i, text, ha="center", va="center", fontsize=11,
+              color="white" if shown[i, j] > -1.5 else "black")
   return im
 
 
@@ -110,12 +111,16 @@ def main():
   x, y = map(jnp.asarray, _common.digits())  # all 1,797 images: train loss
   lr_array = jnp.asarray(lrs, jnp.float32)
 
+  def sweep(k, alpha):
+    with _common.busy(f"sweep k={k}, alpha={alpha} ({len(lrs)} learning "
+                      f"rates, {steps} steps)"):
+      return np.asarray(make_sweep(x, y, steps, 64, k, alpha)(lr_array))
+
   start = time.time()
-  by_alpha = np.array([np.asarray(make_sweep(x, y, steps, 64, 5, a)(lr_array))
-                       for a in alphas])
+  by_alpha = np.array([sweep(5, a) for a in alphas])
   by_k = np.array([
       by_alpha[alphas.index(0.5)] if k == 5 and 0.5 in alphas else
-      np.asarray(make_sweep(x, y, steps, 64, k, 0.5)(lr_array)) for k in ks])
+      sweep(k, 0.5) for k in ks])
   elapsed = time.time() - start
 
   print(f"digits MLP, {steps} steps of batch 64, final train loss on the slow "
@@ -124,12 +129,13 @@ def main():
         lrs, by_alpha)
   table("alpha = 0.5:", "k", ks, lrs, by_k)
 
-  fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.9))
+  fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(9, 8), layout="constrained")
   heatmap(ax0, by_alpha, alphas, lrs, "alpha (k = 5; 1.0 = SGD alone)",
           "final train loss, by alpha")
   im = heatmap(ax1, by_k, ks, lrs, "k (alpha = 0.5)", "final train loss, by k")
-  fig.colorbar(im, ax=[ax0, ax1], label="log10 loss (capped at 10)")
-  _common.save_figure(fig, args.out, "robustness.png", bbox_inches="tight")
+  fig.colorbar(im, ax=[ax0, ax1], label="log10 loss (capped at 10)",
+               shrink=0.6)
+  _common.save_figure(fig, args.out, "robustness.png")
 
 
 if __name__ == "__main__":

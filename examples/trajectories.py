@@ -71,6 +71,25 @@ def trajectory(f, tx, start, steps, sigma, seed=0):
   return np.concatenate([params[None], np.asarray(path)]), states
 
 
+def paths(f, start, lr, momentum, sigma, steps, k, alpha, ext, grid):
+  """The SGD, fast and slow paths, and the surface on a grid for contours."""
+  inner = optax.sgd(lr, momentum=momentum)
+  plain, _ = trajectory(f, inner, start, steps, sigma)
+  fast, states = trajectory(
+      f, lo.lookahead(inner, sync_period=k, slow_step_size=alpha),
+      start, steps, sigma)
+  # The slow weights after every step, the start first.
+  slow_all = np.concatenate([np.asarray(start, np.float32)[None],
+                             np.asarray(lo.slow_params(states))])
+  slow = slow_all[::k]  # they move only at syncs
+  xs = np.linspace(ext[0], ext[1], grid)
+  ys = np.linspace(ext[2], ext[3], grid)
+  xx, yy = np.meshgrid(xs, ys)
+  zz = np.asarray(jax.vmap(f)(jnp.stack([xx.ravel(), yy.ravel()])
+                              .T)).reshape(xx.shape)
+  return plain, fast, slow_all, slow, zz, xx, yy
+
+
 def main():
   parser = _common.parser(
       __doc__, "trajectories.png",
@@ -83,40 +102,30 @@ def main():
   k, alpha = args.sync_period, args.slow_step_size
   grid = 80 if args.smoke else 300
 
-  fig, axes = plt.subplots(1, len(SURFACES), figsize=(11, 4.6))
+  fig, axes = plt.subplots(1, len(SURFACES), figsize=(10, 5.4),
+                           layout="constrained")
   rows = []  # (surface, optimizer, mean f over the last third, final f)
   for ax, (name, (f, start, opt, lr, momentum, sigma, ext)) in zip(
       axes, SURFACES.items()):
-    inner = optax.sgd(lr, momentum=momentum)
-    plain, _ = trajectory(f, inner, start, steps, sigma)
-    fast, states = trajectory(
-        f, lo.lookahead(inner, sync_period=k, slow_step_size=alpha),
-        start, steps, sigma)
-    # The slow weights after every step, the start first.
-    slow_all = np.concatenate([np.asarray(start, np.float32)[None],
-                               np.asarray(lo.slow_params(states))])
-    slow = slow_all[::k]  # they move only at syncs
-
-    xs = np.linspace(ext[0], ext[1], grid)
-    ys = np.linspace(ext[2], ext[3], grid)
-    xx, yy = np.meshgrid(xs, ys)
-    zz = np.asarray(jax.vmap(f)(jnp.stack([xx.ravel(), yy.ravel()])
-                                .T)).reshape(xx.shape)
-    levels = np.quantile(zz, np.linspace(0.0, 1.0, 20) ** 2)
-    ax.contour(xx, yy, zz, levels=np.unique(levels), cmap="Greys",
-               linewidths=0.6)
-    ax.plot(plain[:, 0], plain[:, 1], color="tab:orange", lw=1.0,
+    with _common.busy(f"{name}: compiling and running {steps} steps"):
+      plain, fast, slow_all, slow, zz, xx, yy = paths(
+          f, start, lr, momentum, sigma, steps, k, alpha, ext, grid)
+    ax.contour(xx, yy, zz, levels=np.unique(
+        np.quantile(zz, np.linspace(0.0, 1.0, 20) ** 2)), cmap="Greys",
+               linewidths=0.6, alpha=0.5)
+    # Drawn in this order so that none hides another: the SGD path under
+    # the fast weights (thin, on top of it) under the slow weights (dots).
+    ax.plot(plain[:, 0], plain[:, 1], color="tab:orange", lw=1.4,
             label="SGD momentum")
-    ax.plot(fast[:, 0], fast[:, 1], color="tab:blue", lw=0.6, alpha=0.6,
+    ax.plot(fast[:, 0], fast[:, 1], color="tab:blue", lw=0.9,
             label="Lookahead fast weights")
-    ax.plot(slow[:, 0], slow[:, 1], "o-", color="tab:red", ms=3, lw=1.2,
-            label="Lookahead slow weights")
-    ax.plot(*start, "k^", ms=8)
-    ax.plot(*opt, "k*", ms=12)
+    ax.plot(slow[:, 0], slow[:, 1], "o-", color="tab:red", ms=4, lw=1.6,
+            label="Lookahead slow weights (at syncs)")
+    ax.plot(*start, "k^", ms=9, label="start")
+    ax.plot(*opt, "k*", ms=13, label="minimum")
     ax.set_xlim(ext[0], ext[1])
     ax.set_ylim(ext[2], ext[3])
-    ax.set_title(f"{name}\nlr={lr:g}, momentum={momentum}, sigma={sigma:g}",
-                 fontsize=10)
+    ax.set_title(f"{name}\nlr={lr:g}, momentum={momentum}, sigma={sigma:g}")
     for label, path in (("SGD momentum", plain),
                         ("Lookahead fast", fast),
                         ("Lookahead slow", slow_all)):
@@ -128,11 +137,12 @@ def main():
       [("surface", "<28"), ("optimizer", "<22"),
        ("mean f, last third", ">20.4g"), ("final f", ">10.4g")], rows)
 
-  axes[0].legend(loc="lower left", fontsize=8)
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="outside lower center", ncol=3,
+             frameon=False)
   fig.suptitle(f"Lookahead (k={k}, alpha={alpha}) around SGD with momentum, "
                f"{steps} steps")
-  fig.tight_layout()
-  _common.save_figure(fig, args.out, "trajectories.png", dpi=80)
+  _common.save_figure(fig, args.out, "trajectories.png")
 
 
 if __name__ == "__main__":
