@@ -15,6 +15,7 @@ from lookahead_optax._lookahead import lookahead
 from lookahead_optax._lookahead import PullbackState
 from lookahead_optax._ranger import ranger
 from lookahead_optax._ranger import scale_by_ranger_radam
+from lookahead_optax._sparse import SparseRows
 from lookahead_optax._state import eval_params
 from lookahead_optax._state import slow_params
 
@@ -24,6 +25,7 @@ __all__ = (
     "LazyState",
     "LookaheadState",
     "PullbackState",
+    "SparseRows",
     "check_state_structure",
     "eval_model",
     "eval_params",
