@@ -8,6 +8,7 @@ import numpy as np
 import optax
 
 from lookahead_optax import _checks
+from lookahead_optax import _sparse
 from lookahead_optax import _tree
 
 _KeyPath = tuple
@@ -183,6 +184,154 @@ def _broadcast_rows(rows: jax.Array, like: jax.Array) -> jax.Array:
   return jnp.reshape(rows, rows.shape + (1,) * (jnp.ndim(like) - 1))
 
 
+def _merge_state_leaf(aux: tuple, new: jax.Array, old: jax.Array) -> jax.Array:
+  """A new parameter-shaped state leaf: scattered rows or frozen rows."""
+  kind, value = aux
+  if kind == "rows":  # `new` holds the rows `value` (unique ids).
+    return _sparse.scatter_rows(old, value, new)
+  return jnp.where(_broadcast_rows(value, new), new, old).astype(
+      jnp.result_type(new))
+
+
+def _is_grad_leaf(x: Any) -> bool:
+  return _tree.is_masked_node(x) or isinstance(x, _sparse.SparseRows)
+
+
+def _check_sparse_free(name: str, tree: Any) -> None:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=_is_grad_leaf)[0]:
+    if isinstance(leaf, _sparse.SparseRows):
+      raise TypeError(
+          f"`{name}` leaf {_tree.path_str(path)} is a `SparseRows`: only "
+          "gradients and updates can be row-sparse, the params are dense.")
+
+
+def _check_no_lookahead_inside(inner_state: Any) -> None:
+  """Raises if the inner optimizer contains a `lookahead`."""
+
+  def is_lookahead(x):
+    return (type(x).__name__ == "LookaheadState"
+            and type(x).__module__.startswith("lookahead_optax"))
+
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      inner_state, is_leaf=is_lookahead)[0]:
+    if is_lookahead(leaf):
+      raise ValueError(
+          "`inner` of `lazy` contains a `lookahead` (its state has a "
+          f"LookaheadState at {_tree.path_str(path)}): lookahead goes outside "
+          "lazy, `lo.lookahead(lo.lazy(inner))`, so that its slow weights see "
+          "the lazy updates and untouched rows stay bitwise unchanged.")
+
+
+def _check_updates(updates: Any, params: Any) -> list:
+  """The leaves of `updates` (SparseRows and MaskedNode as leaves), checked.
+
+  Raises:
+    ValueError: naming the leaf, if `updates` lacks a leaf of `params`, has
+      one `params` lacks, or has a dense leaf of another shape.
+  """
+  grads = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_grad_leaf)
+  grad_leaves = [g for _, g in grads[0]]
+  if params is None:
+    return grad_leaves
+  _check_sparse_free("params", params)
+  param_items = _leaves_with_path(params)
+  grad_paths = [tuple(p) for p, _ in grads[0]]
+  param_paths = [tuple(p) for p, _ in param_items]
+  if grad_paths != param_paths:
+    missing = [p for p in param_paths if p not in set(grad_paths)]
+    extra = [p for p in grad_paths if p not in set(param_paths)]
+    if missing:
+      detail = f"the params have leaf {_tree.path_str(missing[0])}, the " \
+               "gradients do not"
+    elif extra:
+      detail = f"the gradients have leaf {_tree.path_str(extra[0])}, the " \
+               "params do not"
+    else:
+      detail = (f"{jax.tree.structure(updates, is_leaf=_is_grad_leaf)} vs "
+                f"{jax.tree.structure(params, is_leaf=_tree.is_masked_node)}")
+    raise ValueError(
+        "`updates` must have the tree structure of the params: "
+        f"{detail}.")
+  for (path, g), (_, p) in zip(grads[0], param_items):
+    if _tree.is_masked_node(g) or _tree.is_masked_node(p):
+      continue
+    if isinstance(g, _sparse.SparseRows):
+      g.check_table(p, _tree.path_str(path))
+      continue
+    if jnp.shape(g) != jnp.shape(p):
+      raise ValueError(
+          f"`updates` leaf {_tree.path_str(path)} has shape "
+          f"{tuple(jnp.shape(g))}, but the parameter has shape "
+          f"{tuple(jnp.shape(p))}.")
+  return grad_leaves
+
+
+def _sparse_leaves(grad_leaves: list, param_leaves: list, flags: list,
+                   ids: list, param_items: list) -> list:
+  """Per leaf: the deduplicated `SparseRows` gradient, or None (dense leaf).
+
+  Ids given in `touched_rows` for a sparse leaf join it with zero rows.
+
+  Raises:
+    ValueError: naming the leaf, if a `SparseRows` is at a leaf outside the
+      mask or (when concrete) has ids out of range.
+  """
+  out = []
+  for i, g in enumerate(grad_leaves):
+    if not isinstance(g, _sparse.SparseRows):
+      out.append(None)
+      continue
+    where = _tree.path_str(param_items[i][0])
+    if not flags[i]:
+      raise ValueError(
+          f"`updates` leaf {where} is a `SparseRows`, but the leaf is outside "
+          "the mask of `lazy`: only masked leaves (tables updated lazily) take "
+          "row-sparse gradients.")
+    num_rows = jnp.shape(param_leaves[i])[0]
+    if not _checks.is_traced(g.ids):
+      concrete = np.asarray(g.ids)
+      bad = concrete[(concrete < 0) | (concrete >= num_rows)]
+      if bad.size:
+        raise ValueError(
+            f"`updates` leaf {where} is a `SparseRows` with id "
+            f"{int(bad.ravel()[0])} out of range: ids must be in "
+            f"[0, {num_rows}), the rows of the parameter.")
+    g_ids, values = g.ids, jnp.asarray(g.values)
+    if ids[i] is not None:
+      extra = jnp.ravel(jnp.asarray(ids[i])).astype(jnp.result_type(g_ids))
+      g_ids = jnp.concatenate([g_ids, extra])
+      values = jnp.concatenate(
+          [values, jnp.zeros((extra.shape[0],) + values.shape[1:],
+                             values.dtype)])
+    unique, summed = _sparse.dedupe_ids(g_ids, values, num_rows)
+    out.append(_sparse.SparseRows._make(unique, summed))  # pylint: disable=protected-access
+  return out
+
+
+def _check_row_state(inner: Any, row_state: Any, row_params: Any) -> None:
+  """Raises if the gathered inner state is not what `inner` has for rows.
+
+  An inner state leaf with one entry per row that is not parameter-shaped
+  (e.g. Adafactor's factored second moments) cannot be gathered.
+  """
+  expected = jax.eval_shape(inner.init, row_params)
+  got_leaves, got_def = jax.tree.flatten(row_state,
+                                         is_leaf=_tree.is_masked_node)
+  want_leaves, want_def = jax.tree.flatten(expected,
+                                           is_leaf=_tree.is_masked_node)
+  same = got_def == want_def and all(
+      _tree.is_masked_node(a) or jnp.shape(a) == jnp.shape(b)
+      for a, b in zip(got_leaves, want_leaves))
+  if not same:
+    raise ValueError(
+        "`lazy` cannot run `inner` on the rows of a `SparseRows` gradient: "
+        "the inner state has leaves that depend on the table size but are not "
+        "parameter-shaped (e.g. Adafactor's factored moments). Use a dense "
+        "gradient for this table, or an inner optimizer with per-element "
+        "state (adam, adamw, sgd, ...).")
+
+
 def lazy(
     inner: optax.GradientTransformation,
     mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
@@ -291,12 +440,21 @@ def lazy(
 
   def init_fn(params):
     _resolve_mask(mask, params)
-    return LazyState(inner_state=inner.init(params))
+    _check_sparse_free("params", params)
+    inner_state = inner.init(params)
+    _check_no_lookahead_inside(inner_state)
+    return LazyState(inner_state=inner_state)
 
   def update_fn(updates, state, params=None, **extra_args):
     if not isinstance(state, LazyState):
       raise TypeError(
           f"`state` must be a LazyState, got {type(state).__name__}.")
+    grad_leaves = _check_updates(updates, params)
+    has_sparse = any(isinstance(g, _sparse.SparseRows) for g in grad_leaves)
+    if has_sparse and params is None:
+      raise ValueError(
+          "`lazy` needs `params` in `update` when a gradient is a "
+          "`SparseRows`: it updates the rows of the params it gathers.")
     like = updates if params is None else params
     flags = _resolve_mask(mask, like)
     touched_rows = extra_args.get("touched_rows")
@@ -305,30 +463,64 @@ def lazy(
     else:
       ids = [None] * len(flags)
 
-    inner_updates, new_inner = inner.update(
-        updates, state.inner_state, params, **extra_args)
+    if not has_sparse:
+      inner_updates, new_inner = inner.update(
+          updates, state.inner_state, params, **extra_args)
+      row_params = like
+    else:
+      if not freeze_state:
+        raise ValueError(
+            "`lazy(..., freeze_state=False)` updates the inner state of every "
+            "row at every step, which needs the dense gradient: a "
+            "`SparseRows` gradient needs `freeze_state=True`.")
+      param_leaves, param_def = jax.tree.flatten(
+          params, is_leaf=_tree.is_masked_node)
+      sparse = _sparse_leaves(grad_leaves, param_leaves, flags, ids,
+                              _leaves_with_path(params))
+      row_params = jax.tree.unflatten(param_def, [
+          p if s is None else _sparse.gather_rows(p, s.ids)
+          for s, p in zip(sparse, param_leaves)])
+      row_grads = jax.tree.unflatten(param_def, [
+          g if s is None else s.values for s, g in zip(sparse, grad_leaves)])
+      sparse_ids = [None if s is None else s.ids for s in sparse]
+      row_state = _tree.map_param_shaped(
+          lambda i, x: _sparse.gather_rows(x, i), sparse_ids, params,
+          state.inner_state)
+      _check_row_state(inner, row_state, row_params)
+      inner_updates, new_inner = inner.update(
+          row_grads, row_state, row_params, **extra_args)
 
-    grad_leaves = jax.tree.leaves(updates, is_leaf=_tree.is_masked_node)
     rows = []
     for flag, grad, leaf_ids in zip(flags, grad_leaves, ids):
-      if flag and not _tree.is_masked_node(grad):
+      if (flag and not _tree.is_masked_node(grad)
+          and not isinstance(grad, _sparse.SparseRows)):
         rows.append(_row_mask(jnp.asarray(grad), leaf_ids))
       else:
         rows.append(None)
 
     update_leaves, treedef = jax.tree.flatten(
         inner_updates, is_leaf=_tree.is_masked_node)
+    if has_sparse:
+      update_leaves = [
+          u if s is None else _sparse.SparseRows._make(s.ids, u)  # pylint: disable=protected-access
+          for s, u in zip(sparse, update_leaves)]
     new_updates = jax.tree.unflatten(treedef, [
         u if r is None else jnp.where(
             _broadcast_rows(r, u), u, jnp.zeros((), jnp.result_type(u)))
         for r, u in zip(rows, update_leaves)])
 
-    if freeze_state:
-      def freeze(r, new, old):
-        return jnp.where(_broadcast_rows(r, new), new, old).astype(
-            jnp.result_type(new))
+    if has_sparse or freeze_state:
+      per_leaf = []
+      for i, r in enumerate(rows):
+        if has_sparse and sparse[i] is not None:
+          per_leaf.append(("rows", sparse[i].ids))
+        elif r is not None and freeze_state:
+          per_leaf.append(("mask", r))
+        else:
+          per_leaf.append(None)
       new_inner = _tree.map_param_shaped(
-          freeze, rows, like, new_inner, state.inner_state)
+          _merge_state_leaf, per_leaf, row_params, new_inner,
+          state.inner_state)
     return new_updates, LazyState(inner_state=new_inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

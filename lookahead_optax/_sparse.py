@@ -90,12 +90,19 @@ def dedupe_ids(ids: jax.Array, values: Optional[jax.Array],
   ids = safe_ids(ids, num_rows)
   if n == 0:
     return ids, values
-  unique, inverse = jnp.unique(ids, size=n, fill_value=fill,
-                               return_inverse=True)
+  # One single-operand sort (fast on every backend, unlike a sort that
+  # carries a permutation), then each id finds its slot by binary search.
+  sorted_ids = jax.lax.sort(ids)
+  first = jnp.concatenate(
+      [jnp.ones((1,), bool), sorted_ids[1:] != sorted_ids[:-1]])
+  slot = jnp.cumsum(first.astype(jnp.int32)) - 1
+  unique = jnp.full((n,), fill, ids.dtype).at[slot].set(sorted_ids)
   if values is None:
     return unique, None
+  inverse = slot[jnp.searchsorted(sorted_ids, ids, side="left",
+                                  method="scan_unrolled")]
   values = jnp.asarray(values)
-  summed = jax.ops.segment_sum(values, jnp.ravel(inverse), num_segments=n)
+  summed = jax.ops.segment_sum(values, inverse, num_segments=n)
   keep = jnp.reshape(unique < num_rows, (n,) + (1,) * (values.ndim - 1))
   summed = jnp.where(keep, summed, jnp.zeros((), summed.dtype))
   return unique, summed
@@ -178,8 +185,10 @@ class SparseRows:
     """Makes a `SparseRows`, checking the shapes and dtype of concrete input.
 
     Args:
-      ids: integer row ids, shape (N,), or any shape `S` with `values` of
-        shape `S + row` (flattened to (N,)).
+      ids: integer row ids, shape (N,). (A leading axis more, (M, N) with
+        values of shape (M, N, *row), is accepted for stacking, e.g. one
+        `SparseRows` per device for `jax.pmap`; flatten lookups of shape
+        (B, L) to (B * L,) yourself.)
       values: the rows, shape (N, *row).
 
     Raises:
@@ -200,10 +209,6 @@ class SparseRows:
             "`values` of a `SparseRows` must have shape `ids.shape + row`, got "
             f"ids of shape {id_shape} and values of shape "
             f"{tuple(values.shape)}.")
-      if len(id_shape) != 1:
-        n = int(np.prod(id_shape))
-        ids = jnp.reshape(ids, (n,))
-        values = jnp.reshape(values, (n,) + tuple(values.shape[len(id_shape):]))
     self.ids = ids
     self.values = values
 

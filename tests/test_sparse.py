@@ -112,11 +112,13 @@ def test_pytree_children_and_key_paths():
   assert scanned.ids.shape == (2, 2)
 
 
-def test_ids_of_any_shape_are_flattened():
-  ids = jnp.array([[1, 2, 3], [3, 4, 5]])
+def test_stacked_ids_are_kept_and_rejected_when_applied():
+  ids = jnp.array([[1, 2, 3], [3, 4, 5]])  # E.g. one row per device.
   sparse = lo.SparseRows(ids, jnp.ones((2, 3, D)))
-  assert sparse.ids.shape == (6,) and sparse.values.shape == (6, D)
-  np.testing.assert_array_equal(sparse.todense(V)[3], [2, 2, 2])
+  assert sparse.ids.shape == (2, 3) and sparse.values.shape == (2, 3, D)
+  with pytest.raises(ValueError, match=r"must have `ids` of shape \(N,\), got "
+                     r"shape \(2, 3\)"):
+    optax.apply_updates(jnp.zeros((V, D)), sparse)
 
 
 def test_sparse_plus_sparse_concatenates():
