@@ -16,6 +16,7 @@ from lookahead_optax._lookahead import PullbackState
 from lookahead_optax._ranger import ranger
 from lookahead_optax._ranger import scale_by_ranger_radam
 from lookahead_optax._sparse import SparseRows
+from lookahead_optax._sparse import sparse_value_and_grad
 from lookahead_optax._state import eval_params
 from lookahead_optax._state import slow_params
 
@@ -36,4 +37,5 @@ __all__ = (
     "ranger",
     "scale_by_ranger_radam",
     "slow_params",
+    "sparse_value_and_grad",
 )

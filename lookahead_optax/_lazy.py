@@ -291,12 +291,13 @@ def _sparse_leaves(grad_leaves: list, param_leaves: list, flags: list,
     num_rows = jnp.shape(param_leaves[i])[0]
     if not _checks.is_traced(g.ids):
       concrete = np.asarray(g.ids)
-      bad = concrete[(concrete < 0) | (concrete >= num_rows)]
+      bad = concrete[(concrete < 0) | (concrete > num_rows)]
       if bad.size:
         raise ValueError(
             f"`updates` leaf {where} is a `SparseRows` with id "
             f"{int(bad.ravel()[0])} out of range: ids must be in "
-            f"[0, {num_rows}), the rows of the parameter.")
+            f"[0, {num_rows}), the rows of the parameter, or be the fill id "
+            f"{num_rows} (padding, ignored).")
     g_ids, values = g.ids, jnp.asarray(g.values)
     if ids[i] is not None:
       extra = jnp.ravel(jnp.asarray(ids[i])).astype(jnp.result_type(g_ids))

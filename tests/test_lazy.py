@@ -764,7 +764,7 @@ def test_error_sparse_row_shape_and_id_dtype_name_the_leaf():
     tx.update(float_ids, state, params)
 
 
-@pytest.mark.parametrize("bad", [V, -2])
+@pytest.mark.parametrize("bad", [V + 1, -2])
 def test_error_sparse_concrete_ids_out_of_range(bad):
   params = {"emb": jnp.ones((V, D))}
   tx = lo.lazy(optax.adam(LR))
@@ -772,8 +772,13 @@ def test_error_sparse_concrete_ids_out_of_range(bad):
                                                           np.float32))}
   with pytest.raises(ValueError, match=(
       rf"`updates` leaf \['emb'\] is a `SparseRows` with id {bad} out of "
-      rf"range: ids must be in \[0, {V}\)")):
+      rf"range: ids must be in \[0, {V}\), the rows of the parameter, or be "
+      rf"the fill id {V} \(padding, ignored\)")):
     tx.update(grads, tx.init(params), params)
+  # The fill id V itself is padding: accepted and ignored.
+  grads = {"emb": lo.SparseRows(np.array([3, V]), np.ones((2, D), np.float32))}
+  u, _ = tx.update(grads, tx.init(params), params)
+  assert np.count_nonzero(np.any(u["emb"].todense(V) != 0, axis=1)) == 1
 
 
 def test_error_sparse_needs_params_and_freeze_state():

@@ -187,3 +187,185 @@ def test_elementwise_transformation_outside_lazy_raises(tx):
   with pytest.raises(TypeError, match=r"The `ids` of a `SparseRows` became "
                      r"non-integer \(dtype float32\).*outside `lo.lazy`"):
     tx.update(grads, tx.init(params), params)
+
+
+# `sparse_value_and_grad`.
+
+
+def _dense_equal(sparse, dense):
+  np.testing.assert_array_equal(sparse.todense(dense.shape[0]), dense)
+
+
+def test_sparse_grad_plain_function_two_lookups_and_dense_leaf():
+  rng = np.random.default_rng(2)
+  params = {"emb": jnp.asarray(_rows(rng, V)), "w": jnp.asarray(_rows(rng, D))}
+
+  def loss(p, ids, other):
+    h = jnp.tanh(p["emb"][ids] @ p["w"])  # (B, D)
+    return jnp.sum(h ** 2) + 0.3 * jnp.sum(jnp.take(p["emb"], other, axis=0))
+
+  ids = jnp.array([4, 1, 4])
+  other = jnp.array([[6, 4]])
+  value, grads = lo.sparse_value_and_grad(loss)(params, ids, other)
+  want_value, want = jax.value_and_grad(loss)(params, ids, other)
+  assert value == want_value
+  assert isinstance(grads["emb"], lo.SparseRows)
+  np.testing.assert_array_equal(grads["emb"].ids, [4, 1, 4, 6, 4])
+  np.testing.assert_allclose(grads["emb"].todense(V), want["emb"], rtol=1e-6)
+  np.testing.assert_array_equal(grads["w"], want["w"])
+
+
+def test_sparse_grad_linen_model_jit_and_lazy_train_state():
+  nn = pytest.importorskip("flax.linen")
+  train_state = pytest.importorskip("flax.training.train_state")
+
+  class Model(nn.Module):
+
+    @nn.compact
+    def __call__(self, ids):
+      x = nn.Embed(V, D, name="embed")(ids)
+      return nn.Dense(2)(x).mean()
+
+  model = Model()
+  ids = jnp.array([[1, 2, 2], [6, 0, 1]])
+  params = model.init(jax.random.key(0), ids)["params"]
+
+  def loss(p, ids):
+    return model.apply({"params": p}, ids)
+
+  value, grads = jax.jit(lo.sparse_value_and_grad(loss))(params, ids)
+  want_value, want = jax.value_and_grad(loss)(params, ids)
+  np.testing.assert_allclose(value, want_value, rtol=1e-6)
+  table = grads["embed"]["embedding"]
+  assert isinstance(table, lo.SparseRows) and table.ids.shape == (6,)
+  np.testing.assert_allclose(table.todense(V), want["embed"]["embedding"],
+                             rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(grads["Dense_0"]["kernel"],
+                             want["Dense_0"]["kernel"], rtol=1e-6)
+  # TrainState.apply_gradients takes the sparse gradients unchanged.
+  tx = lo.lazy(optax.adam(0.1))
+  sparse_ts = train_state.TrainState.create(apply_fn=model.apply,
+                                            params=params, tx=tx)
+  dense_params, dense_state = params, tx.init(params)
+  for _ in range(2):
+    _, grads = lo.sparse_value_and_grad(loss)(sparse_ts.params, ids)
+    sparse_ts = sparse_ts.apply_gradients(grads=grads)
+    want = jax.grad(loss)(dense_params, ids)
+    u, dense_state = tx.update(want, dense_state, dense_params,
+                               touched_rows={"embed": {"embedding": ids}})
+    dense_params = optax.apply_updates(dense_params, u)
+  np.testing.assert_allclose(sparse_ts.params["embed"]["embedding"],
+                             dense_params["embed"]["embedding"], rtol=1e-6)
+  untouched = np.setdiff1d(np.arange(V), np.asarray(ids))
+  np.testing.assert_array_equal(
+      np.asarray(sparse_ts.params["embed"]["embedding"])[untouched],
+      np.asarray(params["embed"]["embedding"])[untouched])
+
+
+def test_sparse_grad_nnx_model_and_nnx_optimizer():
+  nnx = pytest.importorskip("flax.nnx")
+
+  class Model(nnx.Module):
+
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(V, D, rngs=rngs)
+      self.out = nnx.Linear(D, 1, rngs=rngs)
+
+    def __call__(self, ids):
+      return jnp.mean(self.out(self.embed(ids)) ** 2)
+
+  model = Model(nnx.Rngs(0))
+  ids = jnp.array([3, 5, 3, 0])
+  before = np.asarray(model.embed.embedding[...])
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss(params, ids):
+    return nnx.merge(graphdef, params)(ids)
+
+  _, grads = lo.sparse_value_and_grad(loss)(params, ids)
+  want = jax.grad(loss)(params, ids)
+  sparse_table = grads["embed"]["embedding"][...]
+  assert isinstance(sparse_table, lo.SparseRows)
+  np.testing.assert_allclose(sparse_table.todense(V),
+                             want["embed"]["embedding"][...], rtol=1e-6)
+  optimizer = nnx.Optimizer(model, lo.lazy(optax.sgd(0.5)), wrt=nnx.Param)
+  optimizer.update(model, grads)
+  after = np.asarray(model.embed.embedding[...])
+  expected = before.copy()
+  np.add.at(expected, np.asarray(ids), -0.5 * np.asarray(
+      sparse_table.values))
+  np.testing.assert_allclose(after, expected, rtol=1e-6)
+  np.testing.assert_array_equal(after[[1, 2, 4, 6]], before[[1, 2, 4, 6]])
+
+
+def test_sparse_grad_tied_table_is_dense_or_raises():
+  params = {"emb": jnp.ones((V, D))}
+
+  def tied(p, ids):
+    h = p["emb"][ids]
+    return jnp.sum(h @ p["emb"].T)  # The output layer reuses the table.
+
+  ids = jnp.array([1, 2])
+  _, grads = lo.sparse_value_and_grad(tied)(params, ids)
+  assert not isinstance(grads["emb"], lo.SparseRows)
+  np.testing.assert_array_equal(grads["emb"], jax.grad(tied)(params, ids)["emb"])
+  with pytest.raises(ValueError, match=r"`tables` selects leaf \['emb'\], but "
+                     "the loss uses it other than through row lookups"):
+    lo.sparse_value_and_grad(tied, tables={"emb": True})(params, ids)
+  with pytest.raises(ValueError, match=r"`tables` selects leaf \['b'\], but "
+                     "the loss never looks up its rows"):
+    lo.sparse_value_and_grad(lambda p: jnp.sum(p["a"]), tables=lambda p: {
+        "a": False, "b": True})({"a": jnp.ones(2), "b": jnp.ones((3, 2))})
+
+
+def test_sparse_grad_padding_and_out_of_range_ids():
+  params = jnp.asarray(np.arange(V * D, dtype=np.float32).reshape(V, D))
+  pad = 0
+
+  def loss(p, ids):
+    return jnp.sum(jnp.take(p, ids, axis=0) * 2.0)
+
+  ids = jnp.array([pad, 3, pad])
+  _, grad = lo.sparse_value_and_grad(loss, padding_id=pad)(params, ids)
+  np.testing.assert_array_equal(grad.ids, [V, 3, V])  # The fill id.
+  tx = lo.lazy(optax.adam(0.1))
+  u, _ = tx.update(grad, tx.init(params), params)
+  new = optax.apply_updates(params, u)
+  np.testing.assert_array_equal(new[pad], params[pad])
+  assert np.all(np.asarray(new[3]) != np.asarray(params[3]))
+  # jnp.take fills out-of-range lookups: the id is kept, lazy raises.
+  _, grad = lo.sparse_value_and_grad(loss)(params, jnp.array([2, V + 3]))
+  np.testing.assert_array_equal(grad.ids, [2, V + 3])
+  with pytest.raises(ValueError, match=r"leaf <root> is a `SparseRows` with "
+                     rf"id {V + 3} out of range"):
+    tx.update(grad, tx.init(params), params)
+  # Plain indexing clamps the rows read, but its dense gradient drops them.
+  index = lambda p, ids: jnp.sum(p[ids] * 2.0)
+  _, grad = lo.sparse_value_and_grad(index)(params, jnp.array([2, V + 3]))
+  np.testing.assert_array_equal(grad.ids, [2, V + 3])
+  _dense_equal(grad, jax.grad(index)(params, jnp.array([2, V + 3])))
+  # mode="clip": the gradient goes to the clamped row, as the dense one.
+  clip = lambda p, ids: jnp.sum(p.at[ids].get(mode="clip") * 2.0)
+  _, grad = lo.sparse_value_and_grad(clip)(params, jnp.array([2, V + 3]))
+  np.testing.assert_array_equal(grad.ids, [2, V - 1])
+  _dense_equal(grad, jax.grad(clip)(params, jnp.array([2, V + 3])))
+
+
+def test_sparse_grad_has_aux_and_no_table_sized_gradient():
+  big_v = 200_000
+  params = {"emb": jnp.zeros((big_v, 8)), "w": jnp.ones((8,))}
+
+  def loss(p, ids):
+    out = p["emb"][ids] @ p["w"] + 1.0
+    return jnp.sum(out ** 2), out.shape[0]
+
+  fn = jax.jit(lo.sparse_value_and_grad(loss, has_aux=True))
+  ids = jnp.arange(64) * 7
+  (value, aux), grads = fn(params, ids)
+  assert float(value) == 64.0 and int(aux) == 64
+  np.testing.assert_array_equal(grads["emb"].values, 2.0 * np.ones((64, 8)))
+  memory = fn.lower(params, ids).compile().memory_analysis()
+  assert memory.temp_size_in_bytes + memory.output_size_in_bytes < 100_000
+  dense = jax.jit(jax.grad(lambda p, i: loss(p, i)[0]))
+  assert dense.lower(params, ids).compile().memory_analysis(
+  ).output_size_in_bytes >= big_v * 8 * 4
