@@ -1,6 +1,8 @@
 """Lazy (row-sparse) updates for embedding tables, for any inner optimizer."""
 
+import os
 from typing import Any, Callable, NamedTuple, Optional, Union
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +20,11 @@ class LazyState(NamedTuple):
   """State of the transformation returned by `lazy`.
 
   Attributes:
-    inner_state: the state of the inner optimizer. With ``freeze_state=True``
+    inner_state: the state of the inner optimizer. With `freeze_state=True`
       the rows of its parameter-shaped leaves (e.g. Adam's moments) change
       only in the steps where the row is touched; its other leaves (e.g. step
-      counts) advance at every step.
+      counts) advance at every step. Its structure and shapes are those of
+      `inner.init(params)`, whether the gradients are dense or `SparseRows`.
   """
 
   inner_state: optax.OptState
@@ -333,6 +336,40 @@ def _check_row_state(inner: Any, row_state: Any, row_params: Any) -> None:
         "state (adam, adamw, sgd, ...).")
 
 
+# Dense masked leaves at least this large trigger the CPU copy warning.
+_COPY_WARNING_MIN_SIZE = 1 << 20
+_REGION_ANALYSIS = "xla_cpu_copy_insertion_use_region_analysis"
+_warned_cpu_copies = []
+
+
+def _maybe_warn_cpu_copies(leaves: list) -> None:
+  """Warns once when XLA:CPU will likely copy the moment tables every step."""
+  if _warned_cpu_copies:
+    return
+  big = [x for x in leaves
+         if _checks.is_traced(x) and np.size(x) >= _COPY_WARNING_MIN_SIZE]
+  if not big or _REGION_ANALYSIS in os.environ.get("XLA_FLAGS", ""):
+    return
+  try:
+    if jax.default_backend() != "cpu":
+      return
+  except RuntimeError:
+    return
+  _warned_cpu_copies.append(True)
+  warnings.warn(
+      "lazy: XLA:CPU copies the inner state's tables at every step of a "
+      "jitted lazy update with dense gradients (often 4-5x a dense adam "
+      "step), unless the step is compiled with region analysis: "
+      "`jax.jit(step, donate_argnums=..., compiler_options="
+      "{'xla_cpu_copy_insertion_use_region_analysis': True})` or "
+      "XLA_FLAGS=--xla_cpu_copy_insertion_use_region_analysis=true. Faster "
+      "still: row-sparse gradients (`lo.sparse_value_and_grad`), whose cost "
+      "follows the rows looked up. See docs/lazy.md. (Shown once; if you "
+      "already pass the compiler option, ignore it with "
+      "`warnings.filterwarnings('ignore', message='lazy: XLA:CPU')`.)",
+      RuntimeWarning, stacklevel=3)
+
+
 def lazy(
     inner: optax.GradientTransformation,
     mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
@@ -342,45 +379,70 @@ def lazy(
   """Lazy updates: only the rows of a table touched in a step move.
 
   Large embedding tables see only a few rows per batch. A dense optimizer keeps
-  moving every row with stale momentum (and weight decay); ``lazy(inner)``
+  moving every row with stale momentum (and weight decay); `lazy(inner)`
   updates only the touched rows, like TF Addons' LazyAdam and
   `torch.optim.SparseAdam`, for any inner optimizer.
 
-  A row is a slice along axis 0 of a masked leaf. It is touched in a step when
-  its gradient row has a non-zero entry (NaN counts), or when its id is among
-  the `touched_rows` passed to `update`, so that a row that was looked up but
-  got an exactly-zero gradient still counts as touched. `inner` runs densely
-  and the result is masked row by row:
+  A row is a slice along axis 0 of a masked leaf. The gradient of a masked
+  leaf can be given in two forms:
+
+  * **Row-sparse**, a `lo.SparseRows(ids, values)` (e.g. from
+    `lo.sparse_value_and_grad`): the rows `ids` are touched (a looked-up row
+    with an exactly-zero gradient too). `lazy` sums duplicate ids, gathers
+    those rows of the params and of the inner state's parameter-shaped
+    leaves, runs `inner` on the rows only, scatters the state rows back and
+    returns a `SparseRows` update, which `optax.apply_updates` writes into
+    the touched rows. The work is $O(N)$ for $N$ ids, independent of the
+    table size, with no table-sized temporary; ids out of range raise when
+    concrete and are dropped when traced, and the fill id $V$ (the number of
+    rows) marks padding, which is ignored.
+  * **Dense**, the $(V, \\ldots)$ array `jax.grad` gives: a row is touched
+    when its gradient row has a non-zero entry (NaN counts), or when its id
+    is among the `touched_rows` passed to `update`. `inner` runs on the whole
+    table and the result is selected row by row.
+
+  Both forms give the same results:
 
   * touched rows get exactly the update `inner` gives (same state, same
     arithmetic);
   * untouched rows get an update of exactly zero, so weight decay (e.g.
-    ``optax.adamw``) does not move them either; with ``freeze_state=True``
+    `optax.adamw`) does not move them either; with `freeze_state=True`
     every parameter-shaped leaf of the inner state keeps their rows bitwise
     (LazyAdam/SparseAdam semantics), while scalar state such as step counts
     advances at every step, so bias corrections use the global step as
-    SparseAdam does. With ``freeze_state=False`` the inner state is updated
-    for all rows and only the move of the params is masked (the Keras
-    LazyOptimizer variant);
+    SparseAdam does. With `freeze_state=False` (dense gradients only) the
+    inner state is updated for all rows and only the move of the params is
+    masked (the Keras LazyOptimizer variant);
   * leaves outside the mask get exactly what `inner` gives.
 
-  Pass the ids looked up in a step as an extra argument,
-  ``tx.update(grads, state, params, touched_rows={"embed": ids})``: a pytree
-  whose leaves are integer arrays (any shape; duplicates are fine) at the
-  paths of masked leaves. It passes through `lookahead`, `optax.chain` and
-  `optax.partition`. Concrete ids are checked; traced ids (under `jax.jit`)
-  cannot raise, and ids out of range are then ignored.
+  Transformations that need the whole gradient, such as
+  `optax.clip_by_global_norm`, go inside `lazy` (in `inner`): on a
+  `SparseRows` they see the deduplicated rows, whose norm is the norm of the
+  dense gradient. A transformation outside `lazy` that receives a
+  `SparseRows` raises.
 
-  On CPU with ``freeze_state=True`` and donated state, compile the step with
-  ``jax.jit(step, donate_argnums=(0, 1), compiler_options={
-  "xla_cpu_copy_insertion_use_region_analysis": True})`` (or start JAX with
-  ``XLA_FLAGS=--xla_cpu_copy_insertion_use_region_analysis=true``): without
-  it XLA:CPU copies the inner state's tables at every step, which makes the
-  step several times slower (docs/lazy.md).
+  With dense gradients, pass the ids looked up in a step as an extra
+  argument, `tx.update(grads, state, params, touched_rows={"embed": ids})`:
+  a pytree whose leaves are integer arrays (any shape; duplicates are fine)
+  at the paths of masked leaves. It passes through `lookahead`, `optax.chain`
+  and `optax.partition`. Concrete ids are checked; traced ids (under
+  `jax.jit`) cannot raise, and ids out of range are then ignored. With a
+  `SparseRows` gradient, `touched_rows` adds rows with a zero gradient.
+
+  On CPU with dense gradients, `freeze_state=True` and donated state, compile
+  the step with `jax.jit(step, donate_argnums=(0, 1), compiler_options={
+  "xla_cpu_copy_insertion_use_region_analysis": True})` (or start JAX with
+  `XLA_FLAGS=--xla_cpu_copy_insertion_use_region_analysis=true`): without it
+  XLA:CPU copies the inner state's tables at every step, which makes the
+  step several times slower; `lazy` warns once when it sees such a step
+  (docs/lazy.md). The row-sparse form needs no option.
 
   Args:
     inner: the optimizer to run, any optax gradient transformation (e.g.
-      ``optax.adam``, ``optax.adamw``, a chain). Extra keyword arguments of
+      `optax.adam`, `optax.adamw`, a chain). With `SparseRows` gradients its
+      state must be per-element (not Adafactor's factored moments). It must
+      not contain a `lookahead`: lookahead goes outside, as
+      `lookahead(lazy(inner))`. Extra keyword arguments of
       `update` (including `touched_rows`) are passed on to it.
     mask: which leaves are updated lazily, as in `optax.masked`: a pytree of
       bools with the params' structure (or a prefix of it), or a callable that
@@ -395,12 +457,17 @@ def lazy(
 
   Raises:
     TypeError: if `inner` is not a gradient transformation, `freeze_state` is
-      not a bool, a mask leaf is not a static bool, or the ids of
-      `touched_rows` are not integers.
+      not a bool, a mask leaf is not a static bool, the ids of
+      `touched_rows` or of a `SparseRows` are not integers, or a params leaf
+      is a `SparseRows`.
     ValueError: naming the leaf path, if the mask does not match the params'
-      structure, the mask selects a leaf with ndim 0, or `touched_rows` has a
-      leaf outside the mask, at no parameter, or (when concrete) with ids out
-      of range.
+      structure, the mask selects a leaf with ndim 0, the gradients miss a
+      leaf of the params, have an extra one or one of another shape,
+      `touched_rows` has a leaf outside the mask, at no parameter, or (when
+      concrete) with ids out of range, a `SparseRows` is at a leaf outside
+      the mask or at a scalar, has rows of another shape than the table's or
+      (when concrete) ids out of range, comes without `params` or with
+      `freeze_state=False`, or `inner` contains a `lookahead` (at `init`).
 
   Example:
     >>> import jax.numpy as jnp
@@ -426,10 +493,18 @@ def lazy(
     [[0.5 0.5]
      [2.  2. ]
      [0.  0. ]]
+    >>> grads = lo.SparseRows(jnp.array([2, 2]), jnp.ones((2, 2)))  # row-sparse
+    >>> updates, state = tx.update(grads, state, table)
+    >>> print(updates.ids, updates.values[0])  # only row 2 is computed
+    [2 3] [-2. -2.]
+    >>> print(optax.apply_updates(table, updates))
+    [[ 0.  0.]
+     [ 0.  0.]
+     [-2. -2.]]
 
   References:
-    Kingma, Ba, `Adam: A Method for Stochastic Optimization
-    <https://arxiv.org/abs/1412.6980>`_, 2015 (LazyAdam applies it to the
+    Kingma, Ba, [Adam: A Method for Stochastic Optimization](
+    https://arxiv.org/abs/1412.6980), 2015 (LazyAdam applies it to the
     rows present in a sparse gradient).
   """
   _checks.check_transformation("inner", inner)
@@ -490,6 +565,11 @@ def lazy(
       _check_row_state(inner, row_state, row_params)
       inner_updates, new_inner = inner.update(
           row_grads, row_state, row_params, **extra_args)
+
+    if freeze_state:
+      _maybe_warn_cpu_copies([
+          g for flag, g in zip(flags, grad_leaves)
+          if flag and not _is_grad_leaf(g)])
 
     rows = []
     for flag, grad, leaf_ids in zip(flags, grad_leaves, ids):

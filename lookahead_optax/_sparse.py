@@ -144,7 +144,9 @@ class SparseRows:
 
   Ids outside $[0, V)$ (negative ones included: they do not wrap around) are
   dropped when the rows are applied or gathered; `lo.lazy` raises for
-  concrete out-of-range ids and drops traced ones.
+  concrete out-of-range ids and drops traced ones. The id $V$ itself is the
+  fill id: it pads the unique ids of `dedupe` and marks padding lookups,
+  and `lo.lazy` accepts it and ignores it.
 
   Other arithmetic (`sparse * 2`, `-sparse`, `jnp.asarray(sparse)`) raises a
   `TypeError`: an optax transformation that reaches a `SparseRows` outside

@@ -1,5 +1,7 @@
 """Tests of `lazy`: lazy (row-sparse) updates for embedding tables."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -842,3 +844,30 @@ def test_error_lookahead_inside_lazy():
   with pytest.raises(ValueError, match=r"`inner` of `lazy` contains a "
                      r"`lookahead`.*lookahead goes outside lazy"):
     tx.init(jnp.ones((V, D)))
+
+
+def test_cpu_copy_warning_once_for_large_dense_tables(monkeypatch):
+  from lookahead_optax import _lazy  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(_lazy, "_warned_cpu_copies", [])
+  monkeypatch.setattr(_lazy, "_COPY_WARNING_MIN_SIZE", V * D)
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  tx = lo.lazy(optax.adam(LR))
+  params = jnp.ones((V, D))
+  state = tx.init(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    tx.update(params, state, params)  # Eager: no copies, no warning.
+    sparse = lo.SparseRows(jnp.array([1]), jnp.ones((1, D)))
+    jax.jit(tx.update)(sparse, state, params)  # Sparse path: no warning.
+  with pytest.warns(RuntimeWarning, match=r"lazy: XLA:CPU copies the inner "
+                    r"state's tables .*xla_cpu_copy_insertion_use_region_"
+                    r"analysis.*lo.sparse_value_and_grad"):
+    jax.jit(tx.update)(params, state, params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    jax.jit(tx.update)(params * 2, state, params)  # Once.
+  monkeypatch.setattr(_lazy, "_warned_cpu_copies", [])
+  monkeypatch.setenv("XLA_FLAGS", "--" + _lazy._REGION_ANALYSIS + "=true")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    jax.jit(lambda g, s, p: tx.update(g, s, p))(params, state, params)
