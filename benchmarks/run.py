@@ -378,6 +378,9 @@ def build_report(info: dict, sections: dict, quick: bool) -> str:
   if sections.get("lazy"):
     parts.append("## Lazy updates on an embedding table\n\n"
                  + sections["lazy"] + "\n")
+  if sections.get("sparse"):
+    parts.append("## Row-sparse embedding updates (`SparseRows`)\n\n"
+                 + sections["sparse"] + "\n")
   parts.append(f"Total benchmark time: {sections['elapsed']}.\n")
   return "\n".join(parts)
 
@@ -398,7 +401,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                       help="round-robin rounds for the step benchmark")
   parser.add_argument("--skip", default="",
                       help="comma-separated sections to skip: e2e, "
-                      "formulations, policies, lazy, nodonate")
+                      "formulations, policies, lazy, sparse, nodonate")
   parser.add_argument("--out", default=None, help="write the report here")
   parser.add_argument("--plot", default=None,
                       help="write the step-time plot (PNG) here")
@@ -477,6 +480,16 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
       doc = (lazy.__doc__ or "").strip()
       if doc:
         sections["lazy"] = doc.split("\n\nRun ")[0] + "\n\n" + sections["lazy"]
+
+  if "sparse" not in skip:
+    from benchmarks import sparse  # pylint: disable=g-import-not-at-top
+    _log("  sparse: SparseRows steps vs dense adam")
+    # Quick runs time only the step against dense adam (seconds).
+    sparse_out = sparse.run(quick=quick, log=_log,
+                            sections=("dense",) if quick else
+                            ("dense", "v", "ids", "e2e"))
+    sections["sparse"] = (sparse.__doc__.strip().split("\n\nRun ")[0]
+                          + "\n\n" + sparse.markdown(sparse_out))
 
   load_end = common.machine_info()["load"]
   sections["load_end"] = ("-" if load_end is None

@@ -16,6 +16,8 @@ from lookahead_optax._lookahead import PullbackState
 from lookahead_optax._lookahead import snoo
 from lookahead_optax._ranger import ranger
 from lookahead_optax._ranger import scale_by_ranger_radam
+from lookahead_optax._sparse import SparseRows
+from lookahead_optax._sparse import sparse_value_and_grad
 from lookahead_optax._state import eval_params
 from lookahead_optax._state import slow_params
 
@@ -25,6 +27,7 @@ __all__ = (
     "LazyState",
     "LookaheadState",
     "PullbackState",
+    "SparseRows",
     "check_state_structure",
     "eval_model",
     "eval_params",
@@ -36,4 +39,5 @@ __all__ = (
     "scale_by_ranger_radam",
     "slow_params",
     "snoo",
+    "sparse_value_and_grad",
 )

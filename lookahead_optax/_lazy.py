@@ -1,6 +1,8 @@
 """Lazy (row-sparse) updates for embedding tables, for any inner optimizer."""
 
+import os
 from typing import Any, Callable, NamedTuple, Optional, Union
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import numpy as np
 import optax
 
 from lookahead_optax import _checks
+from lookahead_optax import _sparse
 from lookahead_optax import _tree
 
 _KeyPath = tuple
@@ -17,10 +20,11 @@ class LazyState(NamedTuple):
   """State of the transformation returned by `lazy`.
 
   Attributes:
-    inner_state: the state of the inner optimizer. With ``freeze_state=True``
+    inner_state: the state of the inner optimizer. With `freeze_state=True`
       the rows of its parameter-shaped leaves (e.g. Adam's moments) change
       only in the steps where the row is touched; its other leaves (e.g. step
-      counts) advance at every step.
+      counts) advance at every step. Its structure and shapes are those of
+      `inner.init(params)`, whether the gradients are dense or `SparseRows`.
   """
 
   inner_state: optax.OptState
@@ -183,6 +187,189 @@ def _broadcast_rows(rows: jax.Array, like: jax.Array) -> jax.Array:
   return jnp.reshape(rows, rows.shape + (1,) * (jnp.ndim(like) - 1))
 
 
+def _merge_state_leaf(aux: tuple, new: jax.Array, old: jax.Array) -> jax.Array:
+  """A new parameter-shaped state leaf: scattered rows or frozen rows."""
+  kind, value = aux
+  if kind == "rows":  # `new` holds the rows `value` (unique ids).
+    return _sparse.scatter_rows(old, value, new)
+  return jnp.where(_broadcast_rows(value, new), new, old).astype(
+      jnp.result_type(new))
+
+
+def _is_grad_leaf(x: Any) -> bool:
+  return _tree.is_masked_node(x) or isinstance(x, _sparse.SparseRows)
+
+
+def _check_sparse_free(name: str, tree: Any) -> None:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=_is_grad_leaf)[0]:
+    if isinstance(leaf, _sparse.SparseRows):
+      raise TypeError(
+          f"`{name}` leaf {_tree.path_str(path)} is a `SparseRows`: only "
+          "gradients and updates can be row-sparse, the params are dense.")
+
+
+def _check_no_lookahead_inside(inner_state: Any) -> None:
+  """Raises if the inner optimizer contains a `lookahead`."""
+
+  def is_lookahead(x):
+    return (type(x).__name__ == "LookaheadState"
+            and type(x).__module__.startswith("lookahead_optax"))
+
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      inner_state, is_leaf=is_lookahead)[0]:
+    if is_lookahead(leaf):
+      raise ValueError(
+          "`inner` of `lazy` contains a `lookahead` (its state has a "
+          f"LookaheadState at {_tree.path_str(path)}): lookahead goes outside "
+          "lazy, `lo.lookahead(lo.lazy(inner))`, so that its slow weights see "
+          "the lazy updates and untouched rows stay bitwise unchanged.")
+
+
+def _check_updates(updates: Any, params: Any) -> list:
+  """The leaves of `updates` (SparseRows and MaskedNode as leaves), checked.
+
+  Raises:
+    ValueError: naming the leaf, if `updates` lacks a leaf of `params`, has
+      one `params` lacks, or has a dense leaf of another shape.
+  """
+  grads = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_grad_leaf)
+  grad_leaves = [g for _, g in grads[0]]
+  if params is None:
+    return grad_leaves
+  _check_sparse_free("params", params)
+  param_items = _leaves_with_path(params)
+  grad_paths = [tuple(p) for p, _ in grads[0]]
+  param_paths = [tuple(p) for p, _ in param_items]
+  if grad_paths != param_paths:
+    missing = [p for p in param_paths if p not in set(grad_paths)]
+    extra = [p for p in grad_paths if p not in set(param_paths)]
+    if missing:
+      detail = f"the params have leaf {_tree.path_str(missing[0])}, the " \
+               "gradients do not"
+    elif extra:
+      detail = f"the gradients have leaf {_tree.path_str(extra[0])}, the " \
+               "params do not"
+    else:
+      detail = (f"{jax.tree.structure(updates, is_leaf=_is_grad_leaf)} vs "
+                f"{jax.tree.structure(params, is_leaf=_tree.is_masked_node)}")
+    raise ValueError(
+        "`updates` must have the tree structure of the params: "
+        f"{detail}.")
+  for (path, g), (_, p) in zip(grads[0], param_items):
+    if _tree.is_masked_node(g) or _tree.is_masked_node(p):
+      continue
+    if isinstance(g, _sparse.SparseRows):
+      g.check_table(p, _tree.path_str(path))
+      continue
+    if jnp.shape(g) != jnp.shape(p):
+      raise ValueError(
+          f"`updates` leaf {_tree.path_str(path)} has shape "
+          f"{tuple(jnp.shape(g))}, but the parameter has shape "
+          f"{tuple(jnp.shape(p))}.")
+  return grad_leaves
+
+
+def _sparse_leaves(grad_leaves: list, param_leaves: list, flags: list,
+                   ids: list, param_items: list) -> list:
+  """Per leaf: the deduplicated `SparseRows` gradient, or None (dense leaf).
+
+  Ids given in `touched_rows` for a sparse leaf join it with zero rows.
+
+  Raises:
+    ValueError: naming the leaf, if a `SparseRows` is at a leaf outside the
+      mask or (when concrete) has ids out of range.
+  """
+  out = []
+  for i, g in enumerate(grad_leaves):
+    if not isinstance(g, _sparse.SparseRows):
+      out.append(None)
+      continue
+    where = _tree.path_str(param_items[i][0])
+    if not flags[i]:
+      raise ValueError(
+          f"`updates` leaf {where} is a `SparseRows`, but the leaf is outside "
+          "the mask of `lazy`: only masked leaves (tables updated lazily) take "
+          "row-sparse gradients.")
+    num_rows = jnp.shape(param_leaves[i])[0]
+    if not _checks.is_traced(g.ids):
+      concrete = np.asarray(g.ids)
+      bad = concrete[(concrete < 0) | (concrete > num_rows)]
+      if bad.size:
+        raise ValueError(
+            f"`updates` leaf {where} is a `SparseRows` with id "
+            f"{int(bad.ravel()[0])} out of range: ids must be in "
+            f"[0, {num_rows}), the rows of the parameter, or be the fill id "
+            f"{num_rows} (padding, ignored).")
+    g_ids, values = g.ids, jnp.asarray(g.values)
+    if ids[i] is not None:
+      extra = jnp.ravel(jnp.asarray(ids[i])).astype(jnp.result_type(g_ids))
+      g_ids = jnp.concatenate([g_ids, extra])
+      values = jnp.concatenate(
+          [values, jnp.zeros((extra.shape[0],) + values.shape[1:],
+                             values.dtype)])
+    unique, summed = _sparse.dedupe_ids(g_ids, values, num_rows)
+    out.append(_sparse.SparseRows._make(unique, summed))  # pylint: disable=protected-access
+  return out
+
+
+def _check_row_state(inner: Any, row_state: Any, row_params: Any) -> None:
+  """Raises if the gathered inner state is not what `inner` has for rows.
+
+  An inner state leaf with one entry per row that is not parameter-shaped
+  (e.g. Adafactor's factored second moments) cannot be gathered.
+  """
+  expected = jax.eval_shape(inner.init, row_params)
+  got_leaves, got_def = jax.tree.flatten(row_state,
+                                         is_leaf=_tree.is_masked_node)
+  want_leaves, want_def = jax.tree.flatten(expected,
+                                           is_leaf=_tree.is_masked_node)
+  same = got_def == want_def and all(
+      _tree.is_masked_node(a) or jnp.shape(a) == jnp.shape(b)
+      for a, b in zip(got_leaves, want_leaves))
+  if not same:
+    raise ValueError(
+        "`lazy` cannot run `inner` on the rows of a `SparseRows` gradient: "
+        "the inner state has leaves that depend on the table size but are not "
+        "parameter-shaped (e.g. Adafactor's factored moments). Use a dense "
+        "gradient for this table, or an inner optimizer with per-element "
+        "state (adam, adamw, sgd, ...).")
+
+
+# Dense masked leaves at least this large trigger the CPU copy warning.
+_COPY_WARNING_MIN_SIZE = 1 << 20
+_REGION_ANALYSIS = "xla_cpu_copy_insertion_use_region_analysis"
+_warned_cpu_copies = []
+
+
+def _maybe_warn_cpu_copies(leaves: list) -> None:
+  """Warns once when XLA:CPU will likely copy the moment tables every step."""
+  if _warned_cpu_copies:
+    return
+  big = [x for x in leaves
+         if _checks.is_traced(x) and np.size(x) >= _COPY_WARNING_MIN_SIZE]
+  if not big or _REGION_ANALYSIS in os.environ.get("XLA_FLAGS", ""):
+    return
+  try:
+    if jax.default_backend() != "cpu":
+      return
+  except RuntimeError:
+    return
+  _warned_cpu_copies.append(True)
+  warnings.warn(
+      "lazy: XLA:CPU copies the inner state's tables at every step of a "
+      "jitted lazy update with dense gradients (often 4-5x a dense adam "
+      "step), unless the step is compiled with region analysis: "
+      "`jax.jit(step, donate_argnums=..., compiler_options="
+      "{'xla_cpu_copy_insertion_use_region_analysis': True})` or "
+      "XLA_FLAGS=--xla_cpu_copy_insertion_use_region_analysis=true. Faster "
+      "still: row-sparse gradients (`lo.sparse_value_and_grad`), whose cost "
+      "follows the rows looked up. See docs/lazy.md. (Shown once; if you "
+      "already pass the compiler option, ignore it with "
+      "`warnings.filterwarnings('ignore', message='lazy: XLA:CPU')`.)",
+      RuntimeWarning, stacklevel=3)
+
+
 def lazy(
     inner: optax.GradientTransformation,
     mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
@@ -192,45 +379,70 @@ def lazy(
   """Lazy updates: only the rows of a table touched in a step move.
 
   Large embedding tables see only a few rows per batch. A dense optimizer keeps
-  moving every row with stale momentum (and weight decay); ``lazy(inner)``
+  moving every row with stale momentum (and weight decay); `lazy(inner)`
   updates only the touched rows, like TF Addons' LazyAdam and
   `torch.optim.SparseAdam`, for any inner optimizer.
 
-  A row is a slice along axis 0 of a masked leaf. It is touched in a step when
-  its gradient row has a non-zero entry (NaN counts), or when its id is among
-  the `touched_rows` passed to `update`, so that a row that was looked up but
-  got an exactly-zero gradient still counts as touched. `inner` runs densely
-  and the result is masked row by row:
+  A row is a slice along axis 0 of a masked leaf. The gradient of a masked
+  leaf can be given in two forms:
+
+  * **Row-sparse**, a `lo.SparseRows(ids, values)` (e.g. from
+    `lo.sparse_value_and_grad`): the rows `ids` are touched (a looked-up row
+    with an exactly-zero gradient too). `lazy` sums duplicate ids, gathers
+    those rows of the params and of the inner state's parameter-shaped
+    leaves, runs `inner` on the rows only, scatters the state rows back and
+    returns a `SparseRows` update, which `optax.apply_updates` writes into
+    the touched rows. The work is $O(N)$ for $N$ ids, independent of the
+    table size, with no table-sized temporary; ids out of range raise when
+    concrete and are dropped when traced, and the fill id $V$ (the number of
+    rows) marks padding, which is ignored.
+  * **Dense**, the $(V, \\ldots)$ array `jax.grad` gives: a row is touched
+    when its gradient row has a non-zero entry (NaN counts), or when its id
+    is among the `touched_rows` passed to `update`. `inner` runs on the whole
+    table and the result is selected row by row.
+
+  Both forms give the same results:
 
   * touched rows get exactly the update `inner` gives (same state, same
     arithmetic);
   * untouched rows get an update of exactly zero, so weight decay (e.g.
-    ``optax.adamw``) does not move them either; with ``freeze_state=True``
+    `optax.adamw`) does not move them either; with `freeze_state=True`
     every parameter-shaped leaf of the inner state keeps their rows bitwise
     (LazyAdam/SparseAdam semantics), while scalar state such as step counts
     advances at every step, so bias corrections use the global step as
-    SparseAdam does. With ``freeze_state=False`` the inner state is updated
-    for all rows and only the move of the params is masked (the Keras
-    LazyOptimizer variant);
+    SparseAdam does. With `freeze_state=False` (dense gradients only) the
+    inner state is updated for all rows and only the move of the params is
+    masked (the Keras LazyOptimizer variant);
   * leaves outside the mask get exactly what `inner` gives.
 
-  Pass the ids looked up in a step as an extra argument,
-  ``tx.update(grads, state, params, touched_rows={"embed": ids})``: a pytree
-  whose leaves are integer arrays (any shape; duplicates are fine) at the
-  paths of masked leaves. It passes through `lookahead`, `optax.chain` and
-  `optax.partition`. Concrete ids are checked; traced ids (under `jax.jit`)
-  cannot raise, and ids out of range are then ignored.
+  Transformations that need the whole gradient, such as
+  `optax.clip_by_global_norm`, go inside `lazy` (in `inner`): on a
+  `SparseRows` they see the deduplicated rows, whose norm is the norm of the
+  dense gradient. A transformation outside `lazy` that receives a
+  `SparseRows` raises.
 
-  On CPU with ``freeze_state=True`` and donated state, compile the step with
-  ``jax.jit(step, donate_argnums=(0, 1), compiler_options={
-  "xla_cpu_copy_insertion_use_region_analysis": True})`` (or start JAX with
-  ``XLA_FLAGS=--xla_cpu_copy_insertion_use_region_analysis=true``): without
-  it XLA:CPU copies the inner state's tables at every step, which makes the
-  step several times slower (docs/lazy.md).
+  With dense gradients, pass the ids looked up in a step as an extra
+  argument, `tx.update(grads, state, params, touched_rows={"embed": ids})`:
+  a pytree whose leaves are integer arrays (any shape; duplicates are fine)
+  at the paths of masked leaves. It passes through `lookahead`, `optax.chain`
+  and `optax.partition`. Concrete ids are checked; traced ids (under
+  `jax.jit`) cannot raise, and ids out of range are then ignored. With a
+  `SparseRows` gradient, `touched_rows` adds rows with a zero gradient.
+
+  On CPU with dense gradients, `freeze_state=True` and donated state, compile
+  the step with `jax.jit(step, donate_argnums=(0, 1), compiler_options={
+  "xla_cpu_copy_insertion_use_region_analysis": True})` (or start JAX with
+  `XLA_FLAGS=--xla_cpu_copy_insertion_use_region_analysis=true`): without it
+  XLA:CPU copies the inner state's tables at every step, which makes the
+  step several times slower; `lazy` warns once when it sees such a step
+  (docs/lazy.md). The row-sparse form needs no option.
 
   Args:
     inner: the optimizer to run, any optax gradient transformation (e.g.
-      ``optax.adam``, ``optax.adamw``, a chain). Extra keyword arguments of
+      `optax.adam`, `optax.adamw`, a chain). With `SparseRows` gradients its
+      state must be per-element (not Adafactor's factored moments). It must
+      not contain a `lookahead`: lookahead goes outside, as
+      `lookahead(lazy(inner))`. Extra keyword arguments of
       `update` (including `touched_rows`) are passed on to it.
     mask: which leaves are updated lazily, as in `optax.masked`: a pytree of
       bools with the params' structure (or a prefix of it), or a callable that
@@ -245,12 +457,17 @@ def lazy(
 
   Raises:
     TypeError: if `inner` is not a gradient transformation, `freeze_state` is
-      not a bool, a mask leaf is not a static bool, or the ids of
-      `touched_rows` are not integers.
+      not a bool, a mask leaf is not a static bool, the ids of
+      `touched_rows` or of a `SparseRows` are not integers, or a params leaf
+      is a `SparseRows`.
     ValueError: naming the leaf path, if the mask does not match the params'
-      structure, the mask selects a leaf with ndim 0, or `touched_rows` has a
-      leaf outside the mask, at no parameter, or (when concrete) with ids out
-      of range.
+      structure, the mask selects a leaf with ndim 0, the gradients miss a
+      leaf of the params, have an extra one or one of another shape,
+      `touched_rows` has a leaf outside the mask, at no parameter, or (when
+      concrete) with ids out of range, a `SparseRows` is at a leaf outside
+      the mask or at a scalar, has rows of another shape than the table's or
+      (when concrete) ids out of range, comes without `params` or with
+      `freeze_state=False`, or `inner` contains a `lookahead` (at `init`).
 
   Example:
     >>> import jax.numpy as jnp
@@ -276,10 +493,18 @@ def lazy(
     [[0.5 0.5]
      [2.  2. ]
      [0.  0. ]]
+    >>> grads = lo.SparseRows(jnp.array([2, 2]), jnp.ones((2, 2)))  # row-sparse
+    >>> updates, state = tx.update(grads, state, table)
+    >>> print(updates.ids, updates.values[0])  # only row 2 is computed
+    [2 3] [-2. -2.]
+    >>> print(optax.apply_updates(table, updates))
+    [[ 0.  0.]
+     [ 0.  0.]
+     [-2. -2.]]
 
   References:
-    Kingma, Ba, `Adam: A Method for Stochastic Optimization
-    <https://arxiv.org/abs/1412.6980>`_, 2015 (LazyAdam applies it to the
+    Kingma, Ba, [Adam: A Method for Stochastic Optimization](
+    https://arxiv.org/abs/1412.6980), 2015 (LazyAdam applies it to the
     rows present in a sparse gradient).
   """
   _checks.check_transformation("inner", inner)
@@ -291,12 +516,21 @@ def lazy(
 
   def init_fn(params):
     _resolve_mask(mask, params)
-    return LazyState(inner_state=inner.init(params))
+    _check_sparse_free("params", params)
+    inner_state = inner.init(params)
+    _check_no_lookahead_inside(inner_state)
+    return LazyState(inner_state=inner_state)
 
   def update_fn(updates, state, params=None, **extra_args):
     if not isinstance(state, LazyState):
       raise TypeError(
           f"`state` must be a LazyState, got {type(state).__name__}.")
+    grad_leaves = _check_updates(updates, params)
+    has_sparse = any(isinstance(g, _sparse.SparseRows) for g in grad_leaves)
+    if has_sparse and params is None:
+      raise ValueError(
+          "`lazy` needs `params` in `update` when a gradient is a "
+          "`SparseRows`: it updates the rows of the params it gathers.")
     like = updates if params is None else params
     flags = _resolve_mask(mask, like)
     touched_rows = extra_args.get("touched_rows")
@@ -305,30 +539,69 @@ def lazy(
     else:
       ids = [None] * len(flags)
 
-    inner_updates, new_inner = inner.update(
-        updates, state.inner_state, params, **extra_args)
+    if not has_sparse:
+      inner_updates, new_inner = inner.update(
+          updates, state.inner_state, params, **extra_args)
+      row_params = like
+    else:
+      if not freeze_state:
+        raise ValueError(
+            "`lazy(..., freeze_state=False)` updates the inner state of every "
+            "row at every step, which needs the dense gradient: a "
+            "`SparseRows` gradient needs `freeze_state=True`.")
+      param_leaves, param_def = jax.tree.flatten(
+          params, is_leaf=_tree.is_masked_node)
+      sparse = _sparse_leaves(grad_leaves, param_leaves, flags, ids,
+                              _leaves_with_path(params))
+      row_params = jax.tree.unflatten(param_def, [
+          p if s is None else _sparse.gather_rows(p, s.ids)
+          for s, p in zip(sparse, param_leaves)])
+      row_grads = jax.tree.unflatten(param_def, [
+          g if s is None else s.values for s, g in zip(sparse, grad_leaves)])
+      sparse_ids = [None if s is None else s.ids for s in sparse]
+      row_state = _tree.map_param_shaped(
+          lambda i, x: _sparse.gather_rows(x, i), sparse_ids, params,
+          state.inner_state)
+      _check_row_state(inner, row_state, row_params)
+      inner_updates, new_inner = inner.update(
+          row_grads, row_state, row_params, **extra_args)
 
-    grad_leaves = jax.tree.leaves(updates, is_leaf=_tree.is_masked_node)
+    if freeze_state:
+      _maybe_warn_cpu_copies([
+          g for flag, g in zip(flags, grad_leaves)
+          if flag and not _is_grad_leaf(g)])
+
     rows = []
     for flag, grad, leaf_ids in zip(flags, grad_leaves, ids):
-      if flag and not _tree.is_masked_node(grad):
+      if (flag and not _tree.is_masked_node(grad)
+          and not isinstance(grad, _sparse.SparseRows)):
         rows.append(_row_mask(jnp.asarray(grad), leaf_ids))
       else:
         rows.append(None)
 
     update_leaves, treedef = jax.tree.flatten(
         inner_updates, is_leaf=_tree.is_masked_node)
+    if has_sparse:
+      update_leaves = [
+          u if s is None else _sparse.SparseRows._make(s.ids, u)  # pylint: disable=protected-access
+          for s, u in zip(sparse, update_leaves)]
     new_updates = jax.tree.unflatten(treedef, [
         u if r is None else jnp.where(
             _broadcast_rows(r, u), u, jnp.zeros((), jnp.result_type(u)))
         for r, u in zip(rows, update_leaves)])
 
-    if freeze_state:
-      def freeze(r, new, old):
-        return jnp.where(_broadcast_rows(r, new), new, old).astype(
-            jnp.result_type(new))
+    if has_sparse or freeze_state:
+      per_leaf = []
+      for i, r in enumerate(rows):
+        if has_sparse and sparse[i] is not None:
+          per_leaf.append(("rows", sparse[i].ids))
+        elif r is not None and freeze_state:
+          per_leaf.append(("mask", r))
+        else:
+          per_leaf.append(None)
       new_inner = _tree.map_param_shaped(
-          freeze, rows, like, new_inner, state.inner_state)
+          _merge_state_leaf, per_leaf, row_params, new_inner,
+          state.inner_state)
     return new_updates, LazyState(inner_state=new_inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,5 +1,7 @@
 """Tests of `lazy`: lazy (row-sparse) updates for embedding tables."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -477,3 +479,395 @@ def test_error_bad_arguments():
   with pytest.raises(TypeError, match="`state` must be a LazyState, got "
                      "tuple."):
     tx.update(params, optax.adam(LR).init(params), params)
+
+
+# Row-sparse gradients: `SparseRows` at masked leaves.
+
+
+def _sparse_batch(rng, num_ids=8, num_rows=V, dim=D, zero_row=False,
+                  id_rows=None):
+  """Ids (with a duplicate), their rows, and the dense gradient they give.
+
+  The ids are drawn from `[0, id_rows)` (default: all `num_rows` rows).
+  """
+  ids = rng.integers(0, id_rows or num_rows, size=num_ids)
+  ids[1] = ids[0]
+  rows = rng.standard_normal((num_ids, dim)).astype(np.float32)
+  if zero_row:
+    rows[-1] = 0.0  # Looked up with an exactly-zero gradient.
+  grads = np.zeros((num_rows, dim), np.float32)
+  np.add.at(grads, ids, rows)
+  return ids, rows, grads
+
+
+def _assert_tree_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd_nesterov", "chain"])
+def test_sparse_path_matches_dense_lazy(name, use_jit):
+  """SparseRows gradient == dense gradient + touched_rows.
+
+  Bit for bit op by op (eager). Under `jax.jit` XLA fuses the two paths
+  differently and may contract `a * b + c` into an FMA in one of them, so
+  a touched row may differ in the last bit; untouched rows are bitwise
+  unchanged either way.
+  """
+  inner = {
+      "adam": optax.adam(LR, B1, B2, EPS),
+      "adamw": optax.adamw(0.05, weight_decay=0.3),
+      "sgd_nesterov": optax.sgd(0.1, momentum=0.8, nesterov=True),
+      "chain": optax.chain(
+          optax.scale_by_adam(), optax.add_decayed_weights(0.01),
+          optax.scale_by_schedule(optax.linear_schedule(0.1, 0.01, 10)),
+          optax.scale(-1.0)),
+  }[name]
+  rng = np.random.default_rng(10)
+  tx = lo.lazy(inner)
+  if use_jit:
+    update = _jit_update(tx)
+    check = lambda a, b: np.testing.assert_allclose(  # pylint: disable=g-long-lambda
+        a, b, rtol=1e-6, atol=1e-12)
+  else:
+    update = lambda g, s, p, ids=None: tx.update(g, s, p, touched_rows=ids)
+    check = np.testing.assert_array_equal
+  p0 = jnp.asarray(rng.standard_normal((V, D)), jnp.float32)
+  dense_p, sparse_p = p0, p0
+  dense_s, sparse_s = tx.init(p0), tx.init(p0)
+  ever = set()
+  for t in range(9):
+    ids, rows, grads = _sparse_batch(rng, id_rows=V - 8,
+                                     zero_row=t % 3 == 1)
+    ever.update(ids.tolist())
+    u, dense_s = update(jnp.asarray(grads), dense_s, dense_p, jnp.asarray(ids))
+    dense_p = optax.apply_updates(dense_p, u)
+    su, sparse_s = update(lo.SparseRows(jnp.asarray(ids), jnp.asarray(rows)),
+                          sparse_s, sparse_p)
+    assert isinstance(su, lo.SparseRows)
+    sparse_p = optax.apply_updates(sparse_p, su)
+    check(su.todense(V), u)
+    check(sparse_p, dense_p)
+    jax.tree.map(check, sparse_s, dense_s)
+    untouched = np.setdiff1d(np.arange(V), ids)
+    np.testing.assert_array_equal(su.todense(V)[untouched], 0.0)
+  never = np.setdiff1d(np.arange(V), sorted(ever))
+  assert never.size >= 8
+  np.testing.assert_array_equal(np.asarray(sparse_p)[never],
+                                np.asarray(p0)[never])
+  for leaf in jax.tree.leaves(sparse_s):
+    if jnp.shape(leaf) == (V, D):
+      np.testing.assert_array_equal(np.asarray(leaf)[never], 0.0)
+
+
+def test_sparse_path_matches_sparseadam_reference():
+  """torch.optim.SparseAdam semantics by hand, with the sparse path."""
+  rng = np.random.default_rng(11)
+  tx = lo.lazy(optax.adam(LR, B1, B2, EPS))
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *tx.update(g, s, p)), donate_argnums=(0, 1))
+  p_ref = rng.standard_normal((V, D)).astype(np.float32)
+  m_ref, v_ref = np.zeros_like(p_ref), np.zeros_like(p_ref)
+  params = jnp.asarray(p_ref)
+  state = tx.init(params)
+  never = np.arange(V - 10, V)  # Rows V-10.. are never looked up.
+  for t in range(1, 25):
+    ids, rows, _ = _sparse_batch(rng, id_rows=V - 10, zero_row=t % 4 == 0)
+    params, state = step(params, state,
+                         lo.SparseRows(jnp.asarray(ids), jnp.asarray(rows)))
+    uniq = np.unique(ids)
+    summed = np.zeros((V, D), np.float32)
+    np.add.at(summed, ids, rows)
+    u, m, v = _adam_rows(m_ref[uniq], v_ref[uniq], summed[uniq], jnp.int32(t))
+    p_ref[uniq] += np.asarray(u)
+    m_ref[uniq], v_ref[uniq] = m, v
+    adam = state.inner_state[0]
+    np.testing.assert_array_equal(params, p_ref)
+    np.testing.assert_array_equal(adam.mu, m_ref)
+    np.testing.assert_array_equal(adam.nu, v_ref)
+    assert int(adam.count) == t
+  np.testing.assert_array_equal(np.asarray(adam.mu)[never], 0.0)
+  np.testing.assert_array_equal(np.asarray(adam.nu)[never], 0.0)
+
+
+def test_sparse_path_mixed_tree_and_touched_rows():
+  rng = np.random.default_rng(12)
+  params = _tree_params(rng)
+  tx = lo.lazy(optax.adamw(1e-2, weight_decay=0.2))
+  update = lambda g, s, p, ids: tx.update(g, s, p, touched_rows=ids)  # Eager.
+  dense_s = sparse_s = tx.init(params)
+  for _ in range(3):
+    ids, rows, g_emb = _sparse_batch(rng)
+    extra = jnp.array([V - 1, V - 1])  # Looked up, no gradient.
+    grads = jax.tree.map(
+        lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
+        params)
+    grads["emb"] = jnp.asarray(g_emb)
+    grads["dense"]["w"] = grads["dense"]["w"].at[1].set(0.0)
+    all_ids = jnp.concatenate([jnp.asarray(ids), extra])
+    u, dense_s = update(grads, dense_s, params, {"emb": all_ids})
+    grads["emb"] = lo.SparseRows(jnp.asarray(ids), jnp.asarray(rows))
+    su, sparse_s = update(grads, sparse_s, params, {"emb": extra})
+    np.testing.assert_array_equal(su["emb"].todense(V), u["emb"])
+    _assert_tree_equal(su["dense"], u["dense"])  # w: row 1 frozen, b: dense.
+    _assert_tree_equal(sparse_s, dense_s)
+    params = optax.apply_updates(params, su)
+
+
+def test_sparse_clip_by_global_norm_inside_lazy_sees_the_dense_norm():
+  rng = np.random.default_rng(13)
+  params = {"emb": jnp.asarray(rng.standard_normal((V, D)), jnp.float32),
+            "w": jnp.asarray(rng.standard_normal((D, D)), jnp.float32)}
+  inner = optax.chain(optax.clip_by_global_norm(0.3), optax.sgd(1.0))
+  tx = lo.lazy(inner, mask={"emb": True, "w": False})
+  ids, rows, g_emb = _sparse_batch(rng)  # A duplicate id: summed first.
+  g_w = jnp.asarray(rng.standard_normal((D, D)), jnp.float32)
+  u, _ = tx.update({"emb": jnp.asarray(g_emb), "w": g_w}, tx.init(params),
+                   params)
+  su, _ = tx.update({"emb": lo.SparseRows(jnp.asarray(ids),
+                                          jnp.asarray(rows)), "w": g_w},
+                    tx.init(params), params)
+  norm = np.sqrt(np.sum(g_emb.astype(np.float64)**2)
+                 + np.sum(np.asarray(g_w, np.float64)**2))
+  assert norm > 0.3
+  np.testing.assert_allclose(su["emb"].todense(V), -g_emb * 0.3 / norm,
+                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(su["emb"].todense(V), u["emb"], rtol=1e-6,
+                             atol=1e-7)
+  np.testing.assert_allclose(su["w"], u["w"], rtol=1e-6)
+
+
+def test_sparse_step_jit_donated_no_retrace_and_no_table_temporary():
+  rng = np.random.default_rng(14)
+  big_v = 50_000
+  tx = lo.lazy(optax.adam(LR))
+  traces = []
+
+  def step(p, s, g):
+    traces.append(1)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  jitted = jax.jit(step, donate_argnums=(0, 1))
+  params = jnp.zeros((big_v, D))
+  state = tx.init(params)
+  batch = lambda: lo.SparseRows(  # pylint: disable=g-long-lambda
+      jnp.asarray(rng.integers(0, big_v, 16), jnp.int32),
+      jnp.asarray(rng.standard_normal((16, D)), jnp.float32))
+  memory = jitted.lower(params, state, batch()).compile().memory_analysis()
+  # Temporaries scale with the ids, not with the table (big_v * D * 4 bytes).
+  assert memory.temp_size_in_bytes < 100_000
+  for _ in range(3):
+    old = params
+    params, state = jitted(params, state, batch())
+    assert old.is_deleted()
+  assert len(traces) == 1
+
+
+def test_sparse_traced_ids_out_of_range_are_dropped():
+  tx = lo.lazy(optax.sgd(1.0, momentum=0.5))
+  params = jnp.zeros((4, 2))
+  update = _jit_update(tx)
+  grad = lo.SparseRows(jnp.array([-1, 4, 100, 2]), jnp.ones((4, 2)))
+  u, state = update(grad, tx.init(params), params)
+  np.testing.assert_array_equal(u.todense(4), [[0, 0], [0, 0], [-1, -1],
+                                               [0, 0]])
+  np.testing.assert_array_equal(state.inner_state[0].trace,
+                                [[0, 0], [0, 0], [1, 1], [0, 0]])
+  np.testing.assert_array_equal(optax.apply_updates(params, u),
+                                [[0, 0], [0, 0], [-1, -1], [0, 0]])
+
+
+def test_sparse_pmap_matches_per_device():
+  n = jax.local_device_count()
+  rng = np.random.default_rng(15)
+  tx = lo.lazy(optax.adam(LR))
+  params = jnp.asarray(rng.standard_normal((n, V, D)), jnp.float32)
+  batches = [_sparse_batch(rng) for _ in range(n)]
+  grads = lo.SparseRows(jnp.stack([jnp.asarray(b[0]) for b in batches]),
+                        jnp.stack([jnp.asarray(b[1]) for b in batches]))
+  assert grads.ids.shape == (n, 8)  # One (N,) set of ids per device.
+  state = jax.pmap(tx.init)(params)
+  step = jax.pmap(tx.update)
+  updates, state = step(grads, state, params)
+  single = jax.jit(tx.update)
+  for d in range(n):
+    g = lo.SparseRows(jnp.asarray(batches[d][0]), jnp.asarray(batches[d][1]))
+    u, s = single(g, tx.init(params[d]), params[d])
+    np.testing.assert_array_equal(
+        jax.tree.map(lambda x: x[d], updates).todense(V), u.todense(V))
+    _assert_tree_equal(jax.tree.map(lambda x: x[d], state), s)
+
+
+def test_sparse_orbax_resume_is_bitwise(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  rng = np.random.default_rng(16)
+  tx = lo.lazy(optax.adamw(0.05, weight_decay=0.1))
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *tx.update(g, s, p)))
+  batches = [lo.SparseRows(jnp.asarray(i), jnp.asarray(r))
+             for i, r, _ in (_sparse_batch(rng) for _ in range(8))]
+  params = jnp.asarray(rng.standard_normal((V, D)), jnp.float32)
+  state = tx.init(params)
+  for g in batches[:4]:
+    params, state = step(params, state, g)
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / "ckpt", {"params": params, "state": state})
+  ckpt.wait_until_finished()
+  end_p, end_s = params, state
+  for g in batches[4:]:
+    end_p, end_s = step(end_p, end_s, g)
+  restored = ckpt.restore(tmp_path / "ckpt",
+                          {"params": params, "state": state})
+  params, state = restored["params"], restored["state"]
+  for g in batches[4:]:
+    params, state = step(params, state, g)
+  np.testing.assert_array_equal(params, end_p)
+  _assert_tree_equal(state, end_s)
+
+
+# Errors of the sparse path and of the gradients.
+
+
+def test_error_sparse_at_leaf_outside_mask():
+  params = {"emb": jnp.ones((V, D)), "w": jnp.ones((D, D))}
+  tx = lo.lazy(optax.adam(LR), mask={"emb": True, "w": False})
+  grads = {"emb": jnp.zeros((V, D)),
+           "w": lo.SparseRows(jnp.array([0]), jnp.ones((1, D)))}
+  with pytest.raises(ValueError, match=r"`updates` leaf \['w'\] is a "
+                     "`SparseRows`, but the leaf is outside the mask"):
+    tx.update(grads, tx.init(params), params)
+
+
+def test_error_sparse_at_scalar_leaf():
+  params = {"emb": jnp.ones((V, D)), "s": jnp.ones(())}
+  tx = lo.lazy(optax.adam(LR))
+  grads = {"emb": jnp.zeros((V, D)),
+           "s": lo.SparseRows(jnp.array([0]), jnp.ones((1,)))}
+  with pytest.raises(ValueError, match=r"`SparseRows` at leaf \['s'\] is the "
+                     r"update of a scalar \(shape \(\)\)"):
+    tx.update(grads, tx.init(params), params)
+
+
+def test_error_sparse_row_shape_and_id_dtype_name_the_leaf():
+  params = {"emb": jnp.ones((V, D))}
+  tx = lo.lazy(optax.adam(LR))
+  state = tx.init(params)
+  bad_rows = {"emb": lo.SparseRows(jnp.array([0, 1]), jnp.ones((2, D + 1)))}
+  with pytest.raises(ValueError, match=(
+      r"`SparseRows` at leaf \['emb'\] has values of shape \(2, 4\), but the "
+      r"table has shape \(40, 3\): values must have shape \(N, \*row\) = "
+      r"\(2, 3\)")):
+    tx.update(bad_rows, state, params)
+  float_ids = {"emb": lo.SparseRows._make(  # pylint: disable=protected-access
+      jnp.array([0.0, 1.0]), jnp.ones((2, D)))}
+  with pytest.raises(TypeError, match=r"`SparseRows` at leaf \['emb'\] must "
+                     "have integer `ids`, got dtype float32"):
+    tx.update(float_ids, state, params)
+
+
+@pytest.mark.parametrize("bad", [V + 1, -2])
+def test_error_sparse_concrete_ids_out_of_range(bad):
+  params = {"emb": jnp.ones((V, D))}
+  tx = lo.lazy(optax.adam(LR))
+  grads = {"emb": lo.SparseRows(np.array([3, bad]), np.ones((2, D),
+                                                          np.float32))}
+  with pytest.raises(ValueError, match=(
+      rf"`updates` leaf \['emb'\] is a `SparseRows` with id {bad} out of "
+      rf"range: ids must be in \[0, {V}\), the rows of the parameter, or be "
+      rf"the fill id {V} \(padding, ignored\)")):
+    tx.update(grads, tx.init(params), params)
+  # The fill id V itself is padding: accepted and ignored.
+  grads = {"emb": lo.SparseRows(np.array([3, V]), np.ones((2, D), np.float32))}
+  u, _ = tx.update(grads, tx.init(params), params)
+  assert np.count_nonzero(np.any(u["emb"].todense(V) != 0, axis=1)) == 1
+
+
+def test_error_sparse_needs_params_and_freeze_state():
+  params = jnp.ones((V, D))
+  grad = lo.SparseRows(jnp.array([1]), jnp.ones((1, D)))
+  tx = lo.lazy(optax.adam(LR))
+  with pytest.raises(ValueError, match="needs `params` in `update` when a "
+                     "gradient is a `SparseRows`"):
+    tx.update(grad, tx.init(params))
+  tx = lo.lazy(optax.adam(LR), freeze_state=False)
+  with pytest.raises(ValueError, match=r"`lazy\(..., freeze_state=False\)`.*"
+                     "needs `freeze_state=True`"):
+    tx.update(grad, tx.init(params), params)
+
+
+def test_error_sparse_with_factored_inner_state():
+  params = jnp.ones((256, 160))
+  tx = lo.lazy(optax.adafactor(1e-2, min_dim_size_to_factor=128))
+  grad = lo.SparseRows(jnp.array([1, 5]), jnp.ones((2, 160)))
+  with pytest.raises(ValueError, match="not parameter-shaped .*factored"):
+    tx.update(grad, tx.init(params), params)
+
+
+@pytest.mark.parametrize("outer", [optax.scale(0.5), optax.sgd(0.1),
+                                   optax.clip(1.0)])
+def test_error_transformation_outside_lazy_on_sparse(outer):
+  params = {"emb": jnp.ones((V, D))}
+  tx = optax.chain(outer, lo.lazy(optax.adam(LR)))
+  grads = {"emb": lo.SparseRows(jnp.array([1, 2]), jnp.ones((2, D)))}
+  with pytest.raises(TypeError, match=r"The `ids` of a `SparseRows` became "
+                     r"non-integer .* Put it inside `lazy`"):
+    tx.update(grads, tx.init(params), params)
+
+
+def test_error_sparse_params_rejected():
+  tx = lo.lazy(optax.adam(LR))
+  with pytest.raises(TypeError, match=r"`params` leaf <root> is a "
+                     "`SparseRows`"):
+    tx.init(lo.SparseRows(jnp.array([0]), jnp.ones((1, D))))
+
+
+def test_error_grads_wrong_shape_or_missing_leaf():
+  params = {"emb": jnp.ones((V, D)), "w": jnp.ones((D, D))}
+  tx = lo.lazy(optax.adam(LR))
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"`updates` leaf \['w'\] has shape "
+                     r"\(3, 4\), but the parameter has shape \(3, 3\)"):
+    tx.update({"emb": jnp.zeros((V, D)), "w": jnp.zeros((D, 4))}, state,
+              params)
+  with pytest.raises(ValueError, match=r"the params have leaf \['w'\], the "
+                     "gradients do not"):
+    tx.update({"emb": jnp.zeros((V, D))}, state, params)
+  with pytest.raises(ValueError, match=r"the gradients have leaf \['x'\], the "
+                     "params do not"):
+    tx.update({"emb": jnp.zeros((V, D)), "w": jnp.zeros((D, D)),
+               "x": jnp.zeros(2)}, state, params)
+
+
+def test_error_lookahead_inside_lazy():
+  tx = lo.lazy(lo.lookahead(optax.adam(LR)))
+  with pytest.raises(ValueError, match=r"`inner` of `lazy` contains a "
+                     r"`lookahead`.*lookahead goes outside lazy"):
+    tx.init(jnp.ones((V, D)))
+
+
+def test_cpu_copy_warning_once_for_large_dense_tables(monkeypatch):
+  from lookahead_optax import _lazy  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(_lazy, "_warned_cpu_copies", [])
+  monkeypatch.setattr(_lazy, "_COPY_WARNING_MIN_SIZE", V * D)
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  tx = lo.lazy(optax.adam(LR))
+  params = jnp.ones((V, D))
+  state = tx.init(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    tx.update(params, state, params)  # Eager: no copies, no warning.
+    sparse = lo.SparseRows(jnp.array([1]), jnp.ones((1, D)))
+    jax.jit(tx.update)(sparse, state, params)  # Sparse path: no warning.
+  with pytest.warns(RuntimeWarning, match=r"lazy: XLA:CPU copies the inner "
+                    r"state's tables .*xla_cpu_copy_insertion_use_region_"
+                    r"analysis.*lo.sparse_value_and_grad"):
+    jax.jit(tx.update)(params, state, params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    jax.jit(tx.update)(params * 2, state, params)  # Once.
+  monkeypatch.setattr(_lazy, "_warned_cpu_copies", [])
+  monkeypatch.setenv("XLA_FLAGS", "--" + _lazy._REGION_ANALYSIS + "=true")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    jax.jit(lambda g, s, p: tx.update(g, s, p))(params, state, params)
