@@ -8,6 +8,8 @@ import optax
 
 from lookahead_optax import _checks
 from lookahead_optax import _policies
+from lookahead_optax import _rows
+from lookahead_optax import _sparse
 from lookahead_optax import _sync
 from lookahead_optax import _tree
 
@@ -31,12 +33,16 @@ class LookaheadState(NamedTuple):
       state (initialised from the initial params), or, without `outer`, the
       number of syncs done (`optax.ScaleByScheduleState`) when
       `slow_step_size` is a schedule, else `optax.EmptyState()`.
+    cycle_rows: with `rows_per_step`, the ids of the rows each row-sparse
+      table was updated in during this cycle (a `(sync_period * N,)` int32
+      buffer per table, `optax.MaskedNode()` at other leaves), else None.
   """
 
   inner_state: optax.OptState
   slow_params: optax.Params
   step: jax.Array
   outer_state: optax.OptState = optax.EmptyState()
+  cycle_rows: Any = None
 
 
 class PullbackState(NamedTuple):
@@ -195,6 +201,7 @@ def lookahead(
     sync: str = "auto",
     on_nonfinite: str = "propagate",
     slow_dtype: Optional[Any] = None,
+    rows_per_step: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Lookahead: k steps forward with `inner`, then one step back.
 
@@ -282,6 +289,16 @@ def lookahead(
       floating params (e.g. `jnp.float32` for bfloat16 params), so that small
       updates accumulate in the slow weights instead of rounding away. After a
       sync the params equal `slow.astype(params.dtype)` bitwise.
+    rows_per_step: for row-sparse embedding training (`lazy` on
+      `SparseRows` gradients): a pytree with the params' structure (or a
+      prefix of it) holding, at each table whose updates are `SparseRows`,
+      the number N of ids each step brings, and None elsewhere. Each step,
+      sync steps included, then costs O(`sync_period` * N) rows for that
+      table, never a pass over it: the state keeps the ids of the cycle and a
+      sync interpolates only those rows (the others already equal their slow
+      weights). Needs a concrete `sync_period` and the default options
+      (no `outer`, `axis_name`, `inner_state="keep"`,
+      `on_nonfinite="propagate"`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -339,6 +356,12 @@ def lookahead(
   _check_outer(outer, slow_step_size, inner_state)
   _check_axis_name(axis_name, sync)
   slow_dtype = _check_slow_dtype(slow_dtype)
+  sparse_options = _sparse_options_conflict(
+      outer, axis_name, inner_state, on_nonfinite)
+  if rows_per_step is not None and not isinstance(sync_period, int):
+    raise TypeError(
+        "`sync_period` must be a Python int when `rows_per_step` is given "
+        f"(it sizes the id buffer), got {sync_period!r}.")
   if outer is None and slow_step_size is None:
     slow_step_size = _DEFAULT_SLOW_STEP_SIZE
   counts_syncs = outer is None and callable(slow_step_size)
@@ -365,8 +388,12 @@ def lookahead(
       outer_state = optax.ScaleByScheduleState(jnp.zeros([], jnp.int32))
     else:
       outer_state = optax.EmptyState()
+    cycle_rows = None
+    if rows_per_step is not None:
+      counts = _rows.resolve_rows_per_step(rows_per_step, params)
+      cycle_rows = _rows.init_cycle_rows(counts, params, sync_period)
     return LookaheadState(inner_init, slow, jnp.zeros([], jnp.int32),
-                          outer_state)
+                          outer_state, cycle_rows)
 
   def alpha_of(outer_state):
     """The interpolation step of this sync (None with `outer`)."""
@@ -429,22 +456,78 @@ def lookahead(
       bad = _policies.is_nonfinite(params, inner_updates)
       is_sync = is_sync & ~bad
 
-    carry = _sync.SyncCarry(inner_updates, state.slow_params,
-                            state.outer_state, new_inner, synced)
+    sparse = _rows.sparse_flags(inner_updates)
+    if any(sparse):
+      _rows.check_sparse_leaves(sparse, state.cycle_rows, params,
+                                sparse_options)
+    dense_params = _rows.split(params, sparse) if any(sparse) else params
+    carry = _sync.SyncCarry(
+        _rows.split(inner_updates, sparse), _rows.split(state.slow_params,
+                                                        sparse),
+        state.outer_state, new_inner, synced)
     carry = _sync.run_sync(formulation, is_sync,
-                           sync_fn(params, param_shaped, inner_init),
-                           store_fn(params), carry)
+                           sync_fn(dense_params, param_shaped, inner_init),
+                           store_fn(dense_params), carry)
     new_updates, new_inner = carry.updates, carry.inner_state
     if bad is not None:
       new_updates, new_inner = _policies.rollback(
           bad, params, inner_updates, state.slow_params, new_updates,
           new_inner, param_shaped, inner_init)
+    new_slow, cycle_rows = carry.slow, state.cycle_rows
+    if any(sparse):
+      new_updates, new_slow, cycle_rows = _sparse_tables(
+          sparse, is_sync, state, params, inner_updates, new_updates,
+          new_slow, alpha_of(state.outer_state))
     if inner_state == "pullback":
       new_inner = PullbackState(new_inner, carry.synced_inner)
-    return new_updates, LookaheadState(new_inner, carry.slow, step,
-                                       carry.outer_state)
+    return new_updates, LookaheadState(new_inner, new_slow, step,
+                                       carry.outer_state, cycle_rows)
+
+  def _sparse_tables(sparse, is_sync, state, params, inner_updates,
+                     dense_updates, dense_slow, alpha):
+    """The row-sparse tables' step (see `_rows`), merged with the dense."""
+    def leaves(tree):
+      return jax.tree.leaves(tree, is_leaf=_rows.is_hole_or_rows)
+    slot = state.step % sync_period
+    results = [None] * len(sparse)
+    buffers = leaves(state.cycle_rows)
+    for i, (p, u, s) in enumerate(zip(leaves(params), leaves(inner_updates),
+                                      leaves(state.slow_params))):
+      if sparse[i]:
+        results[i] = _rows.sync_table(is_sync, slot, p, u, s, buffers[i],
+                                      alpha, sync_period)
+    pick = lambda j: [None if r is None else r[j] for r in results]  # pylint: disable=unnecessary-lambda-assignment
+    updates = _rows.merge(dense_updates, inner_updates, pick(0))
+    slow = _rows.merge(dense_slow, state.slow_params, pick(1))
+    cycle_rows = _rows.merge(state.cycle_rows, state.cycle_rows, pick(2))
+    return updates, slow, cycle_rows
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _sparse_options_conflict(outer: Any, axis_name: Any, inner_state: str,
+                             on_nonfinite: str) -> Optional[str]:
+  """Why row-sparse tables cannot be synced with these options, or None."""
+  if (outer is None and axis_name is None and inner_state == "keep"
+      and on_nonfinite == "propagate"):
+    return None
+  return ("no `outer`, no `axis_name`, `inner_state='keep'`, "
+          "`on_nonfinite='propagate'`")
+
+
+def _dense_like(updates: Any, slow: Any) -> Any:
+  """`updates` with each `SparseRows` checked and shown as its table's shape."""
+  def view(path, u, s):
+    if not _sparse.is_sparse_rows(u):
+      return u
+    u.check_table(s, _tree.path_str(path))
+    return jax.ShapeDtypeStruct(jnp.shape(s), jnp.result_type(u.values))
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      updates, is_leaf=_sparse.is_sparse_rows)
+  if treedef != jax.tree.structure(slow):
+    return updates  # check_same_tree names the difference
+  return jax.tree.unflatten(treedef, [
+      view(path, u, s) for (path, u), s in zip(flat, jax.tree.leaves(slow))])
 
 
 def _check_update_args(updates: Any, state: Any, params: Any,
@@ -463,7 +546,8 @@ def _check_update_args(updates: Any, state: Any, params: Any,
   if slow_dtype is not None:
     _check_param_kinds(params, state.slow_params)
   _checks.check_same_tree(
-      "updates", updates, state.slow_params, reference_name="the slow params")
+      "updates", _dense_like(updates, state.slow_params), state.slow_params,
+      reference_name="the slow params")
   return params, updates
 
 

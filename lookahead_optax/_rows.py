@@ -1,0 +1,168 @@
+"""Lookahead over row-sparse updates (`SparseRows`): syncs that cost O(rows).
+
+A table whose updates arrive as `SparseRows` changes only in the rows a step
+touches, so after a sync every row untouched since then still equals its slow
+weights and the next sync needs only the rows touched in the cycle. Their ids
+are kept in a buffer of `sync_period * N` ids (`LookaheadState.cycle_rows`,
+N ids a step); at a sync the buffer's distinct rows are gathered from the
+params and slow weights, interpolated, and written back: no pass over the
+table, at any step.
+"""
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lookahead_optax import _sparse
+from lookahead_optax import _sync
+from lookahead_optax import _tree
+
+HOLE = optax.MaskedNode()
+
+
+def is_hole_or_rows(x: Any) -> bool:
+  return _tree.is_masked_node(x) or _sparse.is_sparse_rows(x)
+
+
+def resolve_rows_per_step(rows_per_step: Any, params: Any) -> list:
+  """One entry per params leaf: the ids per step (int) or None.
+
+  `rows_per_step` names tables by their path in the params: a dict such as
+  `{"embed": 8192}` (leaves it does not name get None), a nested dict, or a
+  tree with the params' structure (or a prefix of it).
+
+  Raises:
+    ValueError: if it names no parameter, names a leaf with ndim 0, or a count
+      is not an integer >= 1.
+  """
+  param_leaves = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=_tree.is_masked_node)[0]
+  out = [None] * len(param_leaves)
+  if rows_per_step is None:
+    return out
+  for path, n in jax.tree_util.tree_flatten_with_path(rows_per_step)[0]:
+    where = _tree.path_str(path)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+      raise ValueError(
+          f"`rows_per_step` leaf {where} must be an integer >= 1 (the number "
+          f"of ids of each step's SparseRows) or None, got {n!r}.")
+    hits = [i for i, (p_path, _) in enumerate(param_leaves)
+            if tuple(p_path[:len(path)]) == tuple(path)]
+    if not hits:
+      raise ValueError(
+          f"`rows_per_step` leaf {where} does not match any parameter.")
+    for i in hits:
+      p_path, p = param_leaves[i]
+      if _tree.is_masked_node(p):
+        continue
+      if jnp.ndim(p) == 0:
+        raise ValueError(
+            f"`rows_per_step` names leaf {_tree.path_str(p_path)}, which has "
+            "ndim 0: only tables (ndim >= 1) have rows.")
+      out[i] = n
+  return out
+
+
+def init_cycle_rows(counts: list, params: Any, sync_period: int) -> Any:
+  """The id buffers: params' tree, (k * N,) int32 at tables, holes elsewhere."""
+  leaves, treedef = jax.tree.flatten(params, is_leaf=_tree.is_masked_node)
+  return jax.tree.unflatten(treedef, [
+      HOLE if n is None else
+      jnp.full((sync_period * n,), jnp.shape(p)[0], jnp.int32)
+      for n, p in zip(counts, leaves)])
+
+
+def split(tree: Any, sparse: list) -> Any:
+  """`tree` with the leaves at sparse tables replaced by holes."""
+  leaves, treedef = jax.tree.flatten(tree, is_leaf=is_hole_or_rows)
+  return jax.tree.unflatten(
+      treedef, [HOLE if s else x for s, x in zip(sparse, leaves)])
+
+
+def merge(dense: Any, full: Any, sparse_values: list) -> Any:
+  """`dense` (holes at sparse tables) with `sparse_values` put in the holes."""
+  treedef = jax.tree.structure(full, is_leaf=is_hole_or_rows)
+  dense_leaves = treedef.flatten_up_to(dense)
+  return jax.tree.unflatten(treedef, [
+      v if v is not None else d for d, v in zip(dense_leaves, sparse_values)])
+
+
+def _rows_of(update: _sparse.SparseRows, ids: jax.Array) -> jax.Array:
+  """The rows of `update` (duplicates summed) at the sorted distinct `ids`."""
+  where = jnp.clip(jnp.searchsorted(ids, update.ids), 0, ids.shape[0] - 1)
+  hit = ids[where] == update.ids
+  values = jnp.where(
+      jnp.reshape(hit, hit.shape + (1,) * (update.values.ndim - 1)),
+      update.values, jnp.zeros((), update.values.dtype))
+  zeros = jnp.zeros((ids.shape[0],) + update.row_shape, update.values.dtype)
+  return zeros.at[where].add(values)
+
+
+def sync_table(flag: jax.Array, slot: jax.Array, p: jax.Array,
+               update: _sparse.SparseRows, slow: jax.Array, buffer: jax.Array,
+               alpha: jax.Array, sync_period: int
+               ) -> tuple[Any, jax.Array, jax.Array]:
+  """One step of one table: (update to return, slow weights, id buffer).
+
+  Records the step's ids in `buffer`; where `flag` (a sync), interpolates the
+  distinct rows of the cycle and returns the update that lands the params on
+  them; otherwise returns `update` unchanged. O(`sync_period * N`) work.
+  """
+  num_rows, n = jnp.shape(p)[0], update.num_ids
+  if buffer.shape[0] != sync_period * n:
+    raise ValueError(
+        f"A `SparseRows` update has {n} ids but `rows_per_step` declared "
+        f"{buffer.shape[0] // sync_period}: each step must bring the declared "
+        "number of ids (pad with an out-of-range id, which is ignored).")
+  ids = _sparse.safe_ids(update.ids, num_rows).astype(jnp.int32)
+  buffer = jax.lax.dynamic_update_slice(buffer, ids, (slot * n,))
+  cycle, _ = _sparse.dedupe_ids(buffer, None, num_rows)
+  cycle = jnp.where(flag, cycle, num_rows)  # nothing to sync otherwise
+  p_rows, s_rows = _sparse.gather_rows(p, cycle), _sparse.gather_rows(slow, cycle)
+  u_rows = _rows_of(update, cycle)
+  cdtype = _sync.compute_dtype(slow)
+  target = _sync.interpolate(
+      s_rows.astype(cdtype), _sync.fast_weights(p_rows, u_rows, cdtype),
+      alpha.astype(cdtype))
+  landing = _sync.landing_update(p_rows, u_rows, target, s_rows)
+  new_rows = _sync.stored_slow(p_rows, landing, target, s_rows,
+                               keep_target=False)
+  slow = _sparse.scatter_rows(slow, cycle, new_rows)
+  kept_ids = jnp.where(flag, num_rows, update.ids)
+  kept = jnp.where(flag, jnp.zeros((), update.values.dtype), update.values)
+  out = _sparse.SparseRows._make(  # pylint: disable=protected-access
+      jnp.concatenate([kept_ids.astype(cycle.dtype), cycle]),
+      jnp.concatenate([kept, landing.astype(kept.dtype)]))
+  return out, slow, buffer
+
+
+def sparse_flags(inner_updates: Any) -> list:
+  """Per params leaf: whether its inner update is a `SparseRows`."""
+  return [_sparse.is_sparse_rows(x) for x in
+          jax.tree.leaves(inner_updates, is_leaf=is_hole_or_rows)]
+
+
+def check_sparse_leaves(sparse: list, cycle_rows: Any, params: Any,
+                        options_ok: Optional[str]) -> None:
+  """Each `SparseRows` update needs a declared buffer and the default options."""
+  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=_tree.is_masked_node)[0]]
+  buffers = jax.tree.leaves(
+      jax.tree.map(lambda _, b: b, params, cycle_rows,
+                   is_leaf=_tree.is_masked_node),
+      is_leaf=_tree.is_masked_node)
+  for path, is_sparse, buf in zip(paths, sparse, buffers):
+    if not is_sparse:
+      continue
+    where = _tree.path_str(path)
+    if _tree.is_masked_node(buf):
+      raise ValueError(
+          f"The inner update of leaf {where} is a `SparseRows` but "
+          "`rows_per_step` declares no ids for it: pass `rows_per_step` with "
+          "the number of ids each step brings for that table.")
+    if options_ok is not None:
+      raise ValueError(
+          f"The inner update of leaf {where} is a `SparseRows`: row-sparse "
+          f"syncs support the default options only ({options_ok}).")
