@@ -149,10 +149,13 @@ def check_sparse_leaves(sparse: list, cycle_rows: Any, params: Any,
   """Each `SparseRows` update needs a declared buffer and the default options."""
   paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(
       params, is_leaf=_tree.is_masked_node)[0]]
-  buffers = jax.tree.leaves(
-      jax.tree.map(lambda _, b: b, params, cycle_rows,
-                   is_leaf=_tree.is_masked_node),
-      is_leaf=_tree.is_masked_node)
+  if cycle_rows is None:
+    buffers = [HOLE] * len(paths)
+  else:
+    buffers = jax.tree.leaves(
+        jax.tree.map(lambda _, b: b, params, cycle_rows,
+                     is_leaf=_tree.is_masked_node),
+        is_leaf=_tree.is_masked_node)
   for path, is_sparse, buf in zip(paths, sparse, buffers):
     if not is_sparse:
       continue

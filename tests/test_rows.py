@@ -1,0 +1,162 @@
+"""`lookahead` over row-sparse updates (`SparseRows`, `rows_per_step`)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lookahead_optax as lo
+
+V, D, N, K = 40, 3, 5, 3
+
+
+def bits(x):
+  x = np.asarray(x)
+  return x.view(f"u{x.dtype.itemsize}")
+
+
+def make_tx(sparse, alpha=0.3):
+  inner = lo.lazy(optax.adam(0.1), mask={"embed": True, "w": False})
+  return lo.lookahead(inner, K, alpha,
+                      rows_per_step={"embed": N} if sparse else None)
+
+
+def batches(steps, seed=0, high=12):
+  rng = np.random.default_rng(seed)
+  for _ in range(steps):
+    ids = jnp.asarray(rng.integers(0, high, size=N), jnp.int32)  # duplicates
+    vals = jnp.asarray(rng.normal(size=(N, D)), jnp.float32)
+    yield lo.SparseRows(ids, vals)
+
+
+def init_params(seed=1):
+  rng = np.random.default_rng(seed)
+  return {"embed": jnp.asarray(rng.normal(size=(V, D)), jnp.float32),
+          "w": jnp.asarray([1.0, -0.5], jnp.float32)}
+
+
+def copy(tree):
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def test_sparse_sync_equals_dense_lazy_lookahead_eagerly():
+  params0 = init_params()
+  txs, txd = make_tx(True), make_tx(False)
+  ps, pd = copy(params0), copy(params0)
+  ss, sd = txs.init(ps), txd.init(pd)
+  for t, g in enumerate(batches(2 * K + 1)):
+    gs = {"embed": g, "w": jnp.array([0.3, -0.2])}
+    gd = {"embed": g.todense(V), "w": gs["w"]}
+    u, ss = txs.update(gs, ss, ps)
+    ps = optax.apply_updates(ps, u)
+    u, sd = txd.update(gd, sd, pd)
+    pd = optax.apply_updates(pd, u)
+    for key in params0:
+      np.testing.assert_allclose(ps[key], pd[key], rtol=0, atol=2e-7,
+                                 err_msg=f"step {t + 1} {key}")
+      np.testing.assert_allclose(lo.slow_params(ss)[key],
+                                 lo.slow_params(sd)[key], rtol=0, atol=2e-7)
+
+
+def test_untouched_rows_bitwise_and_params_land_on_slow_jit_donated():
+  params0 = init_params()
+  tx = make_tx(True, alpha=0.8)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(p, s, g):
+    u, s = tx.update({"embed": g, "w": jnp.array([0.3, -0.2])}, s, p)
+    return optax.apply_updates(p, u), s
+
+  p, s = copy(params0), tx.init(copy(params0))
+  for t, g in enumerate(batches(4 * K, high=12)):
+    p, s = step(p, s, g)
+    table, slow = np.asarray(p["embed"]), np.asarray(lo.slow_params(s)["embed"])
+    # Rows 12.. are never looked up: bitwise their initial values.
+    np.testing.assert_array_equal(bits(table[12:]),
+                                  bits(np.asarray(params0["embed"])[12:]))
+    np.testing.assert_array_equal(bits(slow[12:]),
+                                  bits(np.asarray(params0["embed"])[12:]))
+    if (t + 1) % K == 0:
+      np.testing.assert_array_equal(bits(table), bits(slow))
+    assert s.cycle_rows["embed"].shape == (K * N,)
+
+
+def test_sync_interpolates_cycle_rows_by_hand():
+  # SGD(1) lazy on a 4-row table, k = 2, alpha = 0.3: row 1 touched at step
+  # 1 (grad 2), row 3 at step 2 (grad -1); both move, then the sync.
+  params = {"embed": jnp.zeros((4, 1)), "w": jnp.zeros(1)}
+  inner = lo.lazy(optax.sgd(1.0), mask={"embed": True, "w": False})
+  tx = lo.lookahead(inner, 2, 0.3, rows_per_step={"embed": 1})
+  s = tx.init(params)
+  for ids, val in (([1], 2.0), ([3], -1.0)):
+    g = {"embed": lo.SparseRows(jnp.array(ids), jnp.full((1, 1), val)),
+         "w": jnp.zeros(1)}
+    u, s = tx.update(g, s, params)
+    params = optax.apply_updates(params, u)
+  np.testing.assert_allclose(params["embed"][:, 0], [0.0, -0.6, 0.0, 0.3],
+                             rtol=1e-6)
+  np.testing.assert_array_equal(bits(params["embed"]),
+                                bits(lo.slow_params(s)["embed"]))
+
+
+def test_step_does_not_pass_over_the_table():
+  big = 200_000
+  params = {"embed": jnp.zeros((big, 8)), "w": jnp.zeros(2)}
+  inner = lo.lazy(optax.adam(0.1), mask={"embed": True, "w": False})
+  tx = lo.lookahead(inner, 4, 0.5, rows_per_step={"embed": 64})
+  state = tx.init(params)
+  g = {"embed": lo.SparseRows(jnp.arange(64), jnp.ones((64, 8))),
+       "w": jnp.ones(2)}
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, state, g).compile()
+  table_bytes = big * 8 * 4
+  # No temporary of the table's size: the table and its moments are updated
+  # in place, row by row.
+  assert compiled.memory_analysis().temp_size_in_bytes < table_bytes // 10
+
+
+def test_sparse_update_without_rows_per_step_raises():
+  params = init_params()
+  tx = make_tx(False)
+  state = tx.init(params)
+  g = {"embed": next(batches(1)), "w": jnp.zeros(2)}
+  with pytest.raises(ValueError, match=r"leaf \['embed'\].*`rows_per_step`"):
+    tx.update(g, state, params)
+
+
+def test_wrong_number_of_ids_raises():
+  params = init_params()
+  tx = make_tx(True)
+  state = tx.init(params)
+  g = {"embed": lo.SparseRows(jnp.arange(N + 1), jnp.ones((N + 1, D))),
+       "w": jnp.zeros(2)}
+  with pytest.raises(ValueError, match=f"has {N + 1} ids but `rows_per_step` "
+                     f"declared {N}"):
+    tx.update(g, state, params)
+
+
+def test_sparse_tables_need_default_options():
+  params = init_params()
+  inner = lo.lazy(optax.adam(0.1), mask={"embed": True, "w": False})
+  tx = lo.lookahead(inner, K, inner_state="reset", rows_per_step={"embed": N})
+  state = tx.init(params)
+  g = {"embed": next(batches(1)), "w": jnp.zeros(2)}
+  with pytest.raises(ValueError, match="default options only"):
+    tx.update(g, state, params)
+
+
+def test_rows_per_step_errors():
+  params = init_params()
+  with pytest.raises(ValueError, match="does not match any parameter"):
+    make = lo.lookahead(optax.sgd(0.1), K, rows_per_step={"table": 4})
+    make.init(params)
+  with pytest.raises(TypeError, match="`sync_period` must be a Python int"):
+    lo.lookahead(optax.sgd(0.1), jnp.array(3), rows_per_step={"embed": 4})
