@@ -118,5 +118,13 @@ def eval_model(model: Any, optimizer: Any) -> Any:
     )
   wrt = getattr(optimizer, "wrt", nnx.Param)
   graphdef, params, rest = nnx.split(model, wrt, ...)
-  slow = eval_params(optimizer, params)
+  try:
+    slow = eval_params(optimizer, params)
+  except ValueError as e:
+    if "No LookaheadState" in str(e):
+      raise
+    raise ValueError(
+        "`model` is not the model `optimizer` trains: its params do not "
+        f"match the optimizer's slow weights. {e}"
+    ) from e
   return nnx.merge(graphdef, slow, rest, copy=True)

@@ -43,6 +43,15 @@ def _sma_length(t, rho_inf, log_b2):
   return (rho_inf - 2.0 / neg_log_b2) + jnp.where(x < 1.0, series, direct)
 
 
+def _check_radam_args(b1, b2, eps, threshold):
+  """Checks the RAdam arguments (traced values are accepted as they are)."""
+  _checks.check_scalar("b1", b1, low=0.0, high=1.0, high_open=True)
+  _checks.check_scalar("b2", b2, low=0.0, high=1.0, high_open=True)
+  _checks.check_scalar("eps", eps, low=0.0)
+  # The rectification sqrt((rho - 4) (rho - 2) / rho) needs rho > 4.
+  _checks.check_scalar("threshold", threshold, low=4.0)
+
+
 def scale_by_ranger_radam(
     b1: float = 0.95,
     b2: float = 0.999,
@@ -86,10 +95,7 @@ def scale_by_ranger_radam(
     Liu et al., `On the Variance of the Adaptive Learning Rate and Beyond
     <https://arxiv.org/abs/1908.03265>`_, 2020.
   """
-  for name, value in (("b1", b1), ("b2", b2)):
-    _checks.check_unit_interval(name, value, allow_schedule=False)
-    if not _checks.is_traced(value) and float(value) >= 1.0:
-      raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
+  _check_radam_args(b1, b2, eps, threshold)
   rho_inf = 2.0 / (1.0 - b2) - 1.0
   log_b1, log_b2 = _log(b1), _log(b2)
 
@@ -183,21 +189,16 @@ def ranger(
     Yong et al., `Gradient Centralization
     <https://arxiv.org/abs/2004.01461>`_, 2020.
   """
+  _checks.check_scalar("learning_rate", learning_rate, low=0.0,
+                       allow_schedule=True)
+  _check_radam_args(b1, b2, eps, 5.0)
+  _checks.check_scalar("weight_decay", weight_decay, low=0.0)
+  if not isinstance(centralize, (bool, np.bool_)):
+    raise TypeError(f"`centralize` must be a bool, got {centralize!r}.")
   # A scalar array is accepted (optax.inject_hyperparams passes one, traced in
   # `update`); the decay term is then always in the chain, so that `init` and
   # `update` build the same state.
   is_array = isinstance(weight_decay, (jax.Array, np.ndarray))
-  if isinstance(weight_decay, bool) or not (
-      isinstance(weight_decay, (int, float))
-      or (is_array and jnp.ndim(weight_decay) == 0)
-  ):
-    raise TypeError(
-        f"`weight_decay` must be a non-negative float, got {weight_decay!r}."
-    )
-  if not _checks.is_traced(weight_decay) and not float(weight_decay) >= 0:
-    raise ValueError(
-        f"`weight_decay` must be a non-negative float, got {weight_decay!r}."
-    )
   parts = [optax.centralize()] if centralize else []
   parts.append(scale_by_ranger_radam(b1=b1, b2=b2, eps=eps))
   if is_array or weight_decay:

@@ -1,5 +1,7 @@
 """Flax integration: linen `TrainState` and NNX `nnx.Optimizer` with lookahead."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -300,3 +302,28 @@ def test_eval_model_errors():
     lo.eval_model({"w": 1}, plain)
   with pytest.raises(TypeError, match="`optimizer` must be an nnx.Optimizer"):
     lo.eval_model(model, optax.sgd(0.1))
+
+
+def test_eval_model_of_another_model_raises():
+  # A model of the same type and structure but other shapes: the optimizer's
+  # slow weights must not be put into it.
+  model = _NNXMLP(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(
+      model, lo.lookahead(optax.sgd(0.1), sync_period=5), wrt=nnx.Param)
+  other = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=re.escape(
+      "`model` is not the model `optimizer` trains: its params do not match "
+      "the optimizer's slow weights.")):
+    lo.eval_model(other, optimizer)
+  wider = nnx.Linear(4, 8, rngs=nnx.Rngs(0))
+  small = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  small_opt = nnx.Optimizer(small, lo.lookahead(optax.sgd(0.1)),
+                            wrt=nnx.Param)
+  with pytest.raises(ValueError, match=re.escape(
+      "`params` leaf ['bias'] has shape (8,), but its slow weights have "
+      "shape (3,)")):
+    lo.eval_model(wider, small_opt)
+  # The model it trains still works.
+  slow = lo.eval_model(small, small_opt)
+  _assert_trees_equal(_pure(nnx.state(slow, nnx.Param)),
+                      _pure(nnx.state(small, nnx.Param)))

@@ -668,6 +668,24 @@ def test_bad_sync_period(value, error, shown):
     lo.lookahead(optax.sgd(0.1), sync_period=value)
 
 
+@pytest.mark.parametrize("value", [2**31, np.int64(2**40), 10**30])
+def test_sync_period_beyond_int32_is_rejected(value):
+  # The step counter is an int32: a larger k would overflow at `update`.
+  with pytest.raises(ValueError, match=re.escape(
+      "`sync_period` must be an integer <= 2147483647 (the step counter is "
+      f"an int32), got {int(value)}.")):
+    lo.lookahead(optax.sgd(0.1), sync_period=value)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_sync_period_int32_max_is_accepted(jit):
+  tx = lo.lookahead(optax.sgd(0.5), sync_period=2**31 - 1)
+  update = jax.jit(tx.update) if jit else tx.update
+  x = jnp.array([4.0])
+  updates, state = update(x, tx.init(x), x)
+  assert float(updates[0]) == -2.0 and int(state.step) == 1
+
+
 @pytest.mark.parametrize("value,error,shown", [
     (-0.1, ValueError, "-0.1"),
     (1.5, ValueError, "1.5"),

@@ -180,3 +180,25 @@ def test_works_under_jit():
   params, state = _run(_la(), PARAMS, 1)
   evaluated = jax.jit(lo.eval_params)(state, params)
   chex.assert_trees_all_equal(evaluated, PARAMS)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_eval_params_of_another_shape_raises_naming_the_leaf(jit):
+  # Same structure, other shapes: the old slow weights must not be returned.
+  state = _la().init(PARAMS)
+  other = {"a": jnp.array([1.0]), "b": jnp.array([1.0, 2.0, 3.0])}
+  eval_params = jax.jit(lo.eval_params) if jit else lo.eval_params
+  with pytest.raises(ValueError, match=re.escape(
+      "`params` leaf ['b'] has shape (3,), but its slow weights have shape "
+      "(2,): are these the params this optimizer trains?")):
+    eval_params(state, other)
+
+
+def test_eval_params_shape_check_skips_masked_out_leaves():
+  # A masked-out leaf has no slow weights: its shape is not checked.
+  tx = optax.masked(_la(), {"a": True, "b": False})
+  params, state = _run(tx, PARAMS, 1)
+  evaluated = lo.eval_params(state, params)
+  chex.assert_trees_all_equal(evaluated, {"a": PARAMS["a"], "b": params["b"]})
+  with pytest.raises(ValueError, match=re.escape("`params` leaf ['a']")):
+    lo.eval_params(state, {"a": jnp.ones(2), "b": params["b"]})
