@@ -114,21 +114,29 @@ def check_state_structure(
   `ValueError` naming the first path that differs. Container types are not
   compared: a dict key and a NamedTuple field of the same name match, and so
   do a list and a tuple, so `state` may be the tree of a checkpoint's metadata
-  (e.g. orbax's ``checkpointer.metadata(path).item_metadata``, where
+  (e.g. orbax's `checkpointer.metadata(path).item_metadata`, where
   NamedTuples are saved as dicts) and `expected` the abstract state of the
-  optimizer you are restoring into (``jax.eval_shape(tx.init, params)``).
-  Empty nodes (``optax.EmptyState()``, ``None``) hold no leaves and are
-  ignored. Leaves may be arrays, `jax.ShapeDtypeStruct`s or any object with
-  `shape` and `dtype` attributes.
+  optimizer you are restoring into (`jax.eval_shape(tx.init, params)`).
+  Empty nodes (`optax.EmptyState()`, `None`) hold no leaves and are
+  ignored. Leaves may be arrays, `jax.ShapeDtypeStruct`s, Python or NumPy
+  scalars, or any object with `shape` and `dtype` attributes.
+
+  Keys that orbax writes as strings match the indices they stand for (the
+  `"0"` of a saved `opt_state.inner_state[0]`), and the `value` level of a
+  Flax NNX variable is optional, so the checkpoint of an `nnx.Optimizer`
+  (`nnx.state(optimizer)`, or its `nnx.to_pure_dict`) checks against the
+  state of the optimizer it is restored into.
 
   Args:
     state: the state to check: restored arrays or checkpoint metadata (an
       orbax `StepMetadata` is unwrapped to its `item_metadata`).
     expected: a pytree with the expected structure, shapes and dtypes, e.g.
-      ``jax.eval_shape(tx.init, params)``.
+      `jax.eval_shape(tx.init, params)`.
     name: how to call `state` in the error message.
 
   Raises:
+    TypeError: if a leaf of `state` or `expected` is not an array (e.g. a
+      string), naming its path.
     ValueError: if a leaf of `expected` is missing from `state` or the other
       way round (naming the first such path, and saying when the state holds
       no slow weights, i.e. was saved without lookahead), or a leaf has
@@ -306,32 +314,37 @@ def migrate_optax_state(
   """Builds the state of `tx` from the state of the same optimizer sans lookahead.
 
   Use it to continue a run checkpointed without Lookahead with Lookahead,
-  e.g. from an ``optax.adam`` state to ``lookahead(optax.adam)``: the inner
+  e.g. from an `optax.adam` state to `lookahead(optax.adam)`: the inner
   state is taken from `opt_state` as it is (Adam's moments and step count go
   on), and the slow weights start as a copy of `params` (in the `slow_dtype`
   of the lookahead, if one was given), as if Lookahead had been initialised on
-  them. `tx` may hold its lookaheads anywhere (``optax.chain(clip,
-  lookahead(adam))`` migrates from the state of ``optax.chain(clip, adam)``);
-  with ``inner_state="pullback"`` the last-synced inner state starts as a copy
+  them. `tx` may hold its lookaheads anywhere (`optax.chain(clip,
+  lookahead(adam))` migrates from the state of `optax.chain(clip, adam)`);
+  with `inner_state="pullback"` the last-synced inner state starts as a copy
   of the migrated one. Nothing is computed but copies, and the arrays keep
   their shardings.
 
   Args:
     tx: the optimizer to migrate to, containing one or more `lookahead`s.
     opt_state: the state of the optimizer `tx` without its lookaheads (each
-      ``lookahead(inner)`` replaced by ``inner``), with its real container
+      `lookahead(inner)` replaced by `inner`), with its real container
       types (restore it with the abstract state of that optimizer as target).
     params: the current params, from the same checkpoint.
-    step: the lookahead step count to start from (default 0: the first sync
-      comes `sync_period` steps after the migration).
+    step: the lookahead step count to start from, an integer in
+      $[0, 2^{31} - 1]$ (default 0: the first sync comes `sync_period` steps
+      after the migration).
 
   Returns:
     A state of `tx`.
 
   Raises:
-    ValueError: if `tx` holds no lookahead, or `opt_state` does not have the
-      structure of the state of `tx` without its lookaheads (the message names
-      the first differing path).
+    TypeError: if `tx` is not a gradient transformation, or `step` is not an
+      integer.
+    ValueError: if `tx` holds no lookahead, `step` is outside
+      $[0, 2^{31} - 1]$, `params` have other shapes than the state in
+      `opt_state` holds (naming the leaf), or `opt_state` does not have the
+      structure of the state of `tx` without its lookaheads (naming the first
+      differing path).
 
   Example:
     >>> import jax.numpy as jnp

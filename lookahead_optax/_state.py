@@ -123,8 +123,8 @@ def eval_params(state: Any, params: optax.Params) -> optax.Params:
   weights). Leaves that no lookahead handles (e.g. masked out) keep their
   value from `params`; slow weights kept in a higher precision (`slow_dtype`)
   are cast back to the params' dtypes.
-  `params` may be an NNX state such as ``nnx.state(model, nnx.Param)``: the
-  result then holds variables of the same types, ready for ``nnx.update``.
+  `params` may be an NNX state such as `nnx.state(model, nnx.Param)`: the
+  result then holds variables of the same types, ready for `nnx.update`.
 
   Args:
     state: an optimizer state, or a training-state object with `opt_state`.

@@ -13,7 +13,7 @@ def is_masked_node(x: Any) -> bool:
 
 
 def path_str(path: Any) -> str:
-  """A key path as text for error messages (``<root>`` for the root)."""
+  """A key path as text for error messages (`<root>` for the root)."""
   return jax.tree_util.keystr(tuple(path)) or "<root>"
 
 
@@ -44,15 +44,15 @@ def map_param_shaped(fn: Any, per_param: Any, params: Any, state: Any,
   leaves, as in `optax.masked` and `optax.multi_transform` states) and its
   leaves have the params' shapes and a floating dtype.
 
-  Finds those subtrees and replaces each leaf ``x`` of such a subtree with
-  ``fn(aux, x, *ys)``, where ``aux`` is the leaf of `per_param` for the same
-  parameter and ``ys`` are the matching leaves of `others` (trees with the
-  structure of `state`, e.g. the previous state). When ``aux`` is None the leaf
+  Finds those subtrees and replaces each leaf `x` of such a subtree with
+  `fn(aux, x, *ys)`, where `aux` is the leaf of `per_param` for the same
+  parameter and `ys` are the matching leaves of `others` (trees with the
+  structure of `state`, e.g. the previous state). When `aux` is None the leaf
   is kept as it is. Every other leaf of `state` (counters, flags, MaskedNode
   holes) is kept as it is.
 
   Args:
-    fn: ``fn(aux, x, *ys) -> new x``.
+    fn: `fn(aux, x, *ys) -> new x`.
     per_param: a list with one entry per leaf of `params` (flattened with
       `optax.MaskedNode` as a leaf), e.g. a row mask or None.
     params: the parameters (or their shapes) the state was initialised with.

@@ -48,7 +48,7 @@ def same_bits(a: Any, b: Any) -> bool:
 
 def x64_if(dtype: Any):
   """`jax.enable_x64(True)` for float64, else a no-op context."""
-  if np.dtype(dtype) == np.float64:
+  if jnp.dtype(dtype) == jnp.float64:
     return jax.enable_x64(True)
   return contextlib.nullcontext()
 
