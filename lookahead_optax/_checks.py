@@ -16,6 +16,9 @@ import numpy as np
 
 from lookahead_optax import _tree
 
+# The largest step count an int32 counter holds.
+MAX_INT32 = 2**31 - 1
+
 
 def is_traced(value: Any) -> bool:
   """Returns True if `value` is an abstract (traced) JAX value."""
@@ -54,7 +57,76 @@ def check_sync_period(sync_period: Any) -> Any:
     raise TypeError(f"`sync_period` must be an integer >= 1, got {sync_period!r}.")
   if value < 1:
     raise ValueError(f"`sync_period` must be an integer >= 1, got {value!r}.")
+  if value > MAX_INT32:
+    raise ValueError(
+        f"`sync_period` must be an integer <= {MAX_INT32} (the step counter "
+        f"is an int32), got {value!r}."
+    )
   return sync_period
+
+
+def check_step(name: str, value: Any) -> int:
+  """Checks a concrete step count: an integer in [0, 2**31 - 1]."""
+  expected = f"an integer in [0, {MAX_INT32}]"
+  if isinstance(value, (jax.Array, np.ndarray)):
+    if value.ndim or not jnp.issubdtype(value.dtype, jnp.integer):
+      raise TypeError(
+          f"`{name}` must be {expected}, got an array of type "
+          f"{value.dtype}{list(value.shape)}."
+      )
+    value = int(value)
+  elif isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, numbers.Integral):
+    raise TypeError(f"`{name}` must be {expected}, got {value!r}.")
+  if not 0 <= int(value) <= MAX_INT32:
+    raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
+  return int(value)
+
+
+def check_scalar(
+    name: str,
+    value: Any,
+    *,
+    low: float,
+    high: float = math.inf,
+    high_open: bool = False,
+    allow_schedule: bool = False,
+) -> Any:
+  """Checks a finite real number (or scalar array) in `[low, high]`.
+
+  With `high_open=True` the interval is `[low, high)`. Traced scalars are
+  accepted as they are (e.g. hyperparameters injected by
+  `optax.inject_hyperparams`); with `allow_schedule=True` so is a callable.
+  """
+  interval = (f">= {low:g}" if high == math.inf else
+              f"in [{low:g}, {high:g}{')' if high_open else ']'}")
+  expected = f"a finite float {interval}" + (
+      " or a schedule (a callable of the step count)" if allow_schedule
+      else "")
+  if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
+    if allow_schedule:
+      return value
+    raise TypeError(f"`{name}` must be {expected}, got {value!r}.")
+  if is_traced(value):
+    if value.ndim:
+      raise TypeError(f"`{name}` must be {expected}, got shape {value.shape}.")
+    return value
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (numbers.Real, jax.Array, np.ndarray)
+  ):
+    raise TypeError(f"`{name}` must be {expected}, got {value!r}.")
+  array = np.asarray(value)
+  if array.ndim or not (
+      np.issubdtype(array.dtype, np.floating)
+      or np.issubdtype(array.dtype, np.integer)
+      or array.dtype == jnp.bfloat16
+  ):
+    raise TypeError(f"`{name}` must be {expected}, got {value!r}.")
+  number = float(array)
+  in_range = low <= number and (number < high if high_open else number <= high)
+  if not math.isfinite(number) or not in_range:
+    raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
+  return value
 
 
 def check_unit_interval(name: str, value: Any, *, allow_schedule: bool) -> Any:

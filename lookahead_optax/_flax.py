@@ -25,7 +25,7 @@ def eval_train_state(state: Any) -> Any:
       contains a `lookahead`.
 
   Returns:
-    ``state.replace(params=lookahead_optax.eval_params(state, state.params))``.
+    `state.replace(params=lookahead_optax.eval_params(state, state.params))`.
 
   Raises:
     TypeError: if `state` has no `params`, `opt_state` or `replace`.
@@ -101,9 +101,9 @@ def eval_model(model: Any, optimizer: Any) -> Any:
     [[3.]]
 
   References:
-    Zhang, Lucas, Hinton, Ba, `Lookahead Optimizer: k steps forward, 1 step
-    back <https://arxiv.org/abs/1907.08610>`_, NeurIPS 2019 (evaluates on
-    the slow weights).
+    Zhang, Lucas, Hinton, Ba, [Lookahead Optimizer: k steps forward, 1 step
+    back](https://arxiv.org/abs/1907.08610), NeurIPS 2019 (evaluates on the
+    slow weights).
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
@@ -118,5 +118,13 @@ def eval_model(model: Any, optimizer: Any) -> Any:
     )
   wrt = getattr(optimizer, "wrt", nnx.Param)
   graphdef, params, rest = nnx.split(model, wrt, ...)
-  slow = eval_params(optimizer, params)
+  try:
+    slow = eval_params(optimizer, params)
+  except ValueError as e:
+    if "No LookaheadState" in str(e):
+      raise
+    raise ValueError(
+        "`model` is not the model `optimizer` trains: its params do not "
+        f"match the optimizer's slow weights. {e}"
+    ) from e
   return nnx.merge(graphdef, slow, rest, copy=True)

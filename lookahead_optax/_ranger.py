@@ -25,15 +25,20 @@ def _one_minus_pow(log_b, t):
 
 
 def _sma_length(t, rho_inf, log_b2):
-  """rho_t = rho_inf - 2 t b2^t / (1 - b2^t), accurate in float32.
+  r"""The SMA length $\rho_t = \rho_\infty - 2 t \beta_2^t / (1 - \beta_2^t)$,
+  accurate in float32.
 
-  The direct formula subtracts two numbers close to rho_inf (~2000 for
-  b2 = 0.999) and loses ~0.5% of rho_t in float32 at the steps where it crosses
-  the threshold. With x = -t log b2, 2 t b2^t / (1 - b2^t) = (2 / L) B(x),
-  L = -log b2, B(x) = x / expm1(x), so rho_t = (rho_inf - 2 / L) + (2 / L)
-  (1 - B(x)), whose first term is a constant and whose second is
-  t (1 - x/6 + x^3/360 - ...) for x < 1 (Bernoulli series) and well
-  conditioned for x >= 1.
+  The direct formula subtracts two numbers close to $\rho_\infty$ (~2000 for
+  $\beta_2 = 0.999$) and loses ~0.5% of $\rho_t$ in float32 at the steps
+  where it crosses the threshold. With $L = -\log \beta_2$, $x = t L$ and
+  $B(x) = x / \operatorname{expm1}(x)$,
+  $2 t \beta_2^t / (1 - \beta_2^t) = (2 / L) B(x)$, so
+
+  $$\rho_t = (\rho_\infty - 2 / L) + (2 / L) (1 - B(x)),$$
+
+  whose first term is a constant and whose second is
+  $t (1 - x/6 + x^3/360 - \dots)$ for $x < 1$ (the Bernoulli series) and
+  well conditioned for $x \ge 1$.
   """
   neg_log_b2 = -log_b2
   x = t * neg_log_b2
@@ -43,6 +48,15 @@ def _sma_length(t, rho_inf, log_b2):
   return (rho_inf - 2.0 / neg_log_b2) + jnp.where(x < 1.0, series, direct)
 
 
+def _check_radam_args(b1, b2, eps, threshold):
+  """Checks the RAdam arguments (traced values are accepted as they are)."""
+  _checks.check_scalar("b1", b1, low=0.0, high=1.0, high_open=True)
+  _checks.check_scalar("b2", b2, low=0.0, high=1.0, high_open=True)
+  _checks.check_scalar("eps", eps, low=0.0)
+  # The rectification sqrt((rho - 4) (rho - 2) / rho) needs rho > 4.
+  _checks.check_scalar("threshold", threshold, low=4.0)
+
+
 def scale_by_ranger_radam(
     b1: float = 0.95,
     b2: float = 0.999,
@@ -50,6 +64,16 @@ def scale_by_ranger_radam(
     threshold: float = 5.0,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Rectified Adam exactly as the Ranger optimizer does.
+
+  With moments $m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t$ and
+  $v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2$, the update is
+
+  $$u_t = \frac{r_t}{1 - \beta_1^t} \frac{m_t}{\sqrt{v_t} + \epsilon}$$
+
+  when the SMA length $\rho_t$ exceeds `threshold`, with the rectification
+  $r_t = \sqrt{(1 - \beta_2^t) \frac{(\rho_t - 4)(\rho_t - 2)
+  \rho_\infty}{(\rho_\infty - 4)(\rho_\infty - 2) \rho_t}}$, and the
+  bias-corrected momentum $m_t / (1 - \beta_1^t)$ otherwise.
 
   Differs from `optax.scale_by_radam` in two details of the reference Ranger
   code: `eps` is added to the square root of the *uncorrected* second moment
@@ -71,7 +95,10 @@ def scale_by_ranger_radam(
     `optax.ScaleByAdamState`.
 
   Raises:
-    ValueError: if `b1` or `b2` is outside [0, 1).
+    TypeError: if an argument is not a real number (or scalar array).
+    ValueError: if `b1` or `b2` is outside $[0, 1)$, `eps` is negative,
+      `threshold` is below 4 (the rectification needs $\rho_t > 4$), or a
+      value is not finite.
 
   Example:
     >>> import jax.numpy as jnp
@@ -83,13 +110,10 @@ def scale_by_ranger_radam(
     [ 1. -2.]
 
   References:
-    Liu et al., `On the Variance of the Adaptive Learning Rate and Beyond
-    <https://arxiv.org/abs/1908.03265>`_, 2020.
+    Liu et al., [On the Variance of the Adaptive Learning Rate and
+    Beyond](https://arxiv.org/abs/1908.03265), 2020.
   """
-  for name, value in (("b1", b1), ("b2", b2)):
-    _checks.check_unit_interval(name, value, allow_schedule=False)
-    if not _checks.is_traced(value) and float(value) >= 1.0:
-      raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
+  _check_radam_args(b1, b2, eps, threshold)
   rho_inf = 2.0 / (1.0 - b2) - 1.0
   log_b1, log_b2 = _log(b1), _log(b2)
 
@@ -144,24 +168,33 @@ def ranger(
   r"""The Ranger optimizer: RAdam inside Lookahead, with Ranger's defaults.
 
   Follows the reference Ranger implementation (lessw2020): Rectified Adam with
-  `b1 = 0.95`, `eps = 1e-5` and an SMA threshold of 5, weight decay applied
-  as ``p -= lr * weight_decay * p`` before the step, and Lookahead with
-  `k = 6`, `alpha = 0.5` whose slow weights start at the initial params. With
+  $\beta_1 = 0.95$, $\epsilon = 10^{-5}$ and an SMA threshold of 5 (see
+  `scale_by_ranger_radam`), weight decay applied as
+  $p \leftarrow p - \eta \lambda p$ before the step ($\eta$ the learning
+  rate, $\lambda$ `weight_decay`), and Lookahead with $k = 6$,
+  $\alpha = 0.5$ whose slow weights start at the initial params. With
   `centralize=True` gradients of params with more than one axis are centred
   first (Gradient Centralization, as in Ranger's 2020 versions).
 
   Args:
-    learning_rate: a float or an optax schedule.
+    learning_rate: a finite float $\ge 0$, or an optax schedule.
     sync_period: Lookahead's `k`.
     slow_step_size: Lookahead's `alpha`.
     b1: decay rate of the first moment.
     b2: decay rate of the second moment.
     eps: term added to the denominator.
-    weight_decay: decoupled weight decay rate.
+    weight_decay: decoupled weight decay rate, a finite float $\ge 0$.
     centralize: whether to apply gradient centralization.
 
   Returns:
     A `lookahead` transformation around the RAdam chain.
+
+  Raises:
+    TypeError: if an argument has the wrong type (e.g. `learning_rate=None`).
+    ValueError: if a float argument is not finite or out of its range
+      (`learning_rate`, `eps`, `weight_decay` $\ge 0$; `b1`, `b2` in
+      $[0, 1)$), or `sync_period` or `slow_step_size` is invalid (see
+      `lookahead`).
 
   Example:
     >>> import jax.numpy as jnp
@@ -176,28 +209,23 @@ def ranger(
     0.999000...
 
   References:
-    Wright, `Ranger: a synergistic optimizer
-    <https://github.com/lessw2020/Ranger-Deep-Learning-Optimizer>`_, 2019;
-    Zhang et al., `Lookahead Optimizer <https://arxiv.org/abs/1907.08610>`_,
-    2019; Liu et al., `RAdam <https://arxiv.org/abs/1908.03265>`_, 2020;
-    Yong et al., `Gradient Centralization
-    <https://arxiv.org/abs/2004.01461>`_, 2020.
+    Wright, [Ranger: a synergistic
+    optimizer](https://github.com/lessw2020/Ranger-Deep-Learning-Optimizer),
+    2019; Zhang et al., [Lookahead
+    Optimizer](https://arxiv.org/abs/1907.08610), 2019; Liu et al.,
+    [RAdam](https://arxiv.org/abs/1908.03265), 2020; Yong et al., [Gradient
+    Centralization](https://arxiv.org/abs/2004.01461), 2020.
   """
+  _checks.check_scalar("learning_rate", learning_rate, low=0.0,
+                       allow_schedule=True)
+  _check_radam_args(b1, b2, eps, 5.0)
+  _checks.check_scalar("weight_decay", weight_decay, low=0.0)
+  if not isinstance(centralize, (bool, np.bool_)):
+    raise TypeError(f"`centralize` must be a bool, got {centralize!r}.")
   # A scalar array is accepted (optax.inject_hyperparams passes one, traced in
   # `update`); the decay term is then always in the chain, so that `init` and
   # `update` build the same state.
   is_array = isinstance(weight_decay, (jax.Array, np.ndarray))
-  if isinstance(weight_decay, bool) or not (
-      isinstance(weight_decay, (int, float))
-      or (is_array and jnp.ndim(weight_decay) == 0)
-  ):
-    raise TypeError(
-        f"`weight_decay` must be a non-negative float, got {weight_decay!r}."
-    )
-  if not _checks.is_traced(weight_decay) and not float(weight_decay) >= 0:
-    raise ValueError(
-        f"`weight_decay` must be a non-negative float, got {weight_decay!r}."
-    )
   parts = [optax.centralize()] if centralize else []
   parts.append(scale_by_ranger_radam(b1=b1, b2=b2, eps=eps))
   if is_array or weight_decay:

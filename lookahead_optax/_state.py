@@ -123,8 +123,8 @@ def eval_params(state: Any, params: optax.Params) -> optax.Params:
   weights). Leaves that no lookahead handles (e.g. masked out) keep their
   value from `params`; slow weights kept in a higher precision (`slow_dtype`)
   are cast back to the params' dtypes.
-  `params` may be an NNX state such as ``nnx.state(model, nnx.Param)``: the
-  result then holds variables of the same types, ready for ``nnx.update``.
+  `params` may be an NNX state such as `nnx.state(model, nnx.Param)`: the
+  result then holds variables of the same types, ready for `nnx.update`.
 
   Args:
     state: an optimizer state, or a training-state object with `opt_state`.
@@ -135,7 +135,8 @@ def eval_params(state: Any, params: optax.Params) -> optax.Params:
 
   Raises:
     ValueError: if `state` holds no `LookaheadState`, or its slow weights do
-      not have the structure of `params`.
+      not have the structure and shapes of `params` (naming the first leaf
+      that differs).
 
   Example:
     >>> import jax.numpy as jnp
@@ -150,22 +151,33 @@ def eval_params(state: Any, params: optax.Params) -> optax.Params:
     ({'w': Array([0.5], dtype=float32)}, {'w': Array([1.], dtype=float32)})
   """
   slow = slow_params(state)
+  slow_def = jax.tree.structure(slow, is_leaf=_tree.is_masked_node)
+  try:
+    param_leaves = slow_def.flatten_up_to(params)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        "The slow weights do not have the structure of `params`: "
+        f"{slow_def} vs {jax.tree.structure(params)}."
+    ) from e
+  slow_leaves = jax.tree_util.tree_flatten_with_path(
+      slow, is_leaf=_tree.is_masked_node)[0]
 
-  def substitute(s, p):
+  def substitute(path, s, p):
     if _tree.is_masked_node(s):
       return p
     p_value = _unwrap_leaf(p)
+    if jnp.shape(s) != jnp.shape(p_value):
+      raise ValueError(
+          f"`params` leaf {_tree.path_str(path)} has shape "
+          f"{jnp.shape(p_value)}, but its slow weights have shape "
+          f"{jnp.shape(s)}: are these the params this optimizer trains?"
+      )
     value = jnp.asarray(s).astype(jnp.result_type(p_value))
     if _is_nnx_variable(p):
       # e.g. `nnx.state(model, nnx.Param)`: keep the variable type.
       return p.replace(value=value)
     return value
 
-  try:
-    return jax.tree.map(substitute, slow, params, is_leaf=_tree.is_masked_node)
-  except ValueError as e:
-    raise ValueError(
-        "The slow weights do not have the structure of `params`: "
-        f"{jax.tree.structure(slow, is_leaf=_tree.is_masked_node)} vs "
-        f"{jax.tree.structure(params)}."
-    ) from e
+  return slow_def.unflatten([
+      substitute(path, s, p)
+      for (path, s), p in zip(slow_leaves, param_leaves)])

@@ -72,3 +72,38 @@ def test_version_matches_pyproject():
 
 def test_lookahead_doc_cites_the_paper():
   assert "1907.08610" in inspect.getdoc(lo.lookahead)
+
+
+# Docstrings are rendered by mkdocstrings as Markdown: `$...$` math, Markdown
+# links and single backticks; no Sphinx roles or reST markup.
+_SPHINX_MARKUP = re.compile(
+    r":math:|\.\. math::|``|`[^`]*<https?://[^>]*>`_|:(func|class|meth|mod):`")
+# Being converted by their owners (the lookahead rewrite, the sparse work).
+_NOT_YET_MARKDOWN = {"lookahead", "lazy", "LazyState"}
+
+
+def _markdown_cases():
+  cases = []
+  for name in lo.__all__:
+    marks = ()
+    if name in _NOT_YET_MARKDOWN:
+      marks = pytest.mark.xfail(
+          strict=True, reason="docstring not converted to Markdown yet")
+    cases.append(pytest.param(name, getattr(lo, name), id=name, marks=marks))
+  for module_name in ("_checkpoint", "_checks", "_flax", "_ranger", "_state",
+                      "_tree"):
+    module = importlib.import_module(f"lookahead_optax.{module_name}")
+    cases.append(pytest.param(module_name, module, id=module_name))
+    for attr, obj in vars(module).items():
+      if ((inspect.isfunction(obj) or inspect.isclass(obj))
+          and obj.__module__ == module.__name__):
+        cases.append(pytest.param(f"{module_name}.{attr}", obj,
+                                  id=f"{module_name}.{attr}"))
+  return cases
+
+
+@pytest.mark.parametrize("name,obj", _markdown_cases())
+def test_docstrings_use_markdown_not_sphinx(name, obj):
+  doc = inspect.getdoc(obj) or ""
+  found = _SPHINX_MARKUP.search(doc)
+  assert found is None, f"{name}: {found.group(0)!r} in its docstring"

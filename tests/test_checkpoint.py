@@ -8,6 +8,7 @@ default, `inner_state="pullback"`, `lazy` and mesh-sharded states.
 
 import importlib.util
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import lookahead_optax as lo
+from tests._helpers import assert_bitwise
 
 HERE = pathlib.Path(__file__).resolve().parent
 WORKER_PATH = HERE / "checkpoint_worker.py"
@@ -103,13 +105,13 @@ def test_resumed_run_is_bitwise_identical(runs, case):
   uninterrupted = result["uninterrupted"]
   assert sorted(resumed) == sorted(uninterrupted)
   for key, value in uninterrupted.items():
-    np.testing.assert_array_equal(resumed[key], value, err_msg=key)
+    assert_bitwise(resumed[key], value, key)
   assert str(result["resumed"]["__state_type__"]) == "LookaheadState"
   # TOTAL = 12 is a sync step: the params landed on the slow weights.
   for key, value in uninterrupted.items():
     if key.startswith("['params']"):
       slow_key = key.replace("['params']", "['opt_state'].slow_params", 1)
-      np.testing.assert_array_equal(uninterrupted[slow_key], value)
+      assert_bitwise(uninterrupted[slow_key], value, key)
 
 
 @pytest.mark.parametrize("case", worker.CASES)
@@ -143,13 +145,13 @@ def test_lazy_rows_never_looked_up_stay_exact(runs):
   for result in (runs["lazy"]["uninterrupted"], runs["lazy"]["resumed"]):
     # Rows 12..31 are never looked up: params, slow weights and Adam moments
     # keep their initial values bitwise through save, restore and syncs.
-    np.testing.assert_array_equal(
+    assert_bitwise(
         result["['params']['embed']"][12:], host_params["embed"][12:])
-    np.testing.assert_array_equal(
+    assert_bitwise(
         result["['opt_state'].slow_params['embed']"][12:],
         host_params["embed"][12:])
     mu = next(v for k, v in result.items() if k.endswith(".mu['embed']"))
-    np.testing.assert_array_equal(mu[12:], 0.0)
+    assert_bitwise(mu[12:], np.zeros_like(mu[12:]))
     assert np.any(mu[:12] != 0.0)
   assert not np.array_equal(
       runs["lazy"]["uninterrupted"]["['params']['embed']"][:12],
@@ -261,7 +263,7 @@ def test_migrate_plain_adam_checkpoint_and_continue(tmp_path):
   # Restore with the plain optimizer's target, then migrate.
   restored = ocp.StandardCheckpointer().restore(
       tmp_path / "plain", _abstract(adam, params))
-  tx = lo.lookahead(optax.adam(0.1), sync_period=3, slow_step_size=0.5)
+  tx = lo.lookahead(optax.adam(0.1), sync_period=3, slow_step_size=0.8)
   with pytest.raises(ValueError, match="saved without lookahead"):
     lo.check_state_structure(restored, _abstract(tx, params))
   la_state = lo.migrate_optax_state(
@@ -286,11 +288,12 @@ def test_migrate_plain_adam_checkpoint_and_continue(tmp_path):
     p_plain, s_plain = plain_step(p_plain, s_plain)
     if i < 2:  # Before the first sync lookahead is the inner optimizer.
       np.testing.assert_array_equal(p_la["w"], p_plain["w"])
-  # Step 3 syncs: half-way from the params at migration to the fast params.
+  # Step 3 syncs: 0.8 of the way from the params at migration to the fast
+  # params.
   np.testing.assert_allclose(
-      p_la["w"], params["w"] + 0.5 * (p_plain["w"] - params["w"]),
+      p_la["w"], params["w"] + 0.8 * (p_plain["w"] - params["w"]),
       rtol=0, atol=1e-6)
-  np.testing.assert_array_equal(p_la["w"], s_la.slow_params["w"])
+  assert_bitwise(p_la["w"], s_la.slow_params["w"])
 
 
 def test_migrate_nested_pullback_and_slow_dtype():
@@ -356,3 +359,142 @@ def test_migrate_keeps_shardings():
                state.inner_state.synced_inner_state[0].nu["w"]):
     assert leaf.sharding.is_equivalent_to(sharding, 1)
   np.testing.assert_array_equal(state.slow_params["w"], np.arange(16.0))
+
+
+# --------------------------------------------------------------------------
+# Flax NNX: the state of an `nnx.Optimizer` and its orbax checkpoint.
+
+
+def _nnx_optimizer(features=3):
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Linear(2, features, rngs=nnx.Rngs(0))
+  tx = lo.lookahead(optax.adam(1e-3), sync_period=3, slow_step_size=0.8)
+  return nnx, model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def test_check_passes_on_nnx_optimizer_checkpoint(tmp_path):
+  # Orbax saves the tuple index of `opt_state.inner_state[0]` as the key "0":
+  # a valid checkpoint must not be rejected for `.0` vs `[0]`.
+  nnx, model, optimizer = _nnx_optimizer()
+  _save(tmp_path / "nnx", nnx.state(optimizer))
+  metadata = ocp.StandardCheckpointer().metadata(tmp_path / "nnx")
+  lo.check_state_structure(metadata, nnx.state(optimizer))
+  abstract = nnx.state(nnx.eval_shape(lambda: _nnx_optimizer()[2]))
+  lo.check_state_structure(metadata, abstract)
+  # A pure-dict checkpoint (`nnx.to_pure_dict`) has no `.value` level.
+  pure = nnx.to_pure_dict(nnx.state(optimizer))
+  _save(tmp_path / "pure", pure)
+  lo.check_state_structure(
+      ocp.StandardCheckpointer().metadata(tmp_path / "pure"),
+      nnx.state(optimizer))
+  lo.check_state_structure(pure, nnx.state(optimizer))
+  # The optimizer state alone matches the plain optax state of the params.
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  lo.check_state_structure(
+      nnx.state(optimizer)["opt_state"],
+      jax.eval_shape(optimizer.tx.init, params))
+  # And the restored state trains on: restore into an abstract optimizer.
+  restored = ocp.StandardCheckpointer().restore(tmp_path / "nnx", abstract)
+  lo.check_state_structure(restored, nnx.state(optimizer))
+
+
+def test_check_rejects_nnx_checkpoint_of_another_model(tmp_path):
+  nnx, _, optimizer = _nnx_optimizer(features=3)
+  _save(tmp_path / "nnx", nnx.state(optimizer))
+  metadata = ocp.StandardCheckpointer().metadata(tmp_path / "nnx")
+  other = nnx.state(_nnx_optimizer(features=4)[2])
+  with pytest.raises(ValueError, match=re.escape(
+      "`state` leaf opt_state.inner_state[0].mu.bias.value has shape (3,), "
+      "expected (4,).")):
+    lo.check_state_structure(metadata, other)
+
+
+@pytest.mark.parametrize("leaf,shown", [
+    ("a", "str 'a'"), (b"x", "bytes b'x'"), (object, "type <class 'object'>"),
+])
+def test_check_rejects_leaves_that_are_not_arrays(leaf, shown):
+  expected = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  with pytest.raises(TypeError, match=re.escape(
+      "`state` leaf w is not an array (nor anything with `shape` and "
+      f"`dtype`): got {shown}.")):
+    lo.check_state_structure({"w": leaf}, expected)
+
+
+def test_check_names_a_bad_leaf_of_expected():
+  with pytest.raises(TypeError, match=re.escape(
+      "`expected` leaf [1] is not an array")):
+    lo.check_state_structure([jnp.ones(2), jnp.ones(2)], [jnp.ones(2), "b"])
+
+
+def test_check_accepts_python_and_numpy_scalars():
+  lo.check_state_structure({"n": 3, "x": np.float32(1.0)},
+                           {"n": jnp.int32(0), "x": jnp.float32(0.0)})
+
+
+STEP_EXPECTED = "`step` must be an integer in [0, 2147483647], got "
+
+
+@pytest.mark.parametrize("step,error,shown", [
+    (-1, ValueError, "-1"),
+    (2**31, ValueError, "2147483648"),
+    (2.5, TypeError, "2.5"),
+    ("3", TypeError, "'3'"),
+    (True, TypeError, "True"),
+    (None, TypeError, "None"),
+    (jnp.array([1, 2]), TypeError, "an array of type int32[2]"),
+    (jnp.array(1.0), TypeError, "an array of type float32[]"),
+])
+def test_migrate_rejects_bad_step(step, error, shown):
+  params = {"w": jnp.ones(3)}
+  tx = lo.lookahead(optax.adam(1e-3))
+  with pytest.raises(error, match=re.escape(STEP_EXPECTED + shown + ".")):
+    lo.migrate_optax_state(tx, optax.adam(1e-3).init(params), params,
+                           step=step)
+
+
+@pytest.mark.parametrize("step", [3, np.int64(3), jnp.array(3, jnp.int32)])
+def test_migrate_accepts_integer_steps(step):
+  params = {"w": jnp.ones(3)}
+  tx = lo.lookahead(optax.adam(1e-3), sync_period=4)
+  state = lo.migrate_optax_state(tx, optax.adam(1e-3).init(params), params,
+                                 step=step)
+  assert state.step.dtype == jnp.int32 and int(state.step) == 3
+  # The first sync comes one step later (step 4).
+  updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+  assert int(state.step) == 4
+  np.testing.assert_array_equal(
+      optax.apply_updates(params, updates)["w"], state.slow_params["w"])
+
+
+@pytest.mark.parametrize("tx", [None, optax.adam, "adam"])
+def test_migrate_rejects_a_tx_that_is_not_a_transformation(tx):
+  params = {"w": jnp.ones(3)}
+  with pytest.raises(TypeError, match=re.escape(
+      "`tx` must be an optax GradientTransformation (an object with `init` "
+      f"and `update`), got {tx!r}.")):
+    lo.migrate_optax_state(tx, optax.adam(1e-3).init(params), params)
+
+
+def test_migrate_blames_params_of_another_shape():
+  # The optimizer state is right; the params come from another model.
+  params = {"b": jnp.ones(2), "w": jnp.ones((2, 3))}
+  adam_state = optax.adam(1e-3).init(params)
+  tx = lo.lookahead(optax.adam(1e-3))
+  with pytest.raises(ValueError, match=re.escape(
+      "`params` leaf ['w'] has shape (3, 2), but `opt_state` holds state of "
+      "shape (2, 3) for it: are the params from the same checkpoint as the "
+      "optimizer state?")):
+    lo.migrate_optax_state(
+        tx, adam_state, {"b": jnp.ones(2), "w": jnp.ones((3, 2))})
+  # A single-array params tree: the int32 count is not taken for a moment.
+  with pytest.raises(ValueError, match=re.escape(
+      "`params` leaf <root> has shape (4,), but `opt_state` holds state of "
+      "shape (3,) for it")):
+    lo.migrate_optax_state(tx, optax.adam(1e-3).init(jnp.ones(3)),
+                           jnp.ones(4))
+  # When the optimizer state disagrees with itself, it is what is blamed.
+  bad_nu = adam_state[0]._replace(
+      nu={"b": jnp.ones(2), "w": jnp.ones((3, 2))})
+  with pytest.raises(ValueError, match=re.escape(
+      "`opt_state` leaf [0].nu.w has shape (3, 2), expected (2, 3).")):
+    lo.migrate_optax_state(tx, (bad_nu,) + adam_state[1:], params)

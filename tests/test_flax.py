@@ -1,5 +1,7 @@
 """Flax integration: linen `TrainState` and NNX `nnx.Optimizer` with lookahead."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,16 +13,7 @@ from flax import nnx
 from flax.training import train_state
 
 import lookahead_optax as lo
-
-
-def _assert_trees_equal(a, b):
-  """Bitwise equality of two pytrees of arrays (same structure)."""
-  la, ta = jax.tree.flatten(a)
-  lb, tb = jax.tree.flatten(b)
-  assert ta == tb, (ta, tb)
-  for x, y in zip(la, lb):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert jnp.result_type(x) == jnp.result_type(y)
+from tests._helpers import assert_tree_bitwise
 
 
 def _data(n=32, d=4, seed=0):
@@ -59,12 +52,12 @@ def _linen_step(state, x, y):
 
 
 def test_linen_hand_worked_sgd():
-  # kernel 1 -> 0.5 -> 0 (fast), then the sync: 1 + 0.5 * (0 - 1) = 0.5.
+  # kernel 1 -> 0.5 -> 0 (fast), then the sync: 1 + 0.75 * (0 - 1) = 0.25.
   model = nn.Dense(1, use_bias=False, kernel_init=nn.initializers.ones)
   state = train_state.TrainState.create(
       apply_fn=model.apply,
       params=model.init(jax.random.key(0), jnp.ones((1, 1)))["params"],
-      tx=lo.lookahead(optax.sgd(1.0), sync_period=2, slow_step_size=0.5))
+      tx=lo.lookahead(optax.sgd(1.0), sync_period=2, slow_step_size=0.75))
   grads = {"kernel": jnp.array([[0.5]])}
   apply = jax.jit(lambda s, g: s.apply_gradients(grads=g))
   seen = []
@@ -72,14 +65,14 @@ def test_linen_hand_worked_sgd():
     state = apply(state, grads)
     seen.append((float(state.params["kernel"][0, 0]),
                  float(lo.eval_train_state(state).params["kernel"][0, 0])))
-  # (fast, slow) after each step; the second cycle: 0.5 -> 0 -> -0.5, sync
-  # 0.5 + 0.5 * (-0.5 - 0.5) = 0.
-  assert seen == [(0.5, 1.0), (0.5, 0.5), (0.0, 0.5), (0.0, 0.0)]
+  # (fast, slow) after each step; the second cycle: 0.25 -> -0.25 -> -0.75,
+  # sync 0.25 + 0.75 * (-0.75 - 0.25) = -0.5.
+  assert seen == [(0.5, 1.0), (0.25, 0.25), (-0.25, 0.25), (-0.5, -0.5)]
   assert int(state.step) == 4
 
 
 def test_linen_trainstate_matches_functional_loop_bitwise():
-  tx = lo.lookahead(optax.adamw(5e-2), sync_period=3, slow_step_size=0.5)
+  tx = lo.lookahead(optax.adamw(5e-2), sync_period=3, slow_step_size=0.8)
   state = _linen_state(tx)
   params, opt_state = state.params, tx.init(state.params)
   x, y = _data()
@@ -104,10 +97,10 @@ def test_linen_trainstate_matches_functional_loop_bitwise():
     state = apply(state, grads)
     params, opt_state = functional_step(params, opt_state, functional_grads)
     losses.append(float(loss))
-    _assert_trees_equal(state.params, params)
-    _assert_trees_equal(lo.slow_params(state), lo.slow_params(opt_state))
+    assert_tree_bitwise(state.params, params)
+    assert_tree_bitwise(lo.slow_params(state), lo.slow_params(opt_state))
     if (i + 1) % 3 == 0:  # a sync: fast == slow bitwise
-      _assert_trees_equal(lo.eval_train_state(state).params, state.params)
+      assert_tree_bitwise(lo.eval_train_state(state).params, state.params)
   assert losses[-1] < 0.5 * losses[0]
 
 
@@ -125,11 +118,11 @@ def test_linen_eval_train_state_under_jit():
 
   loss, slow_state = eval_loss(state)
   initial = _linen_state(tx)  # no sync yet: the slow weights are theta_0
-  _assert_trees_equal(slow_state.params, initial.params)
+  assert_tree_bitwise(slow_state.params, initial.params)
   want = jnp.mean((initial.apply_fn({"params": initial.params}, x) - y) ** 2)
   np.testing.assert_array_equal(loss, want)
   assert int(slow_state.step) == 2
-  _assert_trees_equal(slow_state.opt_state, state.opt_state)
+  assert_tree_bitwise(slow_state.opt_state, state.opt_state)
   # The training state is untouched (fast weights differ from theta_0).
   assert not np.array_equal(state.params["Dense_0"]["kernel"],
                             initial.params["Dense_0"]["kernel"])
@@ -146,8 +139,8 @@ def test_linen_partial_lookahead_keeps_fast_leaves():
   x, y = _data()
   state, _ = _linen_step(state, x, y)
   slow = lo.eval_train_state(state).params
-  _assert_trees_equal(slow["Dense_0"], start["Dense_0"])
-  _assert_trees_equal(slow["Dense_1"], state.params["Dense_1"])
+  assert_tree_bitwise(slow["Dense_0"], start["Dense_0"])
+  assert_tree_bitwise(slow["Dense_1"], state.params["Dense_1"])
 
 
 def test_eval_train_state_errors():
@@ -190,7 +183,7 @@ def _pure(state):
 
 
 def test_nnx_optimizer_matches_functional_loop_bitwise():
-  tx = lo.lookahead(optax.adamw(5e-2), sync_period=3, slow_step_size=0.5)
+  tx = lo.lookahead(optax.adamw(5e-2), sync_period=3, slow_step_size=0.3)
   model = _NNXMLP(nnx.Rngs(0))
   graphdef, params0 = nnx.split(model, nnx.Param)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -213,14 +206,33 @@ def test_nnx_optimizer_matches_functional_loop_bitwise():
   for i in range(12):
     losses.append(float(_nnx_step(model, optimizer, x, y)))
     params, opt_state = functional_step(params, opt_state)
-    _assert_trees_equal(_pure(nnx.state(model, nnx.Param)), params)
+    assert_tree_bitwise(_pure(nnx.state(model, nnx.Param)), params)
     slow = lo.slow_params(optimizer)
     assert all(isinstance(v, jax.Array) for v in jax.tree.leaves(slow))
-    _assert_trees_equal(_pure(slow), lo.slow_params(opt_state))
+    assert_tree_bitwise(_pure(slow), lo.slow_params(opt_state))
     if (i + 1) % 3 == 0:  # a sync: fast == slow bitwise
-      _assert_trees_equal(_pure(slow), params)
+      assert_tree_bitwise(_pure(slow), params)
   assert int(optimizer.step[...]) == 12
   assert losses[-1] < 0.5 * losses[0]
+
+
+def test_nnx_hand_worked_sgd():
+  # As the linen case: kernel 1, gradient 0.5, sgd(1.0), k = 2, alpha = 0.75.
+  model = nnx.Linear(1, 1, use_bias=False,
+                     kernel_init=nnx.initializers.ones, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(
+      model, lo.lookahead(optax.sgd(1.0), sync_period=2, slow_step_size=0.75),
+      wrt=nnx.Param)
+  grads = nnx.State({"kernel": nnx.Param(jnp.array([[0.5]]))})
+
+  @nnx.jit
+  def step(model, optimizer):
+    optimizer.update(model, grads)
+    return model.kernel[...], lo.eval_model(model, optimizer).kernel[...]
+
+  seen = [tuple(float(v[0, 0]) for v in step(model, optimizer))
+          for _ in range(4)]
+  assert seen == [(0.5, 1.0), (0.25, 0.25), (-0.25, 0.25), (-0.5, -0.5)]
 
 
 def test_nnx_eval_params_keeps_variable_types():
@@ -234,10 +246,10 @@ def test_nnx_eval_params_keeps_variable_types():
   slow = lo.eval_params(optimizer, fast)
   assert jax.tree.structure(slow) == jax.tree.structure(fast)
   assert isinstance(slow["l1"]["kernel"], nnx.Param)
-  _assert_trees_equal(_pure(slow), params0)
+  assert_tree_bitwise(_pure(slow), params0)
   # Putting them into a model with nnx.update gives theta_0 back.
   nnx.update(model, slow)
-  _assert_trees_equal(_pure(nnx.state(model, nnx.Param)), params0)
+  assert_tree_bitwise(_pure(nnx.state(model, nnx.Param)), params0)
 
 
 def test_nnx_eval_model_under_jit_copies_other_state():
@@ -259,21 +271,21 @@ def test_nnx_eval_model_under_jit_copies_other_state():
     return slow(x), nnx.state(slow, nnx.Param), nnx.state(slow, nnx.BatchStat)
 
   pred, slow_params, slow_stats = eval_fn(model, optimizer, x)
-  _assert_trees_equal(_pure(slow_params), params0)  # no sync yet: theta_0
-  _assert_trees_equal(_pure(slow_stats), stats)  # batch stats copied
+  assert_tree_bitwise(_pure(slow_params), params0)  # no sync yet: theta_0
+  assert_tree_bitwise(_pure(slow_stats), stats)  # batch stats copied
   # Reference: the model with theta_0 and the current batch statistics.
   ref = nnx.clone(model)
   nnx.update(ref, params0)
   ref.eval()
   np.testing.assert_array_equal(pred, ref(x))
   # The trained model is untouched and still in training mode.
-  _assert_trees_equal(_pure(nnx.state(model, nnx.Param)), fast)
+  assert_tree_bitwise(_pure(nnx.state(model, nnx.Param)), fast)
   assert model.bn.use_running_average is False
 
   # The copy does not alias the model's variables.
   slow_model = lo.eval_model(model, optimizer)
   slow_model.bn.mean[...] = jnp.full((8,), 7.0)
-  _assert_trees_equal(_pure(nnx.state(model, nnx.BatchStat)), stats)
+  assert_tree_bitwise(_pure(nnx.state(model, nnx.BatchStat)), stats)
 
 
 def test_nnx_chain_clip_then_lookahead():
@@ -284,9 +296,9 @@ def test_nnx_chain_clip_then_lookahead():
   x, y = _data()
   for _ in range(4):
     _nnx_step(model, optimizer, x, y)
-  _assert_trees_equal(_pure(lo.slow_params(optimizer)),
+  assert_tree_bitwise(_pure(lo.slow_params(optimizer)),
                       _pure(nnx.state(model, nnx.Param)))
-  _assert_trees_equal(_pure(nnx.state(lo.eval_model(model, optimizer),
+  assert_tree_bitwise(_pure(nnx.state(lo.eval_model(model, optimizer),
                                       nnx.Param)),
                       _pure(nnx.state(model, nnx.Param)))
 
@@ -300,3 +312,28 @@ def test_eval_model_errors():
     lo.eval_model({"w": 1}, plain)
   with pytest.raises(TypeError, match="`optimizer` must be an nnx.Optimizer"):
     lo.eval_model(model, optax.sgd(0.1))
+
+
+def test_eval_model_of_another_model_raises():
+  # A model of the same type and structure but other shapes: the optimizer's
+  # slow weights must not be put into it.
+  model = _NNXMLP(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(
+      model, lo.lookahead(optax.sgd(0.1), sync_period=5), wrt=nnx.Param)
+  other = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=re.escape(
+      "`model` is not the model `optimizer` trains: its params do not match "
+      "the optimizer's slow weights.")):
+    lo.eval_model(other, optimizer)
+  wider = nnx.Linear(4, 8, rngs=nnx.Rngs(0))
+  small = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  small_opt = nnx.Optimizer(small, lo.lookahead(optax.sgd(0.1)),
+                            wrt=nnx.Param)
+  with pytest.raises(ValueError, match=re.escape(
+      "`params` leaf ['bias'] has shape (8,), but its slow weights have "
+      "shape (3,)")):
+    lo.eval_model(wider, small_opt)
+  # The model it trains still works.
+  slow = lo.eval_model(small, small_opt)
+  assert_tree_bitwise(_pure(nnx.state(slow, nnx.Param)),
+                      _pure(nnx.state(small, nnx.Param)))

@@ -6,7 +6,6 @@ and against hand-worked trajectories whose values are exact in binary floating
 point.
 """
 
-import contextlib
 import math
 import re
 
@@ -19,6 +18,9 @@ import pytest
 
 import lookahead_optax as lo
 from tests import reference as ref
+from tests._helpers import assert_tree_bitwise
+from tests._helpers import bits
+from tests._helpers import x64_if
 
 SHAPES = {"w": (3, 4), "b": (4,), "c": ()}
 NUM_STEPS = 20
@@ -68,27 +70,6 @@ def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6, msg=""):
         rtol=rtol, atol=atol, err_msg=f"{msg} leaf {key!r}")
 
 
-def _x64(dtype):
-  if dtype == "float64":
-    return jax.enable_x64(True)
-  return contextlib.nullcontext()
-
-
-def bits(x):
-  """The raw bits of an array, so that comparisons are bitwise."""
-  x = np.asarray(x)
-  return x.view(f"u{x.dtype.itemsize}")
-
-
-def assert_trees_bitwise_equal(a, b, msg=""):
-  flat_a, tree_a = jax.tree.flatten(a)
-  flat_b, tree_b = jax.tree.flatten(b)
-  assert tree_a == tree_b, msg
-  for x, y in zip(flat_a, flat_b):
-    assert np.asarray(x).dtype == np.asarray(y).dtype, msg
-    np.testing.assert_array_equal(bits(x), bits(y), err_msg=msg)
-
-
 # ---------------------------------------------------------------------------
 # 1. The NumPy reference of the paper's algorithm.
 
@@ -128,7 +109,7 @@ F64_TOL = {"rtol": 1e-12, "atol": 1e-12}
 def check_against_reference(tx, ref_inner, k, alpha, inner_state="keep",
                             seed=0, tol=None, dtype="float32"):
   tol = tol or F32_TOL
-  with _x64(dtype):
+  with x64_if(dtype):
     params0, noise = make_problem(seed, dtype=np.dtype(dtype))
     expected_fast, expected_slow, expected_states = ref.run_lookahead(
         ref_inner, params0, ref_grad_fn(noise), k, alpha, NUM_STEPS,
@@ -183,7 +164,7 @@ def test_matches_numpy_reference(inner):
 def test_matches_numpy_reference_float64(inner):
   """In float64 the library follows the reference to 1e-12."""
   make_tx, make_ref = INNERS[inner]
-  with _x64("float64"):
+  with x64_if("float64"):
     tx = lo.lookahead(make_tx(), sync_period=3, slow_step_size=0.6)
     check_against_reference(tx, make_ref(), 3, 0.6, tol=F64_TOL,
                             dtype="float64")
@@ -223,7 +204,7 @@ def test_inner_state_policies_match_numpy_reference(inner, inner_state):
 @pytest.mark.parametrize("inner", ["momentum", "adam"])
 def test_parity_with_optax_lookahead(inner):
   make_tx, _ = INNERS[inner]
-  k, alpha = 3, 0.5
+  k, alpha = 3, 0.8
   params0, noise = make_problem(1, num_steps=12)
   ours = run_library(lo.lookahead(make_tx(), k, alpha), params0, noise)
 
@@ -270,23 +251,41 @@ def sgd_quadratic(tx, num_steps, x0=4.0, jit=False):
   return xs, slows
 
 
+# The hand-worked cases use alpha = 0.75 or 0.25 (not 0.5, where alpha and
+# 1 - alpha agree, so a sync written with 1 - alpha would pass): asymmetric,
+# and dyadic, so that every value below is exact in float32.
+
+
 @pytest.mark.parametrize("sync", ["select", "cond"])
 @pytest.mark.parametrize("jit", [False, True])
-def test_hand_worked_k2_alpha_half(sync, jit):
-  tx = lo.lookahead(optax.sgd(0.5), sync_period=2, slow_step_size=0.5,
+def test_hand_worked_k2_alpha_three_quarters(sync, jit):
+  tx = lo.lookahead(optax.sgd(0.5), sync_period=2, slow_step_size=0.75,
                     sync=sync)
   xs, slows = sgd_quadratic(tx, 6, jit=jit)
-  # 4 -> 2 -> (fast 1, slow 4 + (1 - 4) / 2) 2.5 -> 1.25 -> (fast 0.625)
-  # 1.5625 -> 0.78125 -> (fast 0.390625) 0.9765625.
-  assert xs == [2.0, 2.5, 1.25, 1.5625, 0.78125, 0.9765625]
-  assert slows == [4.0, 2.5, 2.5, 1.5625, 1.5625, 0.9765625]
+  # 4 -> 2 -> (fast 1, slow 4 + 0.75 (1 - 4)) 1.75 -> 0.875 -> (fast
+  # 0.4375, slow 1.75 + 0.75 (0.4375 - 1.75)) 0.765625 -> 0.3828125 ->
+  # (fast 0.19140625) 0.765625 + 0.75 (0.19140625 - 0.765625) = 0.3349609375.
+  assert xs == [2.0, 1.75, 0.875, 0.765625, 0.3828125, 0.3349609375]
+  assert slows == [4.0, 1.75, 1.75, 0.765625, 0.765625, 0.3349609375]
+
+
+def test_hand_worked_k2_alpha_point_three():
+  tx = lo.lookahead(optax.sgd(0.5), sync_period=2, slow_step_size=0.3)
+  xs, slows = sgd_quadratic(tx, 6)
+  # 4 -> 2 -> (fast 1) 4 + 0.3 (1 - 4) = 3.1 -> 1.55 -> (fast 0.775)
+  # 3.1 + 0.3 (0.775 - 3.1) = 2.4025 -> 1.20125 -> (fast 0.600625)
+  # 2.4025 + 0.3 (0.600625 - 2.4025) = 1.8619375 (to float32 rounding).
+  np.testing.assert_allclose(xs, [2.0, 3.1, 1.55, 2.4025, 1.20125, 1.8619375],
+                             rtol=1e-6)
+  np.testing.assert_allclose(slows, [4.0, 3.1, 3.1, 2.4025, 2.4025,
+                                     1.8619375], rtol=1e-6)
 
 
 def test_hand_worked_k1():
-  tx = lo.lookahead(optax.sgd(0.5), sync_period=1, slow_step_size=0.5)
+  tx = lo.lookahead(optax.sgd(0.5), sync_period=1, slow_step_size=0.25)
   xs, slows = sgd_quadratic(tx, 4)
-  # Every step: fast = x / 2, then x <- x + (x / 2 - x) / 2 = 0.75 x.
-  assert xs == [3.0, 2.25, 1.6875, 1.265625]
+  # Every step: fast = x / 2, then x <- x + 0.25 (x / 2 - x) = 0.875 x.
+  assert xs == [3.5, 3.0625, 2.6796875, 2.3447265625]
   assert slows == xs
 
 
@@ -320,17 +319,18 @@ def test_alpha_one_follows_inner_optimizer():
 
 def test_update_is_a_plain_pytree_update():
   """Drop-in: the update, applied with apply_updates, moves plain params."""
-  tx = lo.lookahead(optax.sgd(0.5), sync_period=2, slow_step_size=0.5)
+  tx = lo.lookahead(optax.sgd(0.5), sync_period=2, slow_step_size=0.75)
   params = {"a": jnp.array([4.0]), "b": jnp.array([-2.0])}
   state = tx.init(params)
   updates, state = tx.update(params, state, params)
-  chex.assert_trees_all_equal(
+  assert_tree_bitwise(
       updates, {"a": jnp.array([-2.0]), "b": jnp.array([1.0])})
   params = optax.apply_updates(params, updates)
   updates, state = tx.update(params, state, params)
-  # Fast weights {1, -0.5}; slow {2.5, -1.25}; update = slow - params.
-  chex.assert_trees_all_equal(
-      updates, {"a": jnp.array([0.5]), "b": jnp.array([-0.25])})
+  # Fast weights {1, -0.5}; slow {4 + 0.75 (1 - 4), -2 + 0.75 (-0.5 + 2)} =
+  # {1.75, -0.875}; update = slow - params = {1.75 - 2, -0.875 + 1}.
+  assert_tree_bitwise(
+      updates, {"a": jnp.array([-0.25]), "b": jnp.array([0.125])})
 
 
 # ---------------------------------------------------------------------------
@@ -357,7 +357,7 @@ def test_params_equal_slow_weights_bitwise_after_sync(dtype, jit):
   trajectories are checked to stay within a few ulps of each other.
   """
   k = 3
-  with _x64(dtype):
+  with x64_if(dtype):
     runs = {}
     for sync in ("select", "cond"):
       params0, got = _bitwise_run(jnp.dtype(dtype), sync, jit,
@@ -369,11 +369,11 @@ def test_params_equal_slow_weights_bitwise_after_sync(dtype, jit):
         chex.assert_trees_all_equal_dtypes(params, params0)
         chex.assert_trees_all_equal_dtypes(slow, params0)
         if (t + 1) % k == 0:
-          assert_trees_bitwise_equal(params, slow, msg)
+          assert_tree_bitwise(params, slow, msg)
           # The sync moved the slow weights (alpha = 0.7).
           assert not np.array_equal(bits(slow["w"]), bits(prev_slow["w"]))
         else:
-          assert_trees_bitwise_equal(slow, prev_slow, msg)
+          assert_tree_bitwise(slow, prev_slow, msg)
         prev_slow = slow
       runs[sync] = got
     tol = 8 * float(jnp.finfo(dtype).eps)
@@ -391,7 +391,7 @@ def test_auto_sync_is_select_on_cpu():
   auto = run_library(lo.lookahead(optax.adam(0.05), 3, 0.7), params0, noise)
   select = run_library(lo.lookahead(optax.adam(0.05), 3, 0.7, sync="select"),
                        params0, noise)
-  assert_trees_bitwise_equal(auto, select)
+  assert_tree_bitwise(auto, select)
 
 
 # ---------------------------------------------------------------------------
@@ -412,7 +412,7 @@ def test_one_trace_over_many_steps():
   for noise_t in noise:
     params, state = step(params, state, noise_t)
   assert int(state.step) == 12
-  assert_trees_bitwise_equal(params, lo.slow_params(state))
+  assert_tree_bitwise(params, lo.slow_params(state))
   chex.clear_trace_counter()
 
 
@@ -431,8 +431,8 @@ def test_donated_params_and_state():
   first_params = params
   for t, noise_t in enumerate(noise):
     params, state = step(params, state, noise_t)
-    assert_trees_bitwise_equal(params, expected[t][0], f"step {t + 1}")
-    assert_trees_bitwise_equal(state, expected[t][1], f"step {t + 1}")
+    assert_tree_bitwise(params, expected[t][0], f"step {t + 1}")
+    assert_tree_bitwise(state, expected[t][1], f"step {t + 1}")
   assert all(x.is_deleted() for x in jax.tree.leaves(first_params))
 
 
@@ -457,11 +457,11 @@ def test_inject_hyperparams_static_sync_period():
   expected = jax.tree.map(lambda s, f: s + 0.25 * (f - s), params0, fast)
   chex.assert_trees_all_close(lo.slow_params(state), expected, rtol=1e-6,
                               atol=1e-7)
-  assert_trees_bitwise_equal(params, lo.slow_params(state))
+  assert_tree_bitwise(params, lo.slow_params(state))
   # Same trajectory as a lookahead built with alpha = 0.25.
   plain = run_library(lo.lookahead(optax.adam(1e-2), 3, 0.25), params0,
                       noise[:3])
-  assert_trees_bitwise_equal(params, plain[-1][0])
+  assert_tree_bitwise(params, plain[-1][0])
 
 
 def test_inject_hyperparams_traced_sync_period():
@@ -471,8 +471,8 @@ def test_inject_hyperparams_traced_sync_period():
   got = run_library(tx, params0, noise)
   static = run_library(lo.lookahead(optax.adam(1e-2), 3, 0.5), params0, noise)
   for t in range(6):
-    assert_trees_bitwise_equal(got[t][0], static[t][0], f"step {t + 1}")
-    assert_trees_bitwise_equal(lo.slow_params(got[t][1]),
+    assert_tree_bitwise(got[t][0], static[t][0], f"step {t + 1}")
+    assert_tree_bitwise(lo.slow_params(got[t][1]),
                                lo.slow_params(static[t][1]))
   # Change k at run time (no retrace): with k = 2 the 8th step syncs.
   step = jax.jit(make_step(tx))
@@ -482,7 +482,7 @@ def test_inject_hyperparams_traced_sync_period():
   assert not np.array_equal(bits(params7["w"]),
                             bits(lo.slow_params(state7)["w"]))
   params8, state8 = step(params7, state7, noise[1])
-  assert_trees_bitwise_equal(params8, lo.slow_params(state8))
+  assert_tree_bitwise(params8, lo.slow_params(state8))
   assert not np.array_equal(bits(lo.slow_params(state8)["w"]),
                             bits(lo.slow_params(state7)["w"]))
 
@@ -514,13 +514,13 @@ def test_schedule_is_evaluated_on_the_number_of_syncs():
   assert jitted == xs
 
 
-@pytest.mark.parametrize("alpha", [jnp.array(0.5), np.float32(0.5),
-                                   jnp.array(0.5, jnp.bfloat16)])
+@pytest.mark.parametrize("alpha", [jnp.array(0.75), np.float32(0.75),
+                                   jnp.array(0.75, jnp.bfloat16)])
 def test_slow_step_size_scalar_array(alpha):
   tx = lo.lookahead(optax.sgd(0.5), sync_period=2, slow_step_size=alpha)
   for jit in (False, True):
     xs, _ = sgd_quadratic(tx, 4, jit=jit)
-    assert xs == [2.0, 2.5, 1.25, 1.5625]
+    assert xs == [2.0, 1.75, 0.875, 0.765625]  # as in the k = 2 case above
 
 
 # ---------------------------------------------------------------------------
@@ -564,7 +564,7 @@ def test_inner_state_reset_keeps_counts():
 
 def _momentum_quadratic(inner_state, num_steps=4):
   tx = lo.lookahead(optax.sgd(0.1, momentum=0.9), sync_period=2,
-                    slow_step_size=0.5, inner_state=inner_state)
+                    slow_step_size=0.8, inner_state=inner_state)
   x = jnp.array(4.0)
   state = tx.init(x)
   out = []
@@ -577,31 +577,32 @@ def _momentum_quadratic(inner_state, num_steps=4):
 
 def test_inner_state_pullback_hand_worked():
   out = _momentum_quadratic("pullback")
-  # Step 1: trace = 4, x = 3.6.  Step 2: trace = 3.6 + 0.9 * 4 = 7.2,
-  # fast = 2.88, slow = 4 + 0.5 (2.88 - 4) = 3.44; the trace is pulled back
-  # to c + 0.5 (7.2 - c) with c = 0 (its value at the last sync): 3.6.
-  # Step 3: trace = 3.44 + 0.9 * 3.6 = 6.68, x = 2.772.  Step 4:
-  # trace = 2.772 + 0.9 * 6.68 = 8.784, fast = 1.8936,
-  # slow = 3.44 + 0.5 (1.8936 - 3.44) = 2.6668, trace = 3.6 + 0.5 (8.784 -
-  # 3.6) = 6.192.
+  # alpha = 0.8. Step 1: trace = 4, x = 3.6.  Step 2: trace = 3.6 + 0.9 * 4
+  # = 7.2, fast = 2.88, slow = 4 + 0.8 (2.88 - 4) = 3.104; the trace is
+  # pulled back to c + 0.8 (7.2 - c) with c = 0 (its value at the last
+  # sync): 5.76.  Step 3: trace = 3.104 + 0.9 * 5.76 = 8.288, x = 2.2752.
+  # Step 4: trace = 2.2752 + 0.9 * 8.288 = 9.7344, fast = 1.30176,
+  # slow = 3.104 + 0.8 (1.30176 - 3.104) = 1.662208, trace = 5.76 +
+  # 0.8 (9.7344 - 5.76) = 8.93952.
   xs = [x for x, _ in out]
-  np.testing.assert_allclose(xs, [3.6, 3.44, 2.772, 2.6668], rtol=1e-6)
+  np.testing.assert_allclose(xs, [3.6, 3.104, 2.2752, 1.662208], rtol=1e-6)
   traces = [float(s.inner_state.inner_state[0].trace) for _, s in out]
-  np.testing.assert_allclose(traces, [4.0, 3.6, 6.68, 6.192], rtol=1e-6)
+  np.testing.assert_allclose(traces, [4.0, 5.76, 8.288, 8.93952], rtol=1e-6)
   synced = [float(s.inner_state.synced_inner_state[0].trace) for _, s in out]
-  np.testing.assert_allclose(synced, [0.0, 3.6, 3.6, 6.192], rtol=1e-6)
+  np.testing.assert_allclose(synced, [0.0, 5.76, 5.76, 8.93952], rtol=1e-6)
   assert isinstance(out[0][1].inner_state, lo.PullbackState)
 
 
 def test_inner_state_keep_hand_worked():
   out = _momentum_quadratic("keep")
   # As above but the trace is untouched by the sync: step 3 trace =
-  # 3.44 + 0.9 * 7.2 = 9.92, x = 2.448; step 4 trace = 2.448 + 0.9 * 9.92 =
-  # 11.376, fast = 1.3104, slow = 3.44 + 0.5 (1.3104 - 3.44) = 2.3752.
+  # 3.104 + 0.9 * 7.2 = 9.584, x = 2.1456; step 4 trace = 2.1456 + 0.9 *
+  # 9.584 = 10.7712, fast = 1.06848, slow = 3.104 + 0.8 (1.06848 - 3.104) =
+  # 1.475584.
   xs = [x for x, _ in out]
-  np.testing.assert_allclose(xs, [3.6, 3.44, 2.448, 2.3752], rtol=1e-6)
+  np.testing.assert_allclose(xs, [3.6, 3.104, 2.1456, 1.475584], rtol=1e-6)
   traces = [float(s.inner_state[0].trace) for _, s in out]
-  np.testing.assert_allclose(traces, [4.0, 7.2, 9.92, 11.376], rtol=1e-6)
+  np.testing.assert_allclose(traces, [4.0, 7.2, 9.584, 10.7712], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -624,7 +625,7 @@ def _scaled_sgd():
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_extra_args_are_passed_to_inner(jit):
-  tx = lo.lookahead(_scaled_sgd(), sync_period=2, slow_step_size=0.5)
+  tx = lo.lookahead(_scaled_sgd(), sync_period=2, slow_step_size=0.75)
 
   def step(x, state, scale):
     updates, state = tx.update(x, state, x, scale=scale, unused=1)
@@ -636,8 +637,8 @@ def test_extra_args_are_passed_to_inner(jit):
   state = tx.init(x)
   x, state = step(x, state, 0.25)   # 4 - 0.25 * 4 = 3
   assert float(x[0]) == 3.0
-  x, state = step(x, state, 0.5)    # fast 1.5, slow 4 + (1.5 - 4) / 2
-  assert float(x[0]) == 2.75
+  x, state = step(x, state, 0.5)    # fast 1.5, slow 4 + 0.75 (1.5 - 4)
+  assert float(x[0]) == 2.125
 
 
 def test_extra_args_ignored_by_plain_inner():
@@ -666,6 +667,24 @@ def test_bad_sync_period(value, error, shown):
   with pytest.raises(error, match=re.escape(
       f"`sync_period` must be an integer >= 1, got {shown}.")):
     lo.lookahead(optax.sgd(0.1), sync_period=value)
+
+
+@pytest.mark.parametrize("value", [2**31, np.int64(2**40), 10**30])
+def test_sync_period_beyond_int32_is_rejected(value):
+  # The step counter is an int32: a larger k would overflow at `update`.
+  with pytest.raises(ValueError, match=re.escape(
+      "`sync_period` must be an integer <= 2147483647 (the step counter is "
+      f"an int32), got {int(value)}.")):
+    lo.lookahead(optax.sgd(0.1), sync_period=value)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_sync_period_int32_max_is_accepted(jit):
+  tx = lo.lookahead(optax.sgd(0.5), sync_period=2**31 - 1)
+  update = jax.jit(tx.update) if jit else tx.update
+  x = jnp.array([4.0])
+  updates, state = update(x, tx.init(x), x)
+  assert float(updates[0]) == -2.0 and int(state.step) == 1
 
 
 @pytest.mark.parametrize("value,error,shown", [
@@ -727,13 +746,18 @@ def test_update_with_params_of_another_shape():
 
 
 def test_nested_lookahead():
-  inner = lo.lookahead(optax.sgd(0.5), sync_period=2, slow_step_size=0.5)
-  tx = lo.lookahead(inner, sync_period=3, slow_step_size=0.5)
+  inner = lo.lookahead(optax.sgd(0.5), sync_period=2, slow_step_size=0.75)
+  tx = lo.lookahead(inner, sync_period=3, slow_step_size=0.25)
   xs, slows = sgd_quadratic(tx, 6)
-  # Inner syncs on steps 2, 4, 6 (inner slow: 4 -> 2.5 -> 1.90625 ->
-  # 1.19140625); outer syncs on steps 3 and 6: 4 + (1.25 - 4) / 2 = 2.625,
-  # then 2.625 + (1.19140625 - 2.625) / 2 = 1.908203125.
-  assert xs == [2.0, 2.5, 2.625, 1.90625, 0.953125, 1.908203125]
-  assert slows == [4.0, 4.0, 2.625, 2.625, 2.625, 1.908203125]
+  # Inner syncs (alpha 0.75) on steps 2, 4, 6; outer (alpha 0.25) on 3, 6.
+  # Step 2: inner slow 4 + 0.75 (1 - 4) = 1.75. Step 3: fast 0.875, outer
+  # slow 4 + 0.25 (0.875 - 4) = 3.21875. Step 4: fast 1.609375, inner slow
+  # 1.75 + 0.75 (1.609375 - 1.75) = 1.64453125. Step 5: 0.822265625.
+  # Step 6: fast 0.4111328125, inner slow 1.64453125 + 0.75 (0.4111328125 -
+  # 1.64453125) = 0.719482421875, outer slow 3.21875 + 0.25 (0.719482421875
+  # - 3.21875) = 2.59393310546875.
+  assert xs == [2.0, 1.75, 3.21875, 1.64453125, 0.822265625,
+                2.59393310546875]
+  assert slows == [4.0, 4.0, 3.21875, 3.21875, 3.21875, 2.59393310546875]
   state = tx.init(jnp.array(4.0))
   assert isinstance(state.inner_state, lo.LookaheadState)

@@ -17,6 +17,8 @@ import optax
 import pytest
 
 import lookahead_optax as lo
+from tests._helpers import assert_bitwise
+from tests._helpers import assert_tree_bitwise
 
 N_DEVICES = 8
 # HLO instructions that move data between devices. Async pairs are counted
@@ -89,13 +91,6 @@ def assert_trees_close(actual, expected, atol):
       actual, expected)
 
 
-def assert_trees_equal(actual, expected):
-  jax.tree.map(
-      lambda a, e: np.testing.assert_array_equal(
-          np.asarray(a), np.asarray(e)),
-      actual, expected)
-
-
 # --------------------------------------------------------------------------
 # jax.pmap data parallelism.
 
@@ -129,8 +124,8 @@ def test_pmap_data_parallel_matches_single_device(sync, inner_state):
   # Every replica holds the same params and state, bitwise.
   for tree in (p_params, p_state):
     jax.tree.map(
-        lambda a: np.testing.assert_array_equal(
-            np.asarray(a), np.broadcast_to(np.asarray(a)[0], a.shape)),
+        lambda a: assert_bitwise(
+            a, np.broadcast_to(np.asarray(a)[0], a.shape)),
         tree)
   first = lambda tree: jax.tree.map(lambda a: a[0], tree)
   assert_trees_close(first(p_params), ref_params, atol=1e-5)
@@ -205,8 +200,8 @@ def test_init_under_jit_shards_slow_params_like_params(layout, inner_state):
   if inner_state == "pullback":
     assert_same_shardings(
         sharded.inner_state.synced_inner_state[0].mu, shardings)
-  assert_trees_equal(sharded, state)
-  assert_trees_equal(state.slow_params, params)
+  assert_tree_bitwise(sharded, state)
+  assert_tree_bitwise(state.slow_params, params)
   # Each device holds only its shard of the slow weights: w1 is (16, 32).
   w1 = state.slow_params["w1"]
   expected = (2, 32) if layout == "fsdp" else (16, 8)
@@ -288,7 +283,7 @@ def test_explicit_sharding_mode():
   with jax.set_mesh(mesh):
     params = {"w": jax.device_put(jnp.arange(64.0).reshape(4, 16),
                                   P(None, "model"))}
-    tx = lo.lookahead(optax.sgd(0.5), sync_period=2, slow_step_size=0.5)
+    tx = lo.lookahead(optax.sgd(0.5), sync_period=2, slow_step_size=0.75)
     state = jax.jit(tx.init)(params)
     assert jax.typeof(state.slow_params["w"]).sharding.spec == P(
         None, "model")
@@ -302,10 +297,11 @@ def test_explicit_sharding_mode():
     p = params
     for _ in range(2):
       p, state = step(p, state)
-  # w -> w/2 -> w/4, then the sync lands half-way from w to w/4: 5w/8.
-  expected = np.arange(64.0).reshape(4, 16) * 0.625
-  np.testing.assert_array_equal(np.asarray(p["w"]), expected)
-  np.testing.assert_array_equal(np.asarray(state.slow_params["w"]), expected)
+  # w -> w/2 -> w/4, then the sync lands 0.75 of the way from w to w/4:
+  # w + 0.75 (w/4 - w) = 7w/16.
+  expected = np.arange(64.0, dtype=np.float32).reshape(4, 16) * 0.4375
+  assert_bitwise(p["w"], expected)
+  assert_bitwise(state.slow_params["w"], expected)
   assert jax.typeof(p["w"]).sharding.spec == P(None, "model")
 
 
@@ -384,8 +380,8 @@ def test_shard_map_update_on_parameter_shards():
   assert_same_shardings(p, shardings)
   assert_same_shardings(s.slow_params, shardings)
   # Elementwise arithmetic on shards gives the very same bits.
-  assert_trees_equal(p, ref_p)
-  assert_trees_equal(s, ref_s)
+  assert_tree_bitwise(p, ref_p)
+  assert_tree_bitwise(s, ref_s)
   assert int(s.step) == 5
 
 

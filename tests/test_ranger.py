@@ -12,6 +12,7 @@ import pytest
 
 import lookahead_optax as lo
 from tests import reference as ref
+from tests._helpers import assert_tree_bitwise
 
 SHAPES = {"conv": (2, 3, 2), "w": (4, 3), "b": (3,)}
 NUM_STEPS = 30  # past the SMA threshold (step 6) and five syncs of k = 6.
@@ -112,25 +113,78 @@ def test_scale_by_ranger_radam_first_step():
   assert int(state.count) == 1
 
 
+WD = "`weight_decay` must be a finite float >= 0, got "
+LR = ("`learning_rate` must be a finite float >= 0 or a schedule (a callable "
+      "of the step count), got ")
+
+
 @pytest.mark.parametrize("kwargs,error,message", [
-    ({"weight_decay": -0.1}, ValueError,
-     "`weight_decay` must be a non-negative float, got -0.1."),
-    ({"weight_decay": "0.1"}, TypeError,
-     "`weight_decay` must be a non-negative float, got '0.1'."),
-    ({"weight_decay": jnp.array(-0.1)}, ValueError,
-     "`weight_decay` must be a non-negative float, got Array(-0.1"),
-    ({"weight_decay": jnp.ones(2)}, TypeError,
-     "`weight_decay` must be a non-negative float, got Array([1., 1.]"),
+    ({"weight_decay": -0.1}, ValueError, WD + "-0.1."),
+    ({"weight_decay": math.inf}, ValueError, WD + "inf."),
+    ({"weight_decay": math.nan}, ValueError, WD + "nan."),
+    ({"weight_decay": "0.1"}, TypeError, WD + "'0.1'."),
+    ({"weight_decay": None}, TypeError, WD + "None."),
+    ({"weight_decay": jnp.array(-0.1)}, ValueError, WD + "Array(-0.1"),
+    ({"weight_decay": jnp.array(jnp.inf)}, ValueError, WD + "Array(inf"),
+    ({"weight_decay": jnp.ones(2)}, TypeError, WD + "Array([1., 1.]"),
+    ({"learning_rate": None}, TypeError, LR + "None."),
+    ({"learning_rate": "a"}, TypeError, LR + "'a'."),
+    ({"learning_rate": -1e-3}, ValueError, LR + "-0.001."),
+    ({"learning_rate": math.inf}, ValueError, LR + "inf."),
+    ({"learning_rate": math.nan}, ValueError, LR + "nan."),
+    ({"learning_rate": jnp.ones(2)}, TypeError, LR + "Array([1., 1.]"),
     ({"sync_period": 0}, ValueError,
      "`sync_period` must be an integer >= 1, got 0."),
-    ({"b2": 1.0}, ValueError, "`b2` must be in [0, 1), got 1.0."),
-    ({"b1": 1.0}, ValueError, "`b1` must be in [0, 1), got 1.0."),
-    ({"b2": 1.5}, ValueError, "`b2` must be a float in [0, 1]"),
+    ({"slow_step_size": 1.5}, ValueError,
+     "`slow_step_size` must be a float in [0, 1]"),
+    ({"b2": 1.0}, ValueError, "`b2` must be a finite float in [0, 1), got 1.0."),
+    ({"b1": 1.0}, ValueError, "`b1` must be a finite float in [0, 1), got 1.0."),
+    ({"b1": -0.5}, ValueError, "`b1` must be a finite float in [0, 1), got -0.5."),
+    ({"b2": 1.5}, ValueError, "`b2` must be a finite float in [0, 1), got 1.5."),
+    ({"b2": math.nan}, ValueError, "`b2` must be a finite float in [0, 1), got nan."),
+    ({"b1": "0.9"}, TypeError, "`b1` must be a finite float in [0, 1), got '0.9'."),
+    ({"eps": -1e-5}, ValueError, "`eps` must be a finite float >= 0, got -1e-05."),
+    ({"eps": math.inf}, ValueError, "`eps` must be a finite float >= 0, got inf."),
+    ({"eps": None}, TypeError, "`eps` must be a finite float >= 0, got None."),
+    ({"centralize": "yes"}, TypeError,
+     "`centralize` must be a bool, got 'yes'."),
 ])
 def test_ranger_bad_arguments(kwargs, error, message):
+  kwargs = {"learning_rate": 1e-3, **kwargs}
   with pytest.raises(error, match=re.escape(message)):
-    lo.ranger(1e-3, **kwargs)
+    lo.ranger(**kwargs)
 
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"threshold": 3.0}, ValueError,
+     "`threshold` must be a finite float >= 4, got 3.0."),
+    ({"threshold": math.inf}, ValueError,
+     "`threshold` must be a finite float >= 4, got inf."),
+    ({"eps": math.nan}, ValueError,
+     "`eps` must be a finite float >= 0, got nan."),
+    ({"b1": 1.0}, ValueError,
+     "`b1` must be a finite float in [0, 1), got 1.0."),
+])
+def test_scale_by_ranger_radam_bad_arguments(kwargs, error, message):
+  with pytest.raises(error, match=re.escape(message)):
+    lo.scale_by_ranger_radam(**kwargs)
+
+
+def test_ranger_learning_rate_schedule_and_zero_are_accepted():
+  params = {"w": jnp.ones((2, 2))}
+  grads = {"w": jnp.full((2, 2), 0.5)}
+  # A zero learning rate leaves the params where they are (not ascent): the
+  # update is -0 * step, i.e. -0.0.
+  tx = lo.ranger(0.0)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert_tree_bitwise(updates, {"w": jnp.full((2, 2), -0.0)})
+  assert_tree_bitwise(optax.apply_updates(params, updates), params)
+  # A schedule is evaluated on the inner step count: lr(0) = 0.25 at step 1,
+  # where the update is bias-corrected momentum, i.e. the gradient: -0.125.
+  tx = lo.ranger(optax.linear_schedule(0.25, 0.0, 10))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], np.full((2, 2), -0.125),
+                             rtol=1e-6)
 
 
 @pytest.mark.parametrize("b2", [0.999, 0.99, 0.9999])

@@ -17,27 +17,12 @@ import optax
 import pytest
 
 import lookahead_optax as lo
+from tests._helpers import assert_bitwise
+from tests._helpers import assert_no_shared_buffers
+from tests._helpers import assert_tree_bitwise
 
 SYNC_MODES = ("select", "cond")
 BF16 = jnp.bfloat16
-
-
-def _bits(x):
-  """The raw bits of an array, to compare floats bitwise (NaN == NaN)."""
-  x = np.asarray(x)
-  return x.view(np.dtype(f"u{x.dtype.itemsize}"))
-
-
-def assert_bitwise(actual, expected):
-  actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-  np.testing.assert_array_equal(_bits(actual), _bits(expected))
-
-
-def assert_tree_bitwise(actual, expected):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    assert_bitwise(a, e)
 
 
 def run(tx, params, grads_seq, state=None, jit=False):
@@ -59,35 +44,36 @@ def run(tx, params, grads_seq, state=None, jit=False):
 
 @pytest.mark.parametrize("sync", SYNC_MODES)
 def test_rollback_nan_gradient_mid_cycle_hand_worked(sync):
-  # sgd(lr=0.5, momentum=0.5), k=4, alpha=0.5, params 8.
+  # sgd(lr=0.5, momentum=0.5), k=4, alpha=0.75, params 8.
   tx = lo.lookahead(optax.sgd(0.5, momentum=0.5), sync_period=4,
-                    slow_step_size=0.5, sync=sync, on_nonfinite="rollback")
+                    slow_step_size=0.75, sync=sync, on_nonfinite="rollback")
   params = jnp.array([8.0, -4.0])
   g = lambda *v: jnp.array(v)
   grads = [g(2.0, -2.0), g(2.0, -2.0), g(np.nan, 1.0), g(2.0, -2.0)]
   hist = run(tx, params, grads)
   # Step 1: trace 2, update -1 -> 7. Step 2: trace 2 + 1 = 3 -> 5.5.
-  np.testing.assert_array_equal(hist[0][0], [7.0, -3.0])
-  np.testing.assert_array_equal(hist[1][0], [5.5, -1.5])
+  assert_bitwise(hist[0][0], jnp.array([7.0, -3.0]))
+  assert_bitwise(hist[1][0], jnp.array([5.5, -1.5]))
   # Step 3: NaN in one leaf element: the whole step rolls back to the slow
   # weights (8, -4), resets the momentum, leaves the slow weights.
   p3, s3 = hist[2]
-  np.testing.assert_array_equal(p3, [8.0, -4.0])
-  np.testing.assert_array_equal(s3.inner_state[0].trace, [0.0, 0.0])
-  np.testing.assert_array_equal(lo.slow_params(s3), [8.0, -4.0])
+  assert_bitwise(p3, jnp.array([8.0, -4.0]))
+  assert_bitwise(s3.inner_state[0].trace, jnp.array([0.0, 0.0]))
+  assert_bitwise(lo.slow_params(s3), jnp.array([8.0, -4.0]))
   assert int(s3.step) == 3
-  # Step 4 (sync): fresh momentum, trace 2 -> fast 7; slow 8 + (7 - 8) / 2.
+  # Step 4 (sync): fresh momentum, trace (2, -2) -> fast (7, -3); slow
+  # 8 + 0.75 (7 - 8) = 7.25 and -4 + 0.75 (-3 + 4) = -3.25.
   p4, s4 = hist[3]
-  np.testing.assert_array_equal(p4, [7.5, -3.5])
+  assert_bitwise(p4, jnp.array([7.25, -3.25]))
   assert_bitwise(lo.slow_params(s4), p4)
-  np.testing.assert_array_equal(s4.inner_state[0].trace, [2.0, -2.0])
+  assert_bitwise(s4.inner_state[0].trace, jnp.array([2.0, -2.0]))
 
 
 @pytest.mark.parametrize("sync", SYNC_MODES)
 @pytest.mark.parametrize("inner_state", ("keep", "reset", "pullback"))
 def test_rollback_on_sync_step_skips_the_sync(sync, inner_state):
   # k=2: a NaN on step 2 (a sync step) does no sync; the next one is step 4.
-  tx = lo.lookahead(optax.sgd(1.0), sync_period=2, slow_step_size=0.5,
+  tx = lo.lookahead(optax.sgd(1.0), sync_period=2, slow_step_size=0.75,
                     sync=sync, inner_state=inner_state,
                     on_nonfinite="rollback")
   params = {"a": jnp.array([4.0]), "b": jnp.array(2.0)}
@@ -101,8 +87,8 @@ def test_rollback_on_sync_step_skips_the_sync(sync, inner_state):
   # Step 2 rolls back to the initial params; slow untouched.
   assert_tree_bitwise(hist[1][0], params)
   assert_tree_bitwise(lo.slow_params(hist[1][1]), params)
-  # Steps 3, 4: a 4 -> 2 -> 0, b stays 2; sync: a = 4 + (0 - 4) / 2 = 2.
-  expected = {"a": jnp.array([2.0]), "b": jnp.array(2.0)}
+  # Steps 3, 4: a 4 -> 2 -> 0, b stays 2; sync: a = 4 + 0.75 (0 - 4) = 1.
+  expected = {"a": jnp.array([1.0]), "b": jnp.array(2.0)}
   assert_tree_bitwise(hist[3][0], expected)
   assert_tree_bitwise(lo.slow_params(hist[3][1]), expected)
 
@@ -130,7 +116,7 @@ def test_rollback_resets_adam_moments_and_keeps_count():
   adam_state = state.inner_state[0]
   assert int(adam_state.count) == 3  # Schedules do not restart.
   for leaf in jax.tree.leaves((adam_state.mu, adam_state.nu)):
-    np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+    assert_bitwise(leaf, jnp.zeros_like(leaf))
 
 
 def test_rollback_all_finite_is_bitwise_propagate():
@@ -461,3 +447,174 @@ def test_mismatch_error_names_nested_path():
     tx.update(params, state, bad)
 
 
+
+
+# ---------------------------------------------------------------------------
+# A NaN on a sync step with a stateful inner optimizer
+# ---------------------------------------------------------------------------
+
+STATEFUL_INNERS = {
+    "momentum": lambda: optax.sgd(0.25, momentum=0.5),
+    "adam": lambda: optax.adam(0.25),
+}
+
+
+def _inner_and_synced(state, inner_state):
+  if inner_state == "pullback":
+    return state.inner_state.inner_state, state.inner_state.synced_inner_state
+  return state.inner_state, None
+
+
+@pytest.mark.parametrize("sync", SYNC_MODES)
+@pytest.mark.parametrize("inner_state", ("keep", "reset", "pullback"))
+@pytest.mark.parametrize("inner,jit", [
+    ("adam", False), ("adam", True), ("momentum", False),
+    # The same program shapes as adam under jit: kept for the full run.
+    pytest.param("momentum", True, marks=pytest.mark.slow),
+])
+def test_nan_on_a_sync_step_with_stateful_inner(inner, inner_state, sync, jit):
+  # k = 3, alpha = 0.8; two good steps, then a NaN gradient on step 3 (a
+  # sync step). The step must roll back to the slow weights (theta_0), reset
+  # the moments to zero, skip the sync, keep the last-synced copy of the
+  # inner state (pullback) untouched and finite, and the next cycle must be
+  # that of a fresh lookahead started from theta_0 with the inner counts
+  # going on.
+  k, alpha = 3, 0.8
+  make = lambda: lo.lookahead(STATEFUL_INNERS[inner](), k, alpha, sync=sync,
+                              inner_state=inner_state,
+                              on_nonfinite="rollback")
+  tx = make()
+  params = {"w": jnp.array([1.5, -2.0, 0.75]), "b": jnp.array(0.5)}
+  rng = np.random.default_rng(4)
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
+                                              jnp.float32), params)
+           for _ in range(2 * k)]
+  grads[k - 1] = {"w": jnp.array([1.0, np.nan, 1.0]), "b": jnp.array(1.0)}
+  hist = run(tx, params, grads, jit=jit)
+  p3, s3 = hist[k - 1]
+  assert_tree_bitwise(p3, params)
+  assert_tree_bitwise(lo.slow_params(s3), params)
+  assert int(s3.step) == k
+  live, synced = _inner_and_synced(s3, inner_state)
+  fresh = STATEFUL_INNERS[inner]().init(params)
+  moments = ("trace",) if inner == "momentum" else ("mu", "nu")
+  for name in moments:
+    assert_tree_bitwise(getattr(live[0], name), getattr(fresh[0], name))
+  if inner == "adam":
+    assert int(live[0].count) == k  # Schedules and bias correction go on.
+  if synced is not None:
+    # Nothing synced yet: the last-synced copy is still the initial state.
+    assert_tree_bitwise(synced, fresh)
+  # Steps k+1 .. 2k: a fresh cycle from theta_0 (the same state as a fresh
+  # lookahead's, but for the counts), ending in a sync.
+  start = tx.init(params)
+  if inner == "adam":
+    with_count = lambda st: (st[0]._replace(count=jnp.asarray(k, jnp.int32)),
+                             ) + tuple(st[1:])
+    if inner_state == "pullback":
+      start = start._replace(inner_state=lo.PullbackState(
+          with_count(start.inner_state.inner_state),
+          start.inner_state.synced_inner_state))
+    else:
+      start = start._replace(inner_state=with_count(start.inner_state))
+  start = start._replace(step=jnp.asarray(k, jnp.int32))
+  assert_tree_bitwise(s3, start)
+  expected = run(make(), params, grads[k:], state=start, jit=jit)
+  for (p, st), (p_ref, st_ref) in zip(hist[k:], expected):
+    assert_tree_bitwise((p, st), (p_ref, st_ref))
+  p6, s6 = hist[-1]
+  assert_tree_bitwise(lo.slow_params(s6), p6)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(s6))
+  # The sync moved the slow weights: 0.8 of the way to the fast weights.
+  assert not np.array_equal(np.asarray(p6["w"]), np.asarray(params["w"]))
+
+
+# ---------------------------------------------------------------------------
+# Donation: every state the library builds can be donated with the params
+# ---------------------------------------------------------------------------
+
+
+def _donation_cases():
+  """(name, tx, params, state builder) for every way to build a state."""
+  params = lambda: {"w": jnp.arange(6.0).reshape(2, 3) / 8,
+                    "b": jnp.array([0.5, -0.25, 1.0]),
+                    "s": jnp.array(0.75)}
+  cases = []
+  for policy in ("keep", "reset", "pullback"):
+    for sync in SYNC_MODES:
+      tx = lo.lookahead(optax.adam(0.1), 3, 0.8, inner_state=policy,
+                        sync=sync)
+      cases.append((f"init-{policy}-{sync}", tx, params, tx.init))
+  tx = lo.lookahead(optax.adam(0.1), 3, 0.8, on_nonfinite="rollback")
+  cases.append(("rollback", tx, params, tx.init))
+  bf16 = lambda: jax.tree.map(lambda p: p.astype(BF16), params())
+  tx = lo.lookahead(optax.adam(0.1), 3, 0.8, slow_dtype=jnp.float32)
+  cases.append(("slow_dtype", tx, bf16, tx.init))
+  # slow_dtype equal to the params' dtype: the slow weights must still be
+  # copies, not the params' own buffers.
+  tx = lo.lookahead(optax.adam(0.1), 3, 0.8, slow_dtype=jnp.float32)
+  cases.append(("slow_dtype-same", tx, params, tx.init))
+  tx = lo.lookahead(lo.lazy(optax.adam(0.1)), 3, 0.8, inner_state="pullback")
+  cases.append(("lazy-pullback", tx, params, tx.init))
+  tx = lo.lazy(lo.lookahead(optax.adam(0.1), 3, 0.8))
+  cases.append(("lazy-outside", tx, params, tx.init))
+  for policy in ("keep", "pullback"):
+    tx = lo.lookahead(optax.adam(0.1), 3, 0.8, inner_state=policy)
+    plain = optax.adam(0.1)
+    migrate = lambda p, tx=tx, plain=plain: lo.migrate_optax_state(
+        tx, plain.init(p), p, step=1)
+    cases.append((f"migrate-{policy}", tx, params, migrate))
+  tx = optax.chain(optax.clip(1.0), lo.lookahead(
+      optax.sgd(0.1, momentum=0.9), 3, 0.8, inner_state="pullback"))
+  cases.append(("chain-pullback", tx, params, tx.init))
+  return cases
+
+
+DONATION_CASES = _donation_cases()
+
+
+@pytest.mark.parametrize("case", DONATION_CASES, ids=[c[0] for c in
+                                                      DONATION_CASES])
+def test_every_state_can_be_donated_with_the_params(case):
+  _, tx, make_params, build = case
+  rng = np.random.default_rng(5)
+  grads = [jax.tree.map(lambda p: jnp.asarray(
+      rng.normal(size=p.shape), p.dtype), make_params()) for _ in range(7)]
+
+  def step(params, state, g):
+    updates, state = tx.update(g, state, params)
+    return optax.apply_updates(params, updates), state
+
+  # Reference: the same steps without donation.
+  expected = []
+  params = make_params()
+  state = build(params)
+  for g in grads:
+    params, state = jax.jit(step)(params, state, g)
+    expected.append((params, state))
+
+  params = make_params()
+  state = build(params)
+  # No leaf of the state may share a buffer with the params or with another
+  # leaf (e.g. a pullback copy aliasing the live inner state): XLA refuses to
+  # donate one buffer twice.
+  assert_no_shared_buffers(params, state)
+  donated = jax.jit(step, donate_argnums=(0, 1))
+  first = (params, state)
+  for t, g in enumerate(grads):
+    params, state = donated(params, state, g)
+    assert_no_shared_buffers(params, state)
+    assert_tree_bitwise((params, state), expected[t], f"step {t + 1}")
+  assert all(x.is_deleted() for x in jax.tree.leaves(first))
+
+
+def test_bitwise_helper_tells_signed_zeros_and_dtypes_apart():
+  # The shared helper every bitwise test uses: 0.0 != -0.0 (a sign flip
+  # `assert_array_equal` misses), NaN == NaN of the same bits, dtypes match.
+  with pytest.raises(AssertionError):
+    assert_bitwise(jnp.array([0.0]), jnp.array([-0.0]))
+  with pytest.raises(AssertionError):
+    assert_bitwise(jnp.array([1.0], BF16), jnp.array([1.0]))
+  with pytest.raises(AssertionError):
+    assert_tree_bitwise({"a": jnp.zeros(2)}, [jnp.zeros(2)])
+  assert_bitwise(jnp.array([np.nan, -0.0]), jnp.array([np.nan, -0.0]))

@@ -2,24 +2,25 @@
 
 Every case uses sgd(0.5) on 0.5 * x**2 (grad = x): from x = 4 one step gives
 fast weights 2 while the slow weights are still 4; with k = 2 the second step
-gives fast 1 and syncs the slow weights to 4 + 0.5 (1 - 4) = 2.5.
+gives fast 1 and syncs the slow weights to 4 + 0.75 (1 - 4) = 1.75 (alpha =
+0.75, not 0.5, so that a sync written with 1 - alpha cannot pass).
 """
 
 import re
 from typing import Any, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
 
 import lookahead_optax as lo
+from tests._helpers import assert_tree_bitwise
 
 
 def _la(sync_period=2):
   return lo.lookahead(optax.sgd(0.5), sync_period=sync_period,
-                      slow_step_size=0.5)
+                      slow_step_size=0.75)
 
 
 def _run(tx, params, num_steps):
@@ -35,37 +36,38 @@ PARAMS = {"a": jnp.array([4.0]), "b": jnp.array([-8.0, 2.0])}
 
 def test_plain_lookahead_state():
   params, state = _run(_la(), PARAMS, 1)
-  chex.assert_trees_all_equal(params, {"a": jnp.array([2.0]),
+  assert_tree_bitwise(params, {"a": jnp.array([2.0]),
                                        "b": jnp.array([-4.0, 1.0])})
-  chex.assert_trees_all_equal(lo.slow_params(state), PARAMS)
-  chex.assert_trees_all_equal(lo.eval_params(state, params), PARAMS)
+  assert_tree_bitwise(lo.slow_params(state), PARAMS)
+  assert_tree_bitwise(lo.eval_params(state, params), PARAMS)
   params, state = _run(_la(), PARAMS, 2)
-  expected = {"a": jnp.array([2.5]), "b": jnp.array([-5.0, 1.25])}
-  chex.assert_trees_all_equal(lo.slow_params(state), expected)
-  chex.assert_trees_all_equal(lo.eval_params(state, params), expected)
+  # a: 4 + 0.75 (1 - 4); b: -8 + 0.75 (-2 + 8), 2 + 0.75 (0.5 - 2).
+  expected = {"a": jnp.array([1.75]), "b": jnp.array([-3.5, 0.875])}
+  assert_tree_bitwise(lo.slow_params(state), expected)
+  assert_tree_bitwise(lo.eval_params(state, params), expected)
 
 
 def test_inside_chain():
   tx = optax.chain(optax.clip(100.0), _la())
   params, state = _run(tx, PARAMS, 1)
-  chex.assert_trees_all_equal(lo.slow_params(state), PARAMS)
+  assert_tree_bitwise(lo.slow_params(state), PARAMS)
   assert isinstance(state[1], lo.LookaheadState)
   _, state = _run(tx, PARAMS, 2)
-  chex.assert_trees_all_equal(
+  assert_tree_bitwise(
       lo.slow_params(state),
-      {"a": jnp.array([2.5]), "b": jnp.array([-5.0, 1.25])})
+      {"a": jnp.array([1.75]), "b": jnp.array([-3.5, 0.875])})
 
 
 def test_masked_keeps_masked_out_leaves_from_params():
   tx = optax.masked(_la(), {"a": True, "b": False})
   params, state = _run(tx, PARAMS, 1)
   slow = lo.slow_params(state)
-  chex.assert_trees_all_equal(slow["a"], PARAMS["a"])
+  assert_tree_bitwise(slow["a"], PARAMS["a"])
   assert isinstance(slow["b"], optax.MaskedNode)
   # optax.masked passes the masked-out grads through: b moved to -8 + -8.
-  chex.assert_trees_all_equal(params["b"], jnp.array([-16.0, 4.0]))
+  assert_tree_bitwise(params["b"], jnp.array([-16.0, 4.0]))
   evaluated = lo.eval_params(state, params)
-  chex.assert_trees_all_equal(evaluated, {"a": PARAMS["a"], "b": params["b"]})
+  assert_tree_bitwise(evaluated, {"a": PARAMS["a"], "b": params["b"]})
 
 
 def test_multi_transform_groups_are_merged():
@@ -74,22 +76,26 @@ def test_multi_transform_groups_are_merged():
       {"k2": _la(sync_period=2), "k3": _la(sync_period=3)},
       param_labels={"x": "k2", "y": "k3"})
   new_params, state = _run(tx, params, 2)
-  # x synced at step 2 (slow 2.5); y has not synced yet (slow 4, fast 1).
-  chex.assert_trees_all_equal(
-      lo.slow_params(state), {"x": jnp.array([2.5]), "y": jnp.array([4.0])})
-  chex.assert_trees_all_equal(new_params,
-                              {"x": jnp.array([2.5]), "y": jnp.array([1.0])})
-  chex.assert_trees_all_equal(
+  # x synced at step 2 (slow 1.75); y has not synced yet (slow 4, fast 1).
+  assert_tree_bitwise(
+      lo.slow_params(state), {"x": jnp.array([1.75]), "y": jnp.array([4.0])})
+  assert_tree_bitwise(new_params,
+                      {"x": jnp.array([1.75]), "y": jnp.array([1.0])})
+  assert_tree_bitwise(
       lo.eval_params(state, new_params),
-      {"x": jnp.array([2.5]), "y": jnp.array([4.0])})
+      {"x": jnp.array([1.75]), "y": jnp.array([4.0])})
 
 
 def test_inject_hyperparams():
   tx = optax.inject_hyperparams(lo.lookahead)(
-      optax.sgd(0.5), sync_period=2, slow_step_size=0.5)
+      optax.sgd(0.5), sync_period=2, slow_step_size=0.75)
   params, state = _run(tx, PARAMS, 1)
-  chex.assert_trees_all_equal(lo.slow_params(state), PARAMS)
-  chex.assert_trees_all_equal(lo.eval_params(state, params), PARAMS)
+  assert_tree_bitwise(lo.slow_params(state), PARAMS)
+  assert_tree_bitwise(lo.eval_params(state, params), PARAMS)
+  params, state = _run(tx, PARAMS, 2)
+  expected = {"a": jnp.array([1.75]), "b": jnp.array([-3.5, 0.875])}
+  assert_tree_bitwise(lo.slow_params(state), expected)
+  assert_tree_bitwise(lo.eval_params(state, params), expected)
 
 
 def test_multisteps_counts_applied_steps():
@@ -102,9 +108,9 @@ def test_multisteps_counts_applied_steps():
     updates, state = tx.update(jnp.array([4.0]), state, x)
     x = optax.apply_updates(x, updates)
   assert int(state.inner_opt_state.step) == 2
-  # Applied steps: 4 - 2 = 2, then fast 2 - 2 = 0, sync 4 + 0.5 (0 - 4) = 2.
-  chex.assert_trees_all_equal(x, jnp.array([2.0]))
-  chex.assert_trees_all_equal(lo.slow_params(state), jnp.array([2.0]))
+  # Applied steps: 4 - 2 = 2, then fast 2 - 2 = 0, sync 4 + 0.75 (0 - 4) = 1.
+  assert_tree_bitwise(x, jnp.array([1.0]))
+  assert_tree_bitwise(lo.slow_params(state), jnp.array([1.0]))
 
 
 class _TrainState(NamedTuple):
@@ -123,8 +129,8 @@ class _Optimizer:
 def test_object_with_opt_state():
   params, state = _run(_la(), PARAMS, 1)
   for holder in (_Optimizer(state), _TrainState(params, state)):
-    chex.assert_trees_all_equal(lo.slow_params(holder), PARAMS)
-    chex.assert_trees_all_equal(lo.eval_params(holder, params), PARAMS)
+    assert_tree_bitwise(lo.slow_params(holder), PARAMS)
+    assert_tree_bitwise(lo.eval_params(holder, params), PARAMS)
 
 
 def test_flax_train_state():
@@ -132,18 +138,18 @@ def test_flax_train_state():
   ts = train_state.TrainState.create(
       apply_fn=lambda *a: None, params=PARAMS, tx=_la())
   ts = ts.apply_gradients(grads=PARAMS)
-  chex.assert_trees_all_equal(ts.params["a"], jnp.array([2.0]))
-  chex.assert_trees_all_equal(lo.eval_params(ts, ts.params), PARAMS)
+  assert_tree_bitwise(ts.params["a"], jnp.array([2.0]))
+  assert_tree_bitwise(lo.eval_params(ts, ts.params), PARAMS)
 
 
 def test_slow_dtype_cast_back_to_params_dtype():
   params = {"w": jnp.array([4.0], jnp.bfloat16)}
-  tx = lo.lookahead(optax.sgd(0.5), 2, 0.5, slow_dtype=jnp.float32)
+  tx = lo.lookahead(optax.sgd(0.5), 2, 0.75, slow_dtype=jnp.float32)
   params, state = _run(tx, params, 2)
   assert lo.slow_params(state)["w"].dtype == jnp.float32
   evaluated = lo.eval_params(state, params)
   assert evaluated["w"].dtype == jnp.bfloat16
-  chex.assert_trees_all_equal(evaluated, {"w": jnp.array([2.5], jnp.bfloat16)})
+  assert_tree_bitwise(evaluated, {"w": jnp.array([1.75], jnp.bfloat16)})
 
 
 @pytest.mark.parametrize("state", [
@@ -179,4 +185,26 @@ def test_eval_params_structure_mismatch_raises():
 def test_works_under_jit():
   params, state = _run(_la(), PARAMS, 1)
   evaluated = jax.jit(lo.eval_params)(state, params)
-  chex.assert_trees_all_equal(evaluated, PARAMS)
+  assert_tree_bitwise(evaluated, PARAMS)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_eval_params_of_another_shape_raises_naming_the_leaf(jit):
+  # Same structure, other shapes: the old slow weights must not be returned.
+  state = _la().init(PARAMS)
+  other = {"a": jnp.array([1.0]), "b": jnp.array([1.0, 2.0, 3.0])}
+  eval_params = jax.jit(lo.eval_params) if jit else lo.eval_params
+  with pytest.raises(ValueError, match=re.escape(
+      "`params` leaf ['b'] has shape (3,), but its slow weights have shape "
+      "(2,): are these the params this optimizer trains?")):
+    eval_params(state, other)
+
+
+def test_eval_params_shape_check_skips_masked_out_leaves():
+  # A masked-out leaf has no slow weights: its shape is not checked.
+  tx = optax.masked(_la(), {"a": True, "b": False})
+  params, state = _run(tx, PARAMS, 1)
+  evaluated = lo.eval_params(state, params)
+  assert_tree_bitwise(evaluated, {"a": PARAMS["a"], "b": params["b"]})
+  with pytest.raises(ValueError, match=re.escape("`params` leaf ['a']")):
+    lo.eval_params(state, {"a": jnp.ones(2), "b": params["b"]})

@@ -1,0 +1,100 @@
+"""Helpers shared by the test suite: bitwise comparison, float64 mode, ulps.
+
+One bitwise-equality helper for every test: it compares the raw bits of the
+arrays, so that 0.0 and -0.0 differ, NaN equals a NaN with the same payload,
+and the dtypes must agree. `np.testing.assert_array_equal` does neither (it
+treats 0.0 == -0.0 and any NaN == NaN).
+"""
+
+import contextlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def bits(x: Any) -> np.ndarray:
+  """The raw bits of an array (as unsigned integers of the same width)."""
+  x = np.asarray(x)
+  return x.view(np.dtype(f"u{x.dtype.itemsize}"))
+
+
+def assert_bitwise(actual: Any, expected: Any, msg: str = "") -> None:
+  """Asserts that two arrays have the same dtype, shape and bits."""
+  actual, expected = np.asarray(actual), np.asarray(expected)
+  assert actual.dtype == expected.dtype, (
+      f"{msg} dtype {actual.dtype} != {expected.dtype}")
+  assert actual.shape == expected.shape, (
+      f"{msg} shape {actual.shape} != {expected.shape}")
+  np.testing.assert_array_equal(bits(actual), bits(expected), err_msg=msg)
+
+
+def assert_tree_bitwise(actual: Any, expected: Any, msg: str = "") -> None:
+  """Asserts that two pytrees have the same structure and leaf bits."""
+  flat_a, tree_a = jax.tree.flatten(actual)
+  flat_e, tree_e = jax.tree.flatten(expected)
+  assert tree_a == tree_e, f"{msg} structure {tree_a} != {tree_e}"
+  for i, (a, e) in enumerate(zip(flat_a, flat_e)):
+    assert_bitwise(a, e, f"{msg} leaf {i}")
+
+
+def same_bits(a: Any, b: Any) -> bool:
+  """Whether two arrays are bitwise equal (same dtype, shape and bits)."""
+  a, b = np.asarray(a), np.asarray(b)
+  return (a.dtype == b.dtype and a.shape == b.shape
+          and np.array_equal(bits(a), bits(b)))
+
+
+def x64_if(dtype: Any):
+  """`jax.enable_x64(True)` for float64, else a no-op context."""
+  if jnp.dtype(dtype) == jnp.float64:
+    return jax.enable_x64(True)
+  return contextlib.nullcontext()
+
+
+def ulp(x: Any, dtype: Any) -> np.ndarray:
+  """The spacing of `dtype` floats at magnitude |x|, as float64."""
+  finfo = jnp.finfo(dtype)
+  x = np.maximum(np.abs(np.asarray(x, np.float64)), float(finfo.tiny))
+  return 2.0 ** (np.floor(np.log2(x)) - finfo.nmant)
+
+
+def assert_tree_within_ulps(actual: Any, expected: Any, n: int,
+                            msg: str = "") -> None:
+  """Asserts leafwise |actual - expected| <= n ulps of `expected`'s dtype."""
+  flat_a, tree_a = jax.tree.flatten(actual)
+  flat_e, tree_e = jax.tree.flatten(expected)
+  assert tree_a == tree_e, f"{msg} structure {tree_a} != {tree_e}"
+  for i, (a, e) in enumerate(zip(flat_a, flat_e)):
+    a, e = np.asarray(a), np.asarray(e)
+    assert a.dtype == e.dtype, f"{msg} leaf {i} dtype {a.dtype} != {e.dtype}"
+    if not jnp.issubdtype(e.dtype, jnp.inexact):
+      np.testing.assert_array_equal(a, e, err_msg=f"{msg} leaf {i}")
+      continue
+    a64, e64 = a.astype(np.float64), e.astype(np.float64)
+    both_nan = np.isnan(a64) & np.isnan(e64)
+    diff = np.where(both_nan, 0.0, np.abs(a64 - e64))
+    bound = n * ulp(np.maximum(np.abs(a64), np.abs(e64)), e.dtype)
+    assert (diff <= bound).all(), (
+        f"{msg} leaf {i}: max {np.max(diff / bound) * n:.1f} ulps > {n}")
+
+
+def buffer_pointers(tree: Any) -> list:
+  """The device buffer addresses of every array leaf (one per shard)."""
+  out = []
+  for leaf in jax.tree.leaves(tree):
+    if isinstance(leaf, jax.Array):
+      out.extend(s.data.unsafe_buffer_pointer()
+                 for s in leaf.addressable_shards)
+  return out
+
+
+def assert_no_shared_buffers(*trees: Any) -> None:
+  """Asserts no two array leaves of `trees` share a device buffer.
+
+  A state that aliases the params (or one of its own leaves) cannot be donated
+  with them: XLA refuses to donate one buffer twice.
+  """
+  pointers = buffer_pointers(trees)
+  assert len(pointers) == len(set(pointers)), "two leaves share a buffer"
