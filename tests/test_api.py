@@ -78,8 +78,7 @@ def test_lookahead_doc_cites_the_paper():
 # links and single backticks; no Sphinx roles or reST markup.
 _SPHINX_MARKUP = re.compile(
     r":math:|\.\. math::|``|`[^`]*<https?://[^>]*>`_|:(func|class|meth|mod):`")
-# Being converted by their owners (the lookahead rewrite, the sparse work).
-_NOT_YET_MARKDOWN = {"lookahead", "lazy", "LazyState"}
+_NOT_YET_MARKDOWN = set()
 
 
 def _markdown_cases():
@@ -90,8 +89,9 @@ def _markdown_cases():
       marks = pytest.mark.xfail(
           strict=True, reason="docstring not converted to Markdown yet")
     cases.append(pytest.param(name, getattr(lo, name), id=name, marks=marks))
-  for module_name in ("_checkpoint", "_checks", "_flax", "_ranger", "_state",
-                      "_tree"):
+  for module_name in ("_checkpoint", "_checks", "_flax", "_lazy", "_lookahead",
+                      "_policies", "_ranger", "_rows", "_sparse", "_state",
+                      "_sync", "_tree"):
     module = importlib.import_module(f"lookahead_optax.{module_name}")
     cases.append(pytest.param(module_name, module, id=module_name))
     for attr, obj in vars(module).items():
