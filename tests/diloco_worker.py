@@ -1,0 +1,175 @@
+"""One process of a multi-controller DiLoCo run (`lookahead(axis_name=...)`).
+
+Run by tests/test_diloco.py as 2 processes on localhost, each with 4 CPU
+devices; the 8 devices form one global mesh with a "data" axis of 8 DiLoCo
+replicas. Every replica trains the same regression model on its own data
+with its own AdamW state, and at every sync the replicas average their
+pseudo-gradients over the mesh (across the two processes) before the outer
+Nesterov step. The same script runs one process per host on a cluster:
+
+  python tests/diloco_worker.py --coordinator 10.0.0.1:1234 \
+      --num-processes 2 --process-id 0 --out /tmp/run  # on host 0
+
+This module is importable without side effects: the test imports `train` to
+compute the single-process reference on 8 local devices.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+REPLICAS = 8
+SYNC_PERIOD = 3
+STEPS = 7  # 2 syncs at k = 3, then one step into the third cycle
+BATCH = 6  # examples per replica and step
+MAX_STEPS = 8  # the data of the first `steps` steps do not depend on `steps`
+
+
+def make_data(steps=STEPS):
+  """Every replica's batches, the same in every process (a fixed seed).
+
+  Returns:
+    `(xs, ys)` of shapes `(REPLICAS, steps, BATCH, 4)` and
+    `(REPLICAS, steps, BATCH, 3)`: each replica regresses onto its own
+    linear map, so the replicas' fast weights drift apart within a cycle.
+  """
+  assert steps <= MAX_STEPS, steps
+  rng = np.random.default_rng(7)
+  xs = rng.normal(size=(REPLICAS, MAX_STEPS, BATCH, 4)).astype(np.float32)
+  maps = rng.normal(size=(REPLICAS, 1, 4, 3)).astype(np.float32)
+  ys = (xs @ maps + 0.1 * rng.normal(size=(REPLICAS, MAX_STEPS, BATCH, 3))
+        ).astype(np.float32)
+  return xs[:, :steps], ys[:, :steps]
+
+
+def init_params():
+  """Weights in [1, 2]: no weight moves by 2x in a cycle (exact landing)."""
+  rng = np.random.default_rng(3)
+  return {"w": rng.uniform(1.0, 2.0, size=(4, 3)).astype(np.float32),
+          "b": rng.uniform(1.0, 2.0, size=(3,)).astype(np.float32)}
+
+
+def train(mesh, steps=STEPS):
+  """DiLoCo over the "data" axis of `mesh` with `jax.shard_map`.
+
+  Every array carries a leading replica axis of size 8, split over the mesh;
+  each process builds only the blocks its own devices hold.
+
+  Returns:
+    (params, slow params, outer momentum, step count), as numpy arrays with
+    the leading replica axis, gathered from all processes.
+  """
+  import jax
+  import jax.numpy as jnp
+  from jax.experimental import multihost_utils
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  import optax
+
+  import lookahead_optax as lo
+
+  tx = lo.lookahead(
+      optax.adamw(0.03, b1=0.8, b2=0.95, weight_decay=0.05), SYNC_PERIOD,
+      outer=optax.sgd(0.7, momentum=0.9, nesterov=True), axis_name="data")
+  sharding = NamedSharding(mesh, P("data"))
+
+  def to_global(host_array):
+    return jax.make_array_from_callback(
+        host_array.shape, sharding, lambda index: host_array[index])
+
+  def loss_fn(params, x, y):
+    return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
+
+  def local_step(params, state, x, y):
+    # No pmean of the gradients: each replica steps on its own.
+    grads = jax.grad(loss_fn)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  squeeze = lambda tree: jax.tree.map(lambda a: a[0], tree)
+  expand = lambda tree: jax.tree.map(lambda a: a[None], tree)
+
+  def block_step(params, state, x, y):  # one replica's block: leading dim 1
+    return expand(local_step(*squeeze((params, state, x, y))))
+
+  step = jax.jit(jax.shard_map(block_step, mesh=mesh, in_specs=P("data"),
+                               out_specs=P("data")), donate_argnums=(0, 1))
+  init = jax.jit(jax.shard_map(lambda p: expand(tx.init(squeeze(p))),
+                               mesh=mesh, in_specs=P("data"),
+                               out_specs=P("data")))
+
+  host_params = {k: np.broadcast_to(v, (REPLICAS,) + v.shape).copy()
+                 for k, v in init_params().items()}
+  params = {k: to_global(v) for k, v in host_params.items()}
+  state = init(params)
+  xs, ys = make_data(steps)
+  for i in range(steps):
+    params, state = step(params, state, to_global(xs[:, i]),
+                         to_global(ys[:, i]))
+
+  gather = lambda tree: jax.tree.map(
+      np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+  momentum = state.outer_state[0].trace
+  return (gather(params), gather(lo.slow_params(state)), gather(momentum),
+          gather(state.step))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--coordinator", required=True,
+                      help="host:port of process 0")
+  parser.add_argument("--num-processes", type=int, required=True)
+  parser.add_argument("--process-id", type=int, required=True)
+  parser.add_argument("--local-cpu-devices", type=int, default=0,
+                      help="simulate this many CPU devices per process "
+                      "(tests); 0 uses the real accelerators")
+  parser.add_argument("--bind-loopback", action="store_true",
+                      help="bind the coordinator to 127.0.0.1 only")
+  parser.add_argument("--out", required=True, help="where to write results")
+  args = parser.parse_args(argv)
+
+  if args.local_cpu_devices:
+    # Must happen before JAX starts its CPU backend.
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={args.local_cpu_devices}")
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__))))  # the checkout, for `import lookahead_optax`
+  import jax
+
+  if args.local_cpu_devices:
+    # Cross-process collectives on CPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  port = args.coordinator.rsplit(":", 1)[1]
+  jax.distributed.initialize(
+      coordinator_address=args.coordinator,
+      num_processes=args.num_processes,
+      process_id=args.process_id,
+      coordinator_bind_address=(
+          f"127.0.0.1:{port}" if args.bind_loopback else None),
+      initialization_timeout=60,
+  )
+  try:
+    mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    params, slow, momentum, step = train(mesh)
+    os.makedirs(args.out, exist_ok=True)
+    np.savez(
+        os.path.join(args.out, f"process_{jax.process_index()}.npz"),
+        step=step, process_count=jax.process_count(),
+        device_count=jax.device_count(),
+        local_device_count=jax.local_device_count(),
+        **{f"params/{k}": v for k, v in params.items()},
+        **{f"slow/{k}": v for k, v in slow.items()},
+        **{f"momentum/{k}": v for k, v in momentum.items()})
+    print(f"process {jax.process_index()}/{jax.process_count()}: "
+          f"{jax.local_device_count()} of {jax.device_count()} devices, "
+          f"{STEPS} DiLoCo steps, done", flush=True)
+  finally:
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main()
