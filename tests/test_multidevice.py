@@ -178,10 +178,13 @@ def assert_same_shardings(tree, shardings):
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("inner_state", ["keep", "pullback"])
+@pytest.mark.parametrize("inner_state", ["keep", "pullback", "snoo"])
 def test_init_under_jit_shards_slow_params_like_params(layout, inner_state):
   mesh, shardings, params, _ = place(layout)
-  tx = lo.lookahead(optax.adamw(1e-3), inner_state=inner_state)
+  if inner_state == "snoo":
+    tx = lo.snoo(optax.adamw(1e-3), sync_period=4)
+  else:
+    tx = lo.lookahead(optax.adamw(1e-3), inner_state=inner_state)
   state = jax.jit(tx.init)(params)
   assert_same_shardings(state.slow_params, shardings)
   # optax's own init leaves Adam's moments replicated here (zeros_like under
@@ -194,6 +197,8 @@ def test_init_under_jit_shards_slow_params_like_params(layout, inner_state):
   sharded = jax.jit(tx.init, out_shardings=state_shardings)(params)
   adam_state = (sharded.inner_state.inner_state if inner_state == "pullback"
                 else sharded.inner_state)[0]
+  if inner_state == "snoo":  # the outer momentum, too
+    assert_same_shardings(sharded.outer_state[0].trace, shardings)
   assert_same_shardings(sharded.slow_params, shardings)
   assert_same_shardings(adam_state.mu, shardings)
   assert_same_shardings(adam_state.nu, shardings)
@@ -231,8 +236,10 @@ def test_lookahead_adds_no_collectives(layout):
     assert base.get("all-gather", 0) > 0, base
   else:
     assert base.get("all-reduce", 0) > 0, base
+  snoo = optax.sgd(0.7, momentum=0.9, nesterov=True)
   for kwargs in (dict(sync="select"), dict(sync="cond"),
-                 dict(inner_state="reset"), dict(inner_state="pullback")):
+                 dict(inner_state="reset"), dict(inner_state="pullback"),
+                 dict(outer=snoo, sync="select"), dict(outer=snoo)):
     tx = lo.lookahead(adamw, sync_period=4, **kwargs)
     state = jax.jit(tx.init)(params)
     compiled = compile_train_step(tx, params, state, batch_sharding)
@@ -245,6 +252,9 @@ def test_lookahead_adds_no_collectives(layout):
       assert out_params[name].is_equivalent_to(sharding, 2 - (name == "b1"))
       assert out_state.slow_params[name].is_equivalent_to(
           sharding, 2 - (name == "b1"))
+      if "outer" in kwargs:  # SNOO's momentum is sharded like the params
+        assert out_state.outer_state[0].trace[name].is_equivalent_to(
+            sharding, 2 - (name == "b1"))
   # A positive control: the counter does see an added collective. Rollback
   # must know whether any element is non-finite, a scalar all-reduce.
   tx = lo.lookahead(adamw, sync_period=4, on_nonfinite="rollback")
