@@ -200,8 +200,18 @@ def targets_table(step_rows: list, e2e_rows: list) -> Optional[str]:
                                lines)
 
 
-def plot(step_rows: list, path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
+def plot(step_rows: list, path: str) -> bool:
+  """Draws step time vs param count to `path`; False without matplotlib.
+
+  matplotlib is optional (the `examples` extra): without it the figure is
+  skipped with a message on stderr and the report is written without it.
+  """
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    _log(f"  plot: matplotlib is not installed, skipping the figure {path} "
+         "(pip install matplotlib, or the `examples` extra, to draw it)")
+    return False
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
@@ -232,6 +242,7 @@ def plot(step_rows: list, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+  return True
 
 
 _INTRO = """\
@@ -434,8 +445,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
   if False in donate_modes:
     sections["step_not_donated"] = step_table(step_rows, donate=False)
   sections["memory"] = memory_table(step_rows)
-  if args.plot:
-    plot(step_rows, args.plot)
+  if args.plot and plot(step_rows, args.plot):
     if args.out:
       sections["plot"] = os.path.relpath(
           args.plot, os.path.dirname(os.path.abspath(args.out)))

@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark suite (benchmarks/): no timed assertions."""
 
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -42,11 +43,9 @@ def quick_report(tmp_path_factory):
   return report, md, png
 
 
-def test_quick_run_writes_report_and_plot(quick_report):
-  report, md, png = quick_report
+def test_quick_run_writes_report(quick_report):
+  report, md, _ = quick_report
   assert md.read_text() == report
-  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  assert "![step time vs param count](img/step.png)" in report
   assert "Quick run (tiny sizes): not representative." in report
   for title in ("How to run", "Machine",
                 "Optimizer step, params and state donated", "Memory",
@@ -56,6 +55,25 @@ def test_quick_run_writes_report_and_plot(quick_report):
   assert "## Optimizer step, not donated" not in report
   assert "## Why `sync=\"select\"` on CPU" not in report
   assert "## Targets" not in report
+
+
+def test_quick_run_draws_the_plot_and_links_it(quick_report):
+  pytest.importorskip("matplotlib")
+  report, _, png = quick_report
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "![step time vs param count](img/step.png)" in report
+
+
+def test_plot_is_skipped_with_a_message_without_matplotlib(
+    tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+  png = tmp_path / "step.png"
+  rows = [{"name": step.ADAM, "layout": "leaf", "donate": True, "n": 10,
+           "median_ms": 1.0}]
+  assert bench_run.plot(rows, str(png)) is False
+  assert not png.exists()
+  assert "matplotlib is not installed, skipping the figure" in (
+      capsys.readouterr().err)
 
 
 def test_quick_step_table_has_every_layout_and_variant(quick_report):
