@@ -85,20 +85,41 @@ def sparse_batch(num_rows: int, num_ids: int, seed: int = 1) -> lo.SparseRows:
   return lo.SparseRows(jnp.asarray(ids), jnp.asarray(values))
 
 
+POOL = 16  # batches of distinct ids, cycled through step after step
+
+
 def make_variant(name: str, num_rows: int, num_ids: int,
                  label: Optional[str] = None) -> common.Variant:
+  """A jitted step; sparse variants look up new ids at every step.
+
+  Reusing one batch of ids would keep its rows in the CPU caches from one
+  step to the next and flatter small batches; the sparse steps cycle through
+  `POOL` batches of independently drawn ids instead (the pool and a step
+  counter ride in the state; picking a batch costs one (N,)-sized slice).
+  """
   tx = make_tx(name)
 
   def init():
     params = jnp.asarray(
         0.02 * np.random.default_rng(0).standard_normal(
             (num_rows, DIM), dtype=np.float32))
-    sparse = sparse_batch(num_rows, num_ids)
-    grads = sparse.todense(num_rows) if name == ADAM else sparse
-    return params, tx.init(params), grads
+    if name == ADAM:
+      return params, tx.init(params), sparse_batch(num_rows, num_ids).todense(
+          num_rows)
+    pool = [sparse_batch(num_rows, num_ids, seed=1 + i) for i in range(POOL)]
+    pool = jax.tree.map(lambda *xs: jnp.stack(xs), *pool)
+    return params, (tx.init(params), jnp.zeros((), jnp.int32)), pool
 
-  return common.Variant(name=label or name, fn=common.optimizer_step(tx),
-                        init=init, donate=True)
+  if name == ADAM:
+    fn = common.optimizer_step(tx)
+  else:
+    def fn(params, state, pool):
+      opt_state, step = state
+      grads = jax.tree.map(lambda x: x[step % POOL], pool)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), (opt_state, step + 1)
+
+  return common.Variant(name=label or name, fn=fn, init=init, donate=True)
 
 
 def _rounds(quick: bool, rounds: Optional[int]) -> int:
