@@ -169,8 +169,8 @@ def make_train_step(name, model, tx):
 
 
 # The step timing (also used by benchmarks/sparse.py).
-DENSE_STEP = "dense gradient (jax.grad), lazy(adam)"
-SPARSE_STEP = "SparseRows gradient (lo.sparse_value_and_grad), lazy(adam)"
+DENSE_STEP = "dense gradient (jax.grad)"
+SPARSE_STEP = "SparseRows gradient (lo.sparse_value_and_grad)"
 REGION_ANALYSIS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 BATCH_SIZE = 16
 
