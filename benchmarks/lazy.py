@@ -5,7 +5,10 @@ step (a dense gradient whose other rows are zero, as `jax.grad` of a lookup
 gives). Each variant is ``params, state = step(params, state, batch)`` under
 `jax.jit` with params and state donated (update + `optax.apply_updates`). The
 variants are timed round-robin in one process (see `benchmarks.common`); the
-ratio is the median of the per-round ratios to dense adam.
+ratio is the median of the per-round ratios to dense adam. The `SparseRows`
+variant takes the touched rows of that gradient as `lo.SparseRows(ids, rows)`
+(the gather is inside the timed step); `benchmarks/sparse.py` measures that
+path in more detail.
 
 Run ``python -m benchmarks.lazy`` (``--quick`` for a small table).
 """
@@ -13,6 +16,7 @@ Run ``python -m benchmarks.lazy`` (``--quick`` for a small table).
 import argparse
 import os
 from typing import Optional
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -41,15 +45,16 @@ LAZY_NOFREEZE = "lazy(adam, freeze_state=False)"
 LOOKAHEAD_LAZY = "lookahead(lazy(adam))"
 LAZY_REGION = "lazy(adam), jit region analysis"
 LOOKAHEAD_LAZY_REGION = "lookahead(lazy(adam)), jit region analysis"
+LAZY_SPARSE = "lazy(adam), SparseRows gradient"
 VARIANTS = (ADAM, LAZY, LAZY_IDS, LAZY_NOFREEZE, LOOKAHEAD_LAZY, LAZY_REGION,
-            LOOKAHEAD_LAZY_REGION)
+            LOOKAHEAD_LAZY_REGION, LAZY_SPARSE)
 
 
 def make_tx(name: str) -> optax.GradientTransformation:
   adam = optax.adam(LEARNING_RATE)
   if name == ADAM:
     return adam
-  if name in (LAZY, LAZY_IDS, LAZY_REGION):
+  if name in (LAZY, LAZY_IDS, LAZY_REGION, LAZY_SPARSE):
     return lo.lazy(adam)
   if name == LAZY_NOFREEZE:
     return lo.lazy(adam, freeze_state=False)
@@ -75,6 +80,8 @@ def make_variant(name: str, shape: tuple) -> common.Variant:
 
   def step(params, state, batch):
     grads, ids = batch
+    if name == LAZY_SPARSE:  # The rows of the touched ids only.
+      grads = lo.SparseRows(ids, grads.at[ids].get(mode="promise_in_bounds"))
     extra = {"touched_rows": ids} if use_ids else {}
     updates, state = tx.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state
@@ -106,6 +113,8 @@ def run(quick: bool = False, *, rounds: Optional[int] = None,
     this process started JAX).
   """
   shape = QUICK_SHAPE if quick else FULL_SHAPE
+  # The slow default-flag case is measured on purpose: no warning about it.
+  warnings.filterwarnings("ignore", message="lazy: XLA:CPU")
   if rounds is None:
     rounds = 3 if quick else 15
   variants = [make_variant(name, shape) for name in VARIANTS]
