@@ -118,17 +118,28 @@ def sync_table(flag: jax.Array, slot: jax.Array, p: jax.Array,
         "number of ids (pad with an out-of-range id, which is ignored).")
   ids = _sparse.safe_ids(update.ids, num_rows).astype(jnp.int32)
   buffer = jax.lax.dynamic_update_slice(buffer, ids, (slot * n,))
-  cycle, _ = _sparse.dedupe_ids(buffer, None, num_rows)
-  cycle = jnp.where(flag, cycle, num_rows)  # nothing to sync otherwise
-  p_rows, s_rows = _sparse.gather_rows(p, cycle), _sparse.gather_rows(slow, cycle)
-  u_rows = _rows_of(update, cycle)
   cdtype = _sync.compute_dtype(slow)
-  target = _sync.interpolate(
-      s_rows.astype(cdtype), _sync.fast_weights(p_rows, u_rows, cdtype),
-      alpha.astype(cdtype))
-  landing = _sync.landing_update(p_rows, u_rows, target, s_rows)
-  new_rows = _sync.stored_slow(p_rows, landing, target, s_rows,
-                               keep_target=False)
+
+  def synced(_):
+    cycle, _ = _sparse.dedupe_ids(buffer, None, num_rows)
+    p_rows = _sparse.gather_rows(p, cycle)
+    s_rows = _sparse.gather_rows(slow, cycle)
+    u_rows = _rows_of(update, cycle)
+    target = _sync.interpolate(
+        s_rows.astype(cdtype), _sync.fast_weights(p_rows, u_rows, cdtype),
+        alpha.astype(cdtype))
+    landing = _sync.landing_update(p_rows, u_rows, target, s_rows)
+    return cycle, landing, _sync.stored_slow(p_rows, landing, target, s_rows,
+                                             keep_target=False)
+
+  def not_synced(_):
+    rows = (buffer.shape[0],) + update.row_shape
+    return (jnp.full(buffer.shape, num_rows, buffer.dtype),
+            jnp.zeros(rows, update.values.dtype), jnp.zeros(rows, slow.dtype))
+
+  # Only the (sync_period * N)-row work sits in the conditional, so that it
+  # runs on sync steps alone; the tables are only read there.
+  cycle, landing, new_rows = jax.lax.cond(flag, synced, not_synced, None)
   slow = _sparse.scatter_rows(slow, cycle, new_rows)
   kept_ids = jnp.where(flag, num_rows, update.ids)
   kept = jnp.where(flag, jnp.zeros((), update.values.dtype), update.values)
