@@ -61,17 +61,29 @@ class PullbackState(NamedTuple):
 
 
 def _resolve_formulation(sync: str, inner_state: str, on_nonfinite: str,
-                         axis_name: Optional[str]) -> str:
-  """`"select"` or `"cond"` (see `lookahead`'s `sync` and docs/benchmarks.md)."""
+                         axis_name: Optional[str],
+                         outer: Optional[Any] = None) -> str:
+  """`"select"`, `"cond"` or `"loop"` (see `lookahead`'s `sync`).
+
+  `"loop"` (internal, only from `"auto"`): the parts of a sync that XLA:CPU
+  cannot fuse into the inner update without copying the old state (the outer
+  transformation's step, the inner-state policies) run in loops that run
+  once on the steps that need them and not at all on the others, updating
+  the state in place; the rest is the branch-free select.
+  """
   if sync != "auto":
     return sync
   if axis_name is not None:
     return "cond"  # the collective must run on sync steps only
-  # Measured on CPU (docs/benchmarks.md): with inner_state="keep" the
-  # branch-free select fuses with the inner update into one pass where a
-  # conditional copies every buffer it carries.
-  if jax.default_backend() == "cpu" and inner_state == "keep":
-    return "select"
+  # Measured on CPU (benchmarks/policies.py, 10M params in 100 leaves): the
+  # select fuses the default sync with the inner update into one pass where
+  # a conditional copies every buffer it carries; with a policy or an outer
+  # transformation, selecting would make XLA copy the old state (each state
+  # output is its own loop fusion that recomputes the inner step from it).
+  if jax.default_backend() == "cpu":
+    if inner_state == "keep" and on_nonfinite == "propagate" and outer is None:
+      return "select"
+    return "loop"
   return "cond"
 
 
@@ -365,7 +377,8 @@ def lookahead(
   if outer is None and slow_step_size is None:
     slow_step_size = _DEFAULT_SLOW_STEP_SIZE
   counts_syncs = outer is None and callable(slow_step_size)
-  formulation = _resolve_formulation(sync, inner_state, on_nonfinite, axis_name)
+  formulation = _resolve_formulation(sync, inner_state, on_nonfinite, axis_name,
+                                     outer)
   inner = optax.with_extra_args_support(inner)
 
   def slow_copy(p):
@@ -444,13 +457,16 @@ def lookahead(
     _check_touched_rows(extra_args, current, params)
     inner_updates, new_inner = inner.update(
         updates, current, params, **extra_args)
+    new_inner_raw = new_inner
 
     step = optax.safe_increment(state.step)
     is_sync = step % sync_period == 0
     needs_init = inner_state == "reset" or on_nonfinite == "rollback"
     inner_init = inner.init(params) if needs_init else None
     param_shaped = (_policies.ParamShaped(inner.init, params)
-                    if needs_init or inner_state == "pullback" else None)
+                    if needs_init or inner_state == "pullback"
+                    or (formulation == "loop" and outer is not None)
+                    else None)
     bad = None
     if on_nonfinite == "rollback":
       bad = _policies.is_nonfinite(params, inner_updates)
@@ -465,21 +481,78 @@ def lookahead(
         _rows.split(inner_updates, sparse), _rows.split(state.slow_params,
                                                         sparse),
         state.outer_state, new_inner, synced)
-    carry = _sync.run_sync(formulation, is_sync,
-                           sync_fn(dense_params, param_shaped, inner_init),
-                           store_fn(dense_params), carry)
-    new_updates, new_inner = carry.updates, carry.inner_state
+    carry0 = carry
+    slow_loop = (formulation == "loop" and outer is not None
+                 and not any(sparse) and _sync.targets_fit(state.slow_params))
+    if slow_loop:
+      # The outer step in a loop run once on sync steps, never otherwise,
+      # that leaves the targets in the slow weights' buffers; the inner
+      # update is recomputed in it (see `_policies.loop_variant`).
+      def targets_fn(i, slow_c, outer_c):
+        vary = lambda tree: _policies.loop_variant(tree, i)  # pylint: disable=unnecessary-lambda-assignment
+        u_in, _ = inner.update(vary(updates), vary(current), vary(params),
+                               **extra_args)
+        return _sync.slow_targets(vary(params), u_in, slow_c, outer_c,
+                                  outer=outer, alpha=None, axis_name=None)
+      held, outer_out = _sync.loop_targets(
+          is_sync, targets_fn, state.slow_params, state.outer_state)
+      new_updates = jax.tree.map(
+          lambda p, u, t: jnp.where(is_sync, _sync.landing_update(p, u, t, t),
+                                    u),
+          params, inner_updates, held)
+      carry = carry._replace(updates=new_updates, outer_state=outer_out)
+    else:
+      carry = _sync.run_sync("select" if formulation == "loop" else
+                             formulation, is_sync,
+                             sync_fn(dense_params, param_shaped, inner_init),
+                             store_fn(dense_params), carry)
+    new_updates, new_inner, synced_out = (
+        carry.updates, carry.inner_state, carry.synced_inner)
     if bad is not None:
       new_updates, new_inner = _policies.rollback(
           bad, params, inner_updates, state.slow_params, new_updates,
           new_inner, param_shaped, inner_init)
+    if slow_loop:
+      carry = carry._replace(slow=jax.tree.map(
+          lambda p, u, t: jnp.where(
+              is_sync, _sync.stored_slow(p, u, t, t, keep_target=False), t),
+          params, new_updates, held))
+    elif bad is not None and formulation != "cond":
+      # The slow weights from the updates returned (a sync step is never
+      # rolled back), which XLA reads from the new params.
+      targets = sync_fn(dense_params, param_shaped, inner_init)(carry0).slow
+      carry = carry._replace(slow=_sync.tree_select(
+          is_sync, store_fn(dense_params)(new_updates, targets, carry0.slow),
+          carry0.slow))
+    if slow_loop:
+      # The inner state from a second pass, ordered after the params' (see
+      # `_policies.reread`), as the loop above reads the old one.
+      _, again = inner.update(
+          updates, _policies.reread(param_shaped, current, params,
+                                    new_updates),
+          params, **extra_args)
+      new_inner, _ = _policies.at_sync(inner_state, param_shaped, again,
+                                       None, inner_init, None)
+      new_inner = _sync.tree_select(is_sync, new_inner, again)
+      if bad is not None:
+        new_inner = param_shaped.map(
+            lambda x, i: jnp.where(bad, jnp.asarray(i, dtype=x.dtype), x),
+            new_inner, inner_init)
+    elif formulation == "loop" and param_shaped is not None:
+      # The policy applied in place by a loop that runs on sync (or
+      # rolled-back) steps only, ordered after the params' pass, which reads
+      # the inner state as the inner step left it (see `_policies.never`).
+      new_inner, synced_out = _policies.in_place(
+          inner_state, param_shaped, is_sync, bad,
+          _policies.never(params, new_updates), new_inner_raw, synced,
+          inner_init, alpha_of(state.outer_state))
     new_slow, cycle_rows = carry.slow, state.cycle_rows
     if any(sparse):
       new_updates, new_slow, cycle_rows = _sparse_tables(
           sparse, is_sync, state, params, inner_updates, new_updates,
           new_slow, alpha_of(state.outer_state))
     if inner_state == "pullback":
-      new_inner = PullbackState(new_inner, carry.synced_inner)
+      new_inner = PullbackState(new_inner, synced_out)
     return new_updates, LookaheadState(new_inner, new_slow, step,
                                        carry.outer_state, cycle_rows)
 

@@ -40,6 +40,95 @@ class ParamShaped:
         lambda _, x, *ys: fn(x, *ys), [True] * self._num_params,
         self._params, state, *others, probe=self._probe)
 
+  def map_per_param(self, fn: Any, per_param: list, state: Any) -> Any:
+    """`fn(a, x)` on each parameter-shaped leaf `x`, `a` from its param.
+
+    `per_param` holds one entry per params leaf; None leaves the leaves of
+    that param as they are.
+    """
+    return _tree.map_param_shaped(fn, per_param, self._params, state,
+                                  probe=self._probe)
+
+
+def _never(landed: jax.Array) -> Optional[jax.Array]:
+  """A flag that is always False but that XLA must read `landed` to get."""
+  if not jnp.issubdtype(jnp.result_type(landed), jnp.inexact) or (
+      jnp.size(landed) == 0):
+    return None
+  first = jnp.ravel(landed)[0]
+  return (first != first) & (first == first)
+
+
+def never(params: Any, updates: Any) -> jax.Array:
+  """Always False, but XLA must compute every new params leaf to get it."""
+  flags = [_never(jnp.asarray(p + u).astype(jnp.result_type(p)))
+           for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(updates))]
+  flags = [f for f in flags if f is not None]
+  if not flags:
+    return jnp.zeros([], bool)
+  return jnp.any(jnp.stack(flags))
+
+
+def twin(tree: Any) -> tuple[Any, Any]:
+  """`(tree, tree)`, the second one in buffers of its own, without a copy.
+
+  XLA:CPU's copies of large arrays are slow (a fresh buffer each time); a
+  select on a flag that is always False (but depends on the leaf) is an
+  elementwise pass instead.
+  """
+  def again(x):
+    if not isinstance(x, jax.Array) or jnp.size(x) == 0 or not jnp.issubdtype(
+        jnp.result_type(x), jnp.inexact):
+      return x
+    return jnp.where(_never(x), jnp.zeros_like(x), x)
+  return tree, jax.tree.map(again, tree)
+
+
+def loop_variant(tree: Any, i: jax.Array) -> Any:
+  """`tree` with its floating leaves made to depend on a loop index `i`.
+
+  The value is unchanged (`i` is never negative); XLA then computes what
+  depends on them inside the loop instead of hoisting it out of the loop and
+  running it on every step.
+  """
+  def vary(x):
+    if not isinstance(x, jax.Array) or not jnp.issubdtype(
+        jnp.result_type(x), jnp.inexact):
+      return x
+    return jnp.where(i < 0, jnp.zeros_like(x), x)
+  return jax.tree.map(vary, tree)
+
+
+def reread(param_shaped: ParamShaped, state: Any, params: Any,
+           updates: Any) -> Any:
+  """`state` again, its parameter-shaped leaves made to follow the new params.
+
+  (With `updates=None`, to follow `params`: a state that XLA does not see as
+  `state`, so that a pass reading it recomputes what it needs instead of
+  sharing a buffer with the other passes.)
+
+  The value is `state`'s (bitwise) but, to XLA, each parameter-shaped leaf
+  now depends on the new params `params + updates` of its param (one
+  element of them, through a flag that is always False). Running the inner
+  update again on this state gives the inner state of the step with the
+  same values, computed by a pass that XLA must order after the one that
+  applies the updates. Both read the old inner state, which the step
+  overwrites in place (it is donated), so that order is what lets XLA:CPU
+  (which fuses each output into a loop of its own and recomputes cheap
+  elementwise producers in each) update the inner state in place where a
+  policy (reset, pullback, rollback) changes it, instead of copying the old
+  inner state first (copy insertion orders passes by data dependences only).
+  """
+  if updates is None:
+    landed = params
+  else:
+    landed = jax.tree.map(
+        lambda p, u: jnp.asarray(p + u).astype(jnp.result_type(p)),
+        params, updates)
+  nevers = [_never(x) for x in jax.tree.leaves(landed)]
+  return param_shaped.map_per_param(
+      lambda nv, x: jnp.where(nv, jnp.zeros_like(x), x), nevers, state)
+
 
 def reset(param_shaped: ParamShaped, state: Any, init: Any) -> Any:
   """The parameter-shaped leaves back to `init`'s values, dtypes kept."""
@@ -70,14 +159,19 @@ def at_sync(policy: str, param_shaped: Optional[ParamShaped], inner_state: Any,
 def is_nonfinite(params: Any, inner_updates: Any) -> jax.Array:
   """Whether the inner update, or the fast params it gives, is not finite.
 
-  One reduction over the floating leaves; False when there are none.
+  One reduction over the floating leaves; False when there are none. For
+  floating params the fast params alone tell: a non-finite update makes
+  them non-finite too.
   """
   flags = []
   for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(inner_updates)):
     if not jnp.issubdtype(jnp.result_type(u), jnp.inexact):
       continue
     fast = jnp.asarray(p + u).astype(jnp.result_type(p))
-    flags.append(jnp.any(~jnp.isfinite(u) | ~jnp.isfinite(fast)))
+    if jnp.issubdtype(jnp.result_type(p), jnp.floating):
+      flags.append(jnp.any(~jnp.isfinite(fast)))
+    else:
+      flags.append(jnp.any(~jnp.isfinite(u) | ~jnp.isfinite(fast)))
   if not flags:
     return jnp.zeros([], bool)
   return jnp.any(jnp.stack(flags))
@@ -101,3 +195,46 @@ def rollback(bad: jax.Array, params: Any, inner_updates: Any, slow: Any,
       lambda x, i: jnp.where(bad, jnp.asarray(i, dtype=x.dtype), x),
       inner_state, init)
   return updates, inner_state
+
+
+def in_place(policy: str, param_shaped: ParamShaped, is_sync: jax.Array,
+             bad: Optional[jax.Array], order: jax.Array, inner_state: Any,
+             synced: Any, init: Any, alpha: Optional[jax.Array]
+             ) -> tuple[Any, Any]:
+  """The inner state (and its synced copy) after the policies, in place.
+
+  A loop that runs once on steps where the policy changes the state (a
+  sync with "reset" or "pullback", a rolled-back step) and not at all on
+  the others, so that those cost nothing; `order` (always False, see
+  `never`) makes XLA run it after the pass that computes the new params,
+  which reads `inner_state`, so it needs no copy of it.
+  """
+  changes = bad if bad is not None else jnp.zeros([], bool)
+  if policy != "keep":
+    changes = changes | is_sync
+
+  def body(c):
+    state, synced_ = c
+    out, synced_out = at_sync(policy, param_shaped, state, synced_, init,
+                              alpha)
+    if policy == "pullback":
+      out, synced_out = twin(out)
+    if bad is not None:
+      if policy != "keep":
+        out = jax.tree.map(lambda a, b: jnp.where(is_sync, a, b), out, state)
+        if synced_ is not None:
+          synced_out = jax.tree.map(lambda a, b: jnp.where(is_sync, a, b),
+                                    synced_out, synced_)
+      out = param_shaped.map(
+          lambda x, i: jnp.where(bad, jnp.asarray(i, dtype=x.dtype), x),
+          out, init)
+    return out, synced_out
+
+  def run(_, c):
+    out = body(c)
+    return jax.tree.map(
+        lambda n, o: jax.lax.convert_element_type(n, jnp.result_type(o)),
+        out, c)
+
+  return jax.lax.fori_loop(0, (changes | order).astype(jnp.int32), run,
+                           (inner_state, synced))

@@ -171,3 +171,39 @@ def run_sync(formulation: str, flag: jax.Array,
   slow = tree_select(flag, store_fn(chosen.updates, out.slow, carry.slow),
                      carry.slow)
   return chosen._replace(slow=slow)
+
+
+def targets_fit(slow: Any) -> bool:
+  """Whether the slow weights' buffers can hold the targets (compute dtype)."""
+  return all(jnp.result_type(s) == compute_dtype(s)
+             for s in jax.tree.leaves(slow))
+
+
+def _same_types(new: Any, old: Any) -> Any:
+  return jax.tree.map(
+      lambda n, o: jax.lax.convert_element_type(n, jnp.result_type(o)),
+      new, old)
+
+
+def loop_targets(flag: jax.Array, targets_fn: Callable[..., Any], slow: Any,
+                 outer_state: Any) -> tuple[Any, Any]:
+  """The targets and new outer state where `flag`, else `slow` and its state.
+
+  A loop that runs once where `flag` and not at all otherwise: it updates
+  the slow weights' and the outer state's buffers in place (XLA:CPU copies
+  what a conditional carries), so a step without a sync does no sync work.
+  `targets_fn(i, slow, outer_state)` gets the loop index to make what it
+  recomputes loop-variant.
+  """
+  def body(i, c):
+    targets, new_outer = targets_fn(i, *c)
+    return _same_types(targets, c[0]), _same_types(new_outer, c[1])
+  return jax.lax.fori_loop(0, flag.astype(jnp.int32), body,
+                           (slow, outer_state))
+
+
+def loop_apply(flag: jax.Array, fn: Callable[[Any], Any], tree: Any) -> Any:
+  """`fn(tree)` where `flag`, else `tree`, in place (a 0/1-trip loop)."""
+  return jax.lax.fori_loop(
+      0, flag.astype(jnp.int32),
+      lambda _, c: _same_types(fn(c), c), tree)
