@@ -17,7 +17,7 @@ from lookahead_optax._lookahead import snoo
 from lookahead_optax._ranger import ranger
 from lookahead_optax._ranger import scale_by_ranger_radam
 from lookahead_optax._sparse import SparseRows
-from lookahead_optax._sparse import sparse_value_and_grad
+from lookahead_optax._sparse_grad import sparse_value_and_grad
 from lookahead_optax._state import eval_params
 from lookahead_optax._state import slow_params
 
