@@ -89,8 +89,8 @@ def _markdown_cases():
       marks = pytest.mark.xfail(
           strict=True, reason="docstring not converted to Markdown yet")
     cases.append(pytest.param(name, getattr(lo, name), id=name, marks=marks))
-  for module_name in ("_checkpoint", "_checks", "_flax", "_lazy", "_lookahead",
-                      "_policies", "_ranger", "_rows", "_sparse", "_state",
+  for module_name in ("_checkpoint", "_checks", "_flax", "_lazy", "_lazy_args", "_lookahead",
+                      "_policies", "_ranger", "_rows", "_sparse", "_sparse_grad", "_state",
                       "_sync", "_tree"):
     module = importlib.import_module(f"lookahead_optax.{module_name}")
     cases.append(pytest.param(module_name, module, id=module_name))
