@@ -213,7 +213,7 @@ def in_place(policy: str, param_shaped: ParamShaped, is_sync: jax.Array,
   if policy != "keep":
     changes = changes | is_sync
 
-  def body(c):
+  def body(c, init):
     state, synced_ = c
     out, synced_out = at_sync(policy, param_shaped, state, synced_, init,
                               alpha)
@@ -230,8 +230,14 @@ def in_place(policy: str, param_shaped: ParamShaped, is_sync: jax.Array,
           out, init)
     return out, synced_out
 
-  def run(_, c):
-    out = body(c)
+  def run(i, c):
+    # Initial values that depend on the leaf they replace (and the loop), so
+    # that XLA writes each in a fused pass instead of copying one shared
+    # hoisted constant into the buffers.
+    fresh = None if init is None else param_shaped.map(
+        lambda x, v: jnp.where(i < 0, x, jnp.asarray(v, dtype=x.dtype)),
+        c[0], init)
+    out = body(c, fresh)
     return jax.tree.map(
         lambda n, o: jax.lax.convert_element_type(n, jnp.result_type(o)),
         out, c)
