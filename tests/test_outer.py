@@ -236,3 +236,20 @@ def test_axis_name_outside_a_mapped_axis_raises_at_trace_time():
   state = tx.init(params)
   with pytest.raises(ValueError, match="`axis_name` 'data' is not the name"):
     jax.jit(tx.update)(params, state, params)
+
+
+def test_schedule_under_inject_hyperparams_is_evaluated_on_update_calls():
+  # Documented: optax evaluates an injected schedule on its own count (the
+  # number of update calls), so the first sync (step 2) uses sched(1); given
+  # to lookahead directly, the first sync uses sched(0).
+  sched = lambda n: jnp.where(n == 1, 0.8, 0.3)  # pylint: disable=unnecessary-lambda-assignment
+  injected = optax.inject_hyperparams(lo.lookahead)(
+      optax.sgd(1.0), sync_period=2, slow_step_size=sched)
+  direct = lo.lookahead(optax.sgd(1.0), 2, sched)
+  grads = lambda p, t: {"w": jnp.array([1.0])}  # pylint: disable=unnecessary-lambda-assignment
+  params = {"w": jnp.array([10.0])}
+  # Fast 10 -> 9 -> 8; sync: 10 + alpha * (8 - 10).
+  np.testing.assert_allclose(run(injected, params, grads, 2)[1][0]["w"], [8.4],
+                             rtol=1e-6)
+  np.testing.assert_allclose(run(direct, params, grads, 2)[1][0]["w"], [9.4],
+                             rtol=1e-6)
