@@ -483,7 +483,9 @@ def lookahead(
         state.outer_state, new_inner, synced)
     carry0 = carry
     slow_loop = (formulation == "loop" and outer is not None
-                 and not any(sparse) and _sync.targets_fit(state.slow_params))
+                 and not any(sparse) and _sync.targets_fit(state.slow_params)
+                 and _sync.outer_keeps_types(outer, state.outer_state,
+                                             state.slow_params))
     if slow_loop:
       # The outer step in a loop run once on sync steps, never otherwise,
       # that leaves the targets in the slow weights' buffers; the inner

@@ -179,6 +179,21 @@ def targets_fit(slow: Any) -> bool:
              for s in jax.tree.leaves(slow))
 
 
+def outer_keeps_types(outer: optax.GradientTransformation, outer_state: Any,
+                      slow: Any) -> bool:
+  """Whether `outer.update` on a pseudo-gradient keeps its state's types."""
+  delta = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(jnp.shape(s), compute_dtype(s)), slow)
+  try:
+    _, new = jax.eval_shape(outer.update, delta, outer_state, slow)
+  except Exception:  # pylint: disable=broad-except
+    return False
+  old = jax.eval_shape(lambda x: x, outer_state)
+  return jax.tree.structure(new) == jax.tree.structure(old) and all(
+      a.shape == b.shape and a.dtype == b.dtype
+      for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old)))
+
+
 def _same_types(new: Any, old: Any) -> Any:
   return jax.tree.map(
       lambda n, o: jax.lax.convert_element_type(n, jnp.result_type(o)),
