@@ -27,6 +27,7 @@ import optax
 import pytest
 
 import lookahead_optax as lo
+from tests._helpers import assert_bitwise
 
 HERE = pathlib.Path(__file__).resolve().parent
 WORKER = HERE / "diloco_worker.py"
@@ -64,18 +65,6 @@ def diloco_tx(**kwargs):
 
 def loss_fn(params, x, y):
   return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
-
-
-def _bits(x):
-  """The raw bits of an array (so that 0.0 and -0.0 differ)."""
-  x = np.asarray(x)
-  return x.view(np.dtype(f"u{x.dtype.itemsize}"))
-
-
-def assert_bitwise(actual, expected, msg=""):
-  actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-  np.testing.assert_array_equal(_bits(actual), _bits(expected), err_msg=msg)
 
 
 def assert_same_on_all_replicas(stacked, msg=""):

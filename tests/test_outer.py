@@ -7,11 +7,8 @@ import optax
 import pytest
 
 import lookahead_optax as lo
+from tests._helpers import bits
 
-
-def bits(x):
-  x = np.asarray(x)
-  return x.view(f"u{x.dtype.itemsize}")
 
 
 def run(tx, params, grads_fn, steps, jit=False, donate=False):

@@ -9,13 +9,10 @@ import optax
 import pytest
 
 import lookahead_optax as lo
+from tests._helpers import bits
 
 V, D, N, K = 40, 3, 5, 3
 
-
-def bits(x):
-  x = np.asarray(x)
-  return x.view(f"u{x.dtype.itemsize}")
 
 
 def make_tx(sparse, alpha=0.3):
