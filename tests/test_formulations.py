@@ -1,0 +1,71 @@
+"""The sync formulations agree: `auto` (on CPU, in-place loops for the
+policies and the outer step), `select` and `cond`, under jit with donation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lookahead_optax as lo
+from tests._helpers import assert_tree_bitwise
+
+SNOO = optax.sgd(0.68, momentum=0.37, nesterov=True)
+CONFIGS = {
+    "reset": dict(inner_state="reset", slow_step_size=0.3),
+    "pullback": dict(inner_state="pullback", slow_step_size=0.8),
+    "rollback": dict(on_nonfinite="rollback", slow_step_size=0.3),
+    "snoo": dict(outer=SNOO),
+    "snoo-reset-rollback": dict(outer=SNOO, inner_state="reset",
+                                on_nonfinite="rollback"),
+    "pullback-rollback": dict(inner_state="pullback", on_nonfinite="rollback",
+                              slow_step_size=0.3),
+}
+K, STEPS, BAD_STEP = 3, 9, 5  # step 6 (index 5) is a sync slot with a NaN
+
+
+def _trajectory(kwargs, sync):
+  rng = np.random.default_rng(0)
+  params = {"a": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(7,)), jnp.float32)}
+  grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape),
+                                              jnp.float32), params)
+           for _ in range(STEPS)]
+  if kwargs.get("on_nonfinite") == "rollback":
+    grads[BAD_STEP] = {"a": grads[BAD_STEP]["a"].at[0, 0].set(jnp.nan),
+                       "b": grads[BAD_STEP]["b"]}
+  tx = lo.lookahead(optax.adam(0.1), K, sync=sync, **kwargs)
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  p = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+  s = tx.init(p)
+  out = []
+  for g in grads:
+    p, s = step(p, s, g)
+    out.append(jax.device_get((p, s)))
+  return out
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_auto_agrees_with_select_and_cond(name):
+  kwargs = CONFIGS[name]
+  runs = {sync: _trajectory(kwargs, sync) for sync in ("auto", "select",
+                                                       "cond")}
+  for t, (p, s) in enumerate(runs["auto"]):
+    if (t + 1) % K == 0 and t != BAD_STEP:
+      assert_tree_bitwise(p, lo.slow_params(s), f"{name} step {t + 1}")
+      if kwargs.get("inner_state") == "reset":
+        for leaf in jax.tree.leaves(s.inner_state[0].mu):
+          np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+    if t == BAD_STEP and kwargs.get("on_nonfinite") == "rollback":
+      # Rolled back onto the slow weights, which the bad step left alone.
+      assert_tree_bitwise(p, lo.slow_params(s), f"{name} rollback")
+    for other in ("select", "cond"):
+      for a, b in zip(jax.tree.leaves((p, s)),
+                      jax.tree.leaves(runs[other][t])):
+        np.testing.assert_allclose(a, b, rtol=0, atol=5e-7,
+                                   err_msg=f"{name} {other} step {t + 1}")
