@@ -138,7 +138,7 @@ def _check_outer(outer: Any, slow_step_size: Any, inner_state: str) -> None:
         "'reset'.")
 
 
-def _check_axis_name(axis_name: Any, sync: str) -> None:
+def _check_axis_name(axis_name: Any, sync: str, on_nonfinite: str) -> None:
   if axis_name is None:
     return
   if not isinstance(axis_name, str) or not axis_name:
@@ -148,6 +148,12 @@ def _check_axis_name(axis_name: Any, sync: str) -> None:
     raise ValueError(
         "`sync='select'` cannot combine with `axis_name`: the average over "
         "replicas must run on sync steps only; use 'cond' or 'auto'.")
+  if on_nonfinite == "rollback":
+    raise ValueError(
+        "`on_nonfinite='rollback'` cannot combine with `axis_name`: a replica "
+        "that rolls back a sync step would skip the average that the other "
+        "replicas wait in. Skip non-finite steps before the optimizer (e.g. "
+        "`optax.apply_if_finite` inside) instead.")
 
 
 def _check_axis_bound(axis_name: Optional[str]) -> None:
@@ -366,7 +372,7 @@ def lookahead(
   _checks.check_choice("on_nonfinite", on_nonfinite,
                        _policies.NONFINITE_POLICIES)
   _check_outer(outer, slow_step_size, inner_state)
-  _check_axis_name(axis_name, sync)
+  _check_axis_name(axis_name, sync, on_nonfinite)
   slow_dtype = _check_slow_dtype(slow_dtype)
   sparse_options = _sparse_options_conflict(
       outer, axis_name, inner_state, on_nonfinite)
@@ -396,7 +402,7 @@ def lookahead(
       inner_init = PullbackState(inner_init, jax.tree.map(_copy, inner_init))
     slow = jax.tree.map(slow_copy, params)
     if outer is not None:
-      outer_state = outer.init(slow)
+      outer_state = outer.init(_sync.in_compute_dtype(slow))
     elif counts_syncs:
       outer_state = optax.ScaleByScheduleState(jnp.zeros([], jnp.int32))
     else:

@@ -44,6 +44,11 @@ def compute_dtype(slow_leaf: jax.Array) -> Any:
   return jnp.promote_types(jnp.result_type(slow_leaf), jnp.float32)
 
 
+def in_compute_dtype(slow: Any) -> Any:
+  """The slow weights in their compute dtypes (what `outer` sees as params)."""
+  return jax.tree.map(lambda s: s.astype(compute_dtype(s)), slow)
+
+
 def fast_weights(p: jax.Array, u: jax.Array, cdtype: Any) -> jax.Array:
   """The fast weights `p + u`, unrounded, in at least `cdtype`.
 
@@ -71,11 +76,13 @@ def landing_update(p: jax.Array, u: jax.Array, target: jax.Array,
   """The update that sends the params leaf `p` to `target` (compute dtype).
 
   `u` (the inner update) gives the update's dtype, `slow` (the old slow
-  weights) the slow weights' dtype, to which `target` is rounded first when
-  it differs from the params' (`slow_dtype`).
+  weights) the slow weights' dtype. `target` is rounded to the slow weights'
+  dtype and then to the params' first, so that where `p + (target - p)` is
+  exact (a weight within a factor of two of its target) the params land on
+  the rounded target itself, as replicas that store it must (`axis_name`).
   """
   pdtype, sdtype = jnp.result_type(p), jnp.result_type(slow)
-  if sdtype != pdtype:
+  if jnp.issubdtype(pdtype, jnp.number):  # bool params: no bool arithmetic
     target = target.astype(sdtype).astype(pdtype)
   return jnp.asarray(target - p).astype(jnp.result_type(u))
 
@@ -127,7 +134,7 @@ def slow_targets(params: Any, inner_updates: Any, slow: Any, outer_state: Any,
         lambda s, f: interpolate(s, f, alpha.astype(s.dtype)), slow_c, fast)
     return targets, outer_state
   delta = _pmean(jax.tree.map(jnp.subtract, slow_c, fast), axis_name)
-  outer_updates, outer_state = outer.update(delta, outer_state, slow)
+  outer_updates, outer_state = outer.update(delta, outer_state, slow_c)
   targets = jax.tree.map(
       lambda s, o: s + jnp.asarray(o).astype(s.dtype), slow_c, outer_updates)
   return targets, outer_state
@@ -185,7 +192,7 @@ def outer_keeps_types(outer: optax.GradientTransformation, outer_state: Any,
   delta = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(jnp.shape(s), compute_dtype(s)), slow)
   try:
-    _, new = jax.eval_shape(outer.update, delta, outer_state, slow)
+    _, new = jax.eval_shape(outer.update, delta, outer_state, delta)
   except Exception:  # pylint: disable=broad-except
     return False
   old = jax.eval_shape(lambda x: x, outer_state)
