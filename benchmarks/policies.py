@@ -15,7 +15,7 @@ import jax
 import optax
 
 import lookahead_optax as lo
-from lookahead_optax import _lookahead
+from lookahead_optax import _arguments
 from benchmarks import common
 from benchmarks import step as step_bench
 
@@ -43,7 +43,7 @@ def make_tx(kwargs: dict, sync: str) -> optax.GradientTransformation:
 
 def formulation(kwargs: dict, sync: str) -> str:
   """What `sync` resolves to for these options (on this backend)."""
-  return _lookahead._resolve_formulation(  # pylint: disable=protected-access
+  return _arguments.resolve_formulation(
       sync, kwargs.get("inner_state", "keep"),
       kwargs.get("on_nonfinite", "propagate"), None,
       optax.sgd(1.0) if "outer" in kwargs else None)

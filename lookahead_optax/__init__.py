@@ -13,7 +13,7 @@ from lookahead_optax._lazy import lazy
 from lookahead_optax._lookahead import LookaheadState
 from lookahead_optax._lookahead import lookahead
 from lookahead_optax._lookahead import PullbackState
-from lookahead_optax._lookahead import snoo
+from lookahead_optax._outer import snoo
 from lookahead_optax._ranger import ranger
 from lookahead_optax._ranger import scale_by_ranger_radam
 from lookahead_optax._sparse import SparseRows

@@ -12,7 +12,6 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from lookahead_optax import _tree
 

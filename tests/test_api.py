@@ -89,9 +89,10 @@ def _markdown_cases():
       marks = pytest.mark.xfail(
           strict=True, reason="docstring not converted to Markdown yet")
     cases.append(pytest.param(name, getattr(lo, name), id=name, marks=marks))
-  for module_name in ("_checkpoint", "_checks", "_flax", "_lazy", "_lazy_args", "_lookahead",
-                      "_policies", "_ranger", "_rows", "_sparse", "_sparse_grad", "_state",
-                      "_sync", "_tree"):
+  for module_name in ("_arguments", "_checkpoint", "_checks", "_flax", "_lazy",
+                      "_lazy_args", "_lookahead", "_outer", "_policies",
+                      "_ranger", "_rows", "_sparse", "_sparse_grad", "_state",
+                      "_step", "_sync", "_tree", "_types"):
     module = importlib.import_module(f"lookahead_optax.{module_name}")
     cases.append(pytest.param(module_name, module, id=module_name))
     for attr, obj in vars(module).items():

@@ -1,0 +1,243 @@
+"""`lookahead`'s argument checks, and the checks of `update`'s arguments.
+
+Every check raises a `TypeError` or `ValueError` that names the argument (and
+the leaf path, for trees) at the first wrong call; those on `update` inspect
+static shapes, dtypes and structures only, so they cost nothing compiled.
+"""
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lookahead_optax import _checks
+from lookahead_optax import _sparse
+from lookahead_optax import _tree
+from lookahead_optax._types import LookaheadState
+
+SYNC_MODES = ("auto", "select", "cond")
+
+
+def resolve_formulation(sync: str, inner_state: str, on_nonfinite: str,
+                         axis_name: Optional[str],
+                         outer: Optional[Any] = None) -> str:
+  """`"select"`, `"cond"` or `"loop"` (see `lookahead`'s `sync`).
+
+  `"loop"` (internal, only from `"auto"`): the parts of a sync that XLA:CPU
+  cannot fuse into the inner update without copying the old state (the outer
+  transformation's step, the inner-state policies) run in loops that run
+  once on the steps that need them and not at all on the others, updating
+  the state in place; the rest is the branch-free select.
+  """
+  if sync != "auto":
+    return sync
+  if axis_name is not None:
+    return "cond"  # the collective must run on sync steps only
+  # Measured on CPU (benchmarks/policies.py, 10M params in 100 leaves): the
+  # select fuses the default sync with the inner update into one pass where
+  # a conditional copies every buffer it carries; with a policy or an outer
+  # transformation, selecting would make XLA copy the old state (each state
+  # output is its own loop fusion that recomputes the inner step from it).
+  if jax.default_backend() == "cpu":
+    if inner_state == "keep" and on_nonfinite == "propagate" and outer is None:
+      return "select"
+    return "loop"
+  return "cond"
+
+
+def copy(x: jax.Array) -> jax.Array:
+  """A copy of `x` in a fresh buffer (so params and state can be donated)."""
+  return jnp.array(x, copy=True)
+
+
+def has_state(tree: Any, state_type: type) -> bool:
+  leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, state_type))
+  return any(isinstance(x, state_type) for x in leaves)
+
+
+def is_multisteps(inner: Any) -> bool:
+  return isinstance(inner, optax.MultiSteps) or isinstance(
+      getattr(inner.update, "__self__", None), optax.MultiSteps)
+
+
+MULTISTEPS_ERROR = (
+    "lookahead would count micro-steps. Wrap lookahead instead: "
+    "optax.MultiSteps(lookahead(inner, ...), every_k_schedule=n).")
+
+
+def check_slow_dtype(slow_dtype: Any) -> Any:
+  if slow_dtype is None:
+    return None
+  try:
+    dtype = jnp.dtype(slow_dtype)
+  except TypeError as e:
+    raise TypeError(
+        f"`slow_dtype` must be a floating dtype or None, got {slow_dtype!r}."
+    ) from e
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f"`slow_dtype` must be a floating dtype or None, got {slow_dtype!r}.")
+  return dtype
+
+
+def check_outer(outer: Any, slow_step_size: Any, inner_state: str) -> None:
+  if outer is None:
+    return
+  _checks.check_transformation("outer", outer)
+  if slow_step_size is not None:
+    raise ValueError(
+        "`slow_step_size` and `outer` cannot both be given: with `outer`, the "
+        "outer transformation's own learning rate sets the slow weights' step "
+        "(`outer=optax.sgd(a)` is `slow_step_size=a`).")
+  if inner_state == "pullback":
+    raise ValueError(
+        "`inner_state='pullback'` interpolates the inner state with "
+        "`slow_step_size` and cannot combine with `outer`; use 'keep' or "
+        "'reset'.")
+
+
+def check_axis_name(axis_name: Any, sync: str, on_nonfinite: str) -> None:
+  if axis_name is None:
+    return
+  if not isinstance(axis_name, str) or not axis_name:
+    raise TypeError(
+        f"`axis_name` must be a non-empty string or None, got {axis_name!r}.")
+  if sync == "select":
+    raise ValueError(
+        "`sync='select'` cannot combine with `axis_name`: the average over "
+        "replicas must run on sync steps only; use 'cond' or 'auto'.")
+  if on_nonfinite == "rollback":
+    raise ValueError(
+        "`on_nonfinite='rollback'` cannot combine with `axis_name`: a replica "
+        "that rolls back a sync step would skip the average that the other "
+        "replicas wait in. Skip non-finite steps before the optimizer (e.g. "
+        "`optax.apply_if_finite` inside) instead.")
+
+
+def check_axis_bound(axis_name: Optional[str]) -> None:
+  """A clear error, at trace time, when `axis_name` is not a mapped axis."""
+  if axis_name is None:
+    return
+  try:
+    jax.lax.axis_size(axis_name)
+  except NameError as e:
+    raise ValueError(
+        f"`axis_name` {axis_name!r} is not the name of a mapped axis here: "
+        "call the step under `jax.pmap(..., axis_name=...)` or `shard_map` "
+        "with that axis, or leave `axis_name=None`.") from e
+
+
+def check_state(state: Any) -> None:
+  if isinstance(state, LookaheadState):
+    return
+  if isinstance(state, optax.LookaheadState):
+    raise TypeError(
+        "`state` must be a LookaheadState of lookahead_optax, got the state of "
+        "optax's own lookahead (optax.LookaheadState): build the state with "
+        "this optimizer's `tx.init(params)` on plain params (no "
+        "optax.LookaheadParams); a checkpointed optax.lookahead run can be "
+        "continued from its fast params and inner state with "
+        "`lookahead_optax.migrate_optax_state(tx, state.fast_state, "
+        "params.fast)`.")
+  raise TypeError(
+      f"`state` must be a LookaheadState of lookahead_optax, got "
+      f"{type(state).__name__}.")
+
+
+def names_own_leaf(touched_rows: Any, params: Any) -> bool:
+  """Whether `touched_rows` has ids for a (non-masked) leaf of `params`."""
+  own = {tuple(path) for path, leaf in jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=_tree.is_masked_node)[0]
+         if not _tree.is_masked_node(leaf)}
+  return any(tuple(path) in own for path, _ in
+             jax.tree_util.tree_flatten_with_path(touched_rows)[0])
+
+
+def check_touched_rows(extra_args: dict, inner_state: Any,
+                        params: Any) -> None:
+  """`touched_rows` for our leaves without a `lazy` inside would be ignored."""
+  from lookahead_optax._lazy import LazyState  # pylint: disable=g-import-not-at-top
+  touched_rows = extra_args.get("touched_rows")
+  if (touched_rows is not None and names_own_leaf(touched_rows, params)
+      and not has_state(inner_state, LazyState)):
+    raise ValueError(
+        "`touched_rows` was passed but the inner optimizer has no "
+        "`lookahead_optax.lazy`: the ids would be ignored. Wrap the embedding "
+        "optimizer in `lazy(...)` or drop `touched_rows`.")
+
+
+def sparse_options_conflict(outer: Any, axis_name: Any, inner_state: str,
+                             on_nonfinite: str) -> Optional[str]:
+  """Why row-sparse tables cannot be synced with these options, or None."""
+  if (outer is None and axis_name is None and inner_state == "keep"
+      and on_nonfinite == "propagate"):
+    return None
+  return ("no `outer`, no `axis_name`, `inner_state='keep'`, "
+          "`on_nonfinite='propagate'`")
+
+
+def dense_like(updates: Any, slow: Any) -> Any:
+  """`updates` with each `SparseRows` checked and shown as its table's shape."""
+  def view(path, u, s):
+    if not _sparse.is_sparse_rows(u):
+      return u
+    u.check_table(s, _tree.path_str(path))
+    return jax.ShapeDtypeStruct(jnp.shape(s), jnp.result_type(u.values))
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      updates, is_leaf=_sparse.is_sparse_rows)
+  if treedef != jax.tree.structure(slow):
+    return updates  # check_same_tree names the difference
+  return jax.tree.unflatten(treedef, [
+      view(path, u, s) for (path, u), s in zip(flat, jax.tree.leaves(slow))])
+
+
+def check_update_args(updates: Any, state: Any, params: Any,
+                       slow_dtype: Any) -> tuple[Any, Any]:
+  """Checks `update`'s arguments; returns params and updates as arrays."""
+  if params is None:
+    raise ValueError(
+        "`params` is required: lookahead's update needs the current params "
+        "to compute the sync, call `tx.update(grads, state, params)`.")
+  check_state(state)
+  params = jax.tree.map(jnp.asarray, params)
+  updates = jax.tree.map(jnp.asarray, updates)
+  _checks.check_same_tree(
+      "params", params, state.slow_params, check_dtypes=slow_dtype is None,
+      reference_name="the slow params")
+  if slow_dtype is not None:
+    check_param_kinds(params, state.slow_params)
+  _checks.check_same_tree(
+      "updates", dense_like(updates, state.slow_params), state.slow_params,
+      reference_name="the slow params")
+  return params, updates
+
+
+def check_param_kinds(params: Any, slow: Any) -> None:
+  """With `slow_dtype`: floating params for floating slow weights, else equal.
+
+  The state does not record the params' own float dtype, so a float param
+  of another width cannot be told from the right one.
+  """
+  for (path, p), s in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                          jax.tree.leaves(slow)):
+    pdtype, sdtype = jnp.result_type(p), jnp.result_type(s)
+    same_kind = (jnp.issubdtype(pdtype, jnp.floating)
+                 if jnp.issubdtype(sdtype, jnp.floating) else pdtype == sdtype)
+    if not same_kind:
+      raise ValueError(
+          f"`params` leaf {_tree.path_str(path)} has dtype {pdtype}, which "
+          f"does not match the slow params' {sdtype}.")
+
+
+def check_snoo_args(learning_rate: Any, momentum: Any) -> None:
+  if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or (
+      not 0.0 <= momentum < 1.0):
+    raise ValueError(f"`momentum` must be a float in [0, 1), got {momentum!r}.")
+  if callable(learning_rate):
+    return
+  if isinstance(learning_rate, bool) or not isinstance(
+      learning_rate, (int, float)) or not 0.0 <= learning_rate < float("inf"):
+    raise ValueError(
+        "`learning_rate` must be a finite float >= 0 or a schedule, got "
+        f"{learning_rate!r}.")

@@ -1,0 +1,257 @@
+"""One `update` of `lookahead`: grads -> inner update -> sync -> updates.
+
+`update` reads top to bottom as the data path; each stage is a small function
+here, the arithmetic of the sync is in `_sync`, the inner-state and
+non-finite policies in `_policies`, the row-sparse tables in `_rows`.
+"""
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lookahead_optax import _arguments
+from lookahead_optax import _policies
+from lookahead_optax import _rows
+from lookahead_optax import _sync
+from lookahead_optax._types import LookaheadState
+from lookahead_optax._types import PullbackState
+
+
+class Options(NamedTuple):
+  """`lookahead`'s arguments, checked and resolved (static)."""
+
+  inner: optax.GradientTransformationExtraArgs
+  outer: Optional[optax.GradientTransformation]
+  sync_period: Any
+  slow_step_size: Any  # None with `outer`
+  inner_state: str
+  on_nonfinite: str
+  axis_name: Optional[str]
+  slow_dtype: Any
+  formulation: str  # "select", "cond" or "loop"
+  counts_syncs: bool
+  sparse_options: Optional[str]
+
+
+class Step(NamedTuple):
+  """What the stages of one update share."""
+
+  params: Any
+  grads: Any
+  extra_args: dict
+  current: Any  # the inner state before this step
+  synced: Any  # its copy at the last sync ("pullback"), else None
+  inner_updates: Any
+  new_inner: Any  # the inner state the inner step left
+  is_sync: jax.Array  # the one flag: this step syncs
+  bad: Optional[jax.Array]  # rollback: the inner step is not finite
+  param_shaped: Optional[_policies.ParamShaped]
+  inner_init: Any
+
+
+def alpha_of(opts: Options, outer_state: Any) -> Optional[jax.Array]:
+  """The interpolation step of this sync (None with `outer`)."""
+  if opts.outer is not None:
+    return None
+  if opts.counts_syncs:
+    return jnp.asarray(opts.slow_step_size(outer_state.count))
+  return jnp.asarray(opts.slow_step_size)
+
+
+def sync_fn(opts: Options, s: Step, params: Any):
+  """The sync as a map of `SyncCarry`: outer step, landing, policy."""
+
+  def apply(carry):
+    alpha = alpha_of(opts, carry.outer_state)
+    targets, outer_state = _sync.slow_targets(
+        params, carry.updates, carry.slow, carry.outer_state,
+        outer=opts.outer, alpha=alpha, axis_name=opts.axis_name)
+    if opts.counts_syncs:
+      outer_state = optax.ScaleByScheduleState(
+          optax.safe_increment(outer_state.count))
+    updates = _sync.sync_updates(params, carry.updates, carry.slow, targets)
+    inner_state, synced = _policies.at_sync(
+        opts.inner_state, s.param_shaped, carry.inner_state,
+        carry.synced_inner, s.inner_init, alpha)
+    return _sync.SyncCarry(updates, targets, outer_state, inner_state, synced)
+
+  return apply
+
+
+def store_fn(opts: Options, params: Any):
+  """The slow weights to store from the updates returned and the targets."""
+
+  def store(updates, targets, slow):
+    return jax.tree.map(
+        lambda p, u, t, s: _sync.stored_slow(
+            p, u, t, s, keep_target=opts.axis_name is not None),
+        params, updates, targets, slow)
+
+  return store
+
+
+def begin(opts: Options, grads: Any, state: LookaheadState, params: Any,
+          extra_args: dict) -> tuple[Step, jax.Array]:
+  """Checks, the inner step, and the flags; returns (Step, new step count)."""
+  params, grads = _arguments.check_update_args(grads, state, params,
+                                               opts.slow_dtype)
+  _arguments.check_axis_bound(opts.axis_name)
+  if opts.inner_state == "pullback":
+    current, synced = state.inner_state
+  else:
+    current, synced = state.inner_state, None
+  _arguments.check_touched_rows(extra_args, current, params)
+  inner_updates, new_inner = opts.inner.update(grads, current, params,
+                                               **extra_args)
+  step = optax.safe_increment(state.step)
+  is_sync = step % opts.sync_period == 0
+  needs_init = opts.inner_state == "reset" or opts.on_nonfinite == "rollback"
+  needs_leaves = needs_init or opts.inner_state == "pullback" or (
+      opts.formulation == "loop" and opts.outer is not None)
+  bad = None
+  if opts.on_nonfinite == "rollback":
+    bad = _policies.is_nonfinite(params, inner_updates)
+    is_sync = is_sync & ~bad
+  return Step(
+      params, grads, extra_args, current, synced, inner_updates, new_inner,
+      is_sync, bad,
+      _policies.ParamShaped(opts.inner.init, params) if needs_leaves else None,
+      opts.inner.init(params) if needs_init else None), step
+
+
+def outer_in_loop(opts: Options, state: LookaheadState, sparse: list) -> bool:
+  """Whether the outer step runs in the in-place loop ("loop" formulation)."""
+  return (opts.formulation == "loop" and opts.outer is not None
+          and not any(sparse) and _sync.targets_fit(state.slow_params)
+          and _sync.outer_keeps_types(opts.outer, state.outer_state,
+                                      state.slow_params))
+
+
+def loop_outer_step(opts: Options, s: Step, state: LookaheadState
+                    ) -> tuple[Any, Any, Any]:
+  """The outer step in a loop run once on sync steps, never otherwise.
+
+  It leaves the targets in the slow weights' buffers; the inner update is
+  recomputed in it (see `_policies.loop_variant`). Returns (updates,
+  targets or old slow weights, outer state).
+  """
+
+  def targets_fn(i, slow_c, outer_c):
+    vary = lambda tree: _policies.loop_variant(tree, i)  # pylint: disable=unnecessary-lambda-assignment
+    u_in, _ = opts.inner.update(vary(s.grads), vary(s.current),
+                                vary(s.params), **s.extra_args)
+    return _sync.slow_targets(vary(s.params), u_in, slow_c, outer_c,
+                              outer=opts.outer, alpha=None, axis_name=None)
+
+  held, outer_state = _sync.loop_targets(
+      s.is_sync, targets_fn, state.slow_params, state.outer_state)
+  updates = jax.tree.map(
+      lambda p, u, t: jnp.where(s.is_sync, _sync.landing_update(p, u, t, t),
+                                u),
+      s.params, s.inner_updates, held)
+  return updates, held, outer_state
+
+
+def loop_inner_state(opts: Options, s: Step, updates: Any) -> Any:
+  """After `loop_outer_step`: the inner state from a second pass.
+
+  Ordered after the params' pass (see `_policies.reread`), as the loop reads
+  the old inner state.
+  """
+  _, again = opts.inner.update(
+      s.grads, _policies.reread(s.param_shaped, s.current, s.params, updates),
+      s.params, **s.extra_args)
+  new_inner, _ = _policies.at_sync(opts.inner_state, s.param_shaped, again,
+                                   None, s.inner_init, None)
+  new_inner = _sync.tree_select(s.is_sync, new_inner, again)
+  if s.bad is not None:
+    new_inner = s.param_shaped.map(
+        lambda x, i: jnp.where(s.bad, jnp.asarray(i, dtype=x.dtype), x),
+        new_inner, s.inner_init)
+  return new_inner
+
+
+def sparse_tables(opts: Options, s: Step, state: LookaheadState,
+                  sparse: list, dense_updates: Any, dense_slow: Any
+                  ) -> tuple[Any, Any, Any]:
+  """The row-sparse tables' step (see `_rows`), merged with the dense."""
+  def leaves(tree):
+    return jax.tree.leaves(tree, is_leaf=_rows.is_hole_or_rows)
+  slot = state.step % opts.sync_period
+  alpha = alpha_of(opts, state.outer_state)
+  results = [None] * len(sparse)
+  buffers = leaves(state.cycle_rows)
+  for i, (p, u, slow) in enumerate(zip(leaves(s.params),
+                                       leaves(s.inner_updates),
+                                       leaves(state.slow_params))):
+    if sparse[i]:
+      results[i] = _rows.sync_table(s.is_sync, slot, p, u, slow, buffers[i],
+                                    alpha, opts.sync_period)
+  pick = lambda j: [None if r is None else r[j] for r in results]  # pylint: disable=unnecessary-lambda-assignment
+  updates = _rows.merge(dense_updates, s.inner_updates, pick(0))
+  slow = _rows.merge(dense_slow, state.slow_params, pick(1))
+  cycle_rows = _rows.merge(state.cycle_rows, state.cycle_rows, pick(2))
+  return updates, slow, cycle_rows
+
+
+def update(opts: Options, grads: Any, state: Any, params: Any,
+           extra_args: dict) -> tuple[Any, LookaheadState]:
+  """`lookahead`'s `update_fn`: see the module docstring."""
+  s, step = begin(opts, grads, state, params, extra_args)
+  sparse = _rows.sparse_flags(s.inner_updates)
+  if any(sparse):
+    _rows.check_sparse_leaves(sparse, state.cycle_rows, s.params,
+                              opts.sparse_options)
+  dense_params = _rows.split(s.params, sparse) if any(sparse) else s.params
+  carry0 = _sync.SyncCarry(
+      _rows.split(s.inner_updates, sparse),
+      _rows.split(state.slow_params, sparse), state.outer_state, s.new_inner,
+      s.synced)
+  in_loop = outer_in_loop(opts, state, sparse)
+  if in_loop:
+    updates, held, outer_state = loop_outer_step(opts, s, state)
+    carry = carry0._replace(updates=updates, outer_state=outer_state)
+  else:
+    carry = _sync.run_sync(
+        "select" if opts.formulation == "loop" else opts.formulation,
+        s.is_sync, sync_fn(opts, s, dense_params),
+        store_fn(opts, dense_params), carry0)
+  updates, new_inner, synced = (carry.updates, carry.inner_state,
+                                carry.synced_inner)
+  if s.bad is not None:
+    updates, new_inner = _policies.rollback(
+        s.bad, s.params, s.inner_updates, state.slow_params, updates,
+        new_inner, s.param_shaped, s.inner_init)
+  slow = carry.slow
+  if in_loop:
+    slow = jax.tree.map(
+        lambda p, u, t: jnp.where(
+            s.is_sync, _sync.stored_slow(p, u, t, t, keep_target=False), t),
+        s.params, updates, held)
+    new_inner = loop_inner_state(opts, s, updates)
+  else:
+    if s.bad is not None and opts.formulation != "cond":
+      # The slow weights from the updates returned (a sync step is never
+      # rolled back), which XLA reads from the new params.
+      targets = sync_fn(opts, s, dense_params)(carry0).slow
+      slow = _sync.tree_select(
+          s.is_sync, store_fn(opts, dense_params)(updates, targets,
+                                                  carry0.slow), carry0.slow)
+    if opts.formulation == "loop" and s.param_shaped is not None:
+      # The policy applied in place by a loop that runs on sync (or
+      # rolled-back) steps only, ordered after the params' pass, which reads
+      # the inner state as the inner step left it (see `_policies.never`).
+      new_inner, synced = _policies.in_place(
+          opts.inner_state, s.param_shaped, s.is_sync, s.bad,
+          _policies.never(s.params, updates), s.new_inner, s.synced,
+          s.inner_init, alpha_of(opts, state.outer_state))
+  cycle_rows = state.cycle_rows
+  if any(sparse):
+    updates, slow, cycle_rows = sparse_tables(opts, s, state, sparse, updates,
+                                              slow)
+  if opts.inner_state == "pullback":
+    new_inner = PullbackState(new_inner, synced)
+  return updates, LookaheadState(new_inner, slow, step, carry.outer_state,
+                                 cycle_rows)

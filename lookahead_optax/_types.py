@@ -1,0 +1,49 @@
+"""The states of `lookahead`."""
+
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+
+class LookaheadState(NamedTuple):
+  """State of the transformation returned by `lookahead`.
+
+  Attributes:
+    inner_state: the state of the inner (fast) optimizer. With
+      `inner_state="pullback"` it is a `PullbackState` that holds the inner
+      state and its value at the last sync.
+    slow_params: the slow weights, a pytree with the structure and shapes of
+      the params (and their dtypes, unless `slow_dtype` was given). They start
+      as a copy of the initial params and move only at a sync.
+    step: the number of `update` calls so far (int32). A sync happens on the
+      call that brings `step` to a multiple of `sync_period`.
+    outer_state: the state of the outer step: the `outer` transformation's
+      state (initialised from the initial params), or, without `outer`, the
+      number of syncs done (`optax.ScaleByScheduleState`) when
+      `slow_step_size` is a schedule, else `optax.EmptyState()`.
+    cycle_rows: with `rows_per_step`, the ids of the rows each row-sparse
+      table was updated in during this cycle (a `(sync_period * N,)` int32
+      buffer per table, `optax.MaskedNode()` at other leaves), else None.
+  """
+
+  inner_state: optax.OptState
+  slow_params: optax.Params
+  step: jax.Array
+  outer_state: optax.OptState = optax.EmptyState()
+  cycle_rows: Any = None
+
+
+class PullbackState(NamedTuple):
+  """Inner state kept by `lookahead(..., inner_state="pullback")`.
+
+  Attributes:
+    inner_state: the inner optimizer's current state.
+    synced_inner_state: the inner state as it was after the last sync (the
+      inner optimizer's initial state before the first sync). Its
+      parameter-shaped leaves cost one more copy of each of them; it must not
+      share buffers with `inner_state` (build it with a copy).
+  """
+
+  inner_state: optax.OptState
+  synced_inner_state: optax.OptState
