@@ -16,7 +16,7 @@ from lookahead_optax import _sparse
 from lookahead_optax import _tree
 from lookahead_optax._types import LookaheadState
 
-SYNC_MODES = ("auto", "select", "cond")
+SYNC_MODES = ("auto", "select", "cond", "loop")
 
 
 def resolve_formulation(sync: str, inner_state: str, on_nonfinite: str,
@@ -24,11 +24,14 @@ def resolve_formulation(sync: str, inner_state: str, on_nonfinite: str,
                          outer: Optional[Any] = None) -> str:
   """`"select"`, `"cond"` or `"loop"` (see `lookahead`'s `sync`).
 
-  `"loop"` (internal, only from `"auto"`): the parts of a sync that XLA:CPU
-  cannot fuse into the inner update without copying the old state (the outer
-  transformation's step, the inner-state policies) run in loops that run
-  once on the steps that need them and not at all on the others, updating
-  the state in place; the rest is the branch-free select.
+  `"loop"`: the parts of a sync that XLA:CPU cannot fuse into the inner
+  update without copying the old state (the outer transformation's step, the
+  inner-state policies) run in loops that run once on the steps that need
+  them and not at all on the others, updating the state in place; the rest
+  is the branch-free select. Its loops are ordered after the params' pass by
+  reading one element of the new params, a scalar all-reduce when the params
+  are sharded over devices: `"auto"` picks it on a single CPU device only,
+  and the select (no collective of its own) on several.
   """
   if sync != "auto":
     return sync
@@ -42,7 +45,7 @@ def resolve_formulation(sync: str, inner_state: str, on_nonfinite: str,
   if jax.default_backend() == "cpu":
     if inner_state == "keep" and on_nonfinite == "propagate" and outer is None:
       return "select"
-    return "loop"
+    return "loop" if jax.device_count() == 1 else "select"
   return "cond"
 
 
@@ -103,10 +106,11 @@ def check_axis_name(axis_name: Any, sync: str, on_nonfinite: str) -> None:
   if not isinstance(axis_name, str) or not axis_name:
     raise TypeError(
         f"`axis_name` must be a non-empty string or None, got {axis_name!r}.")
-  if sync == "select":
+  if sync in ("select", "loop"):
     raise ValueError(
-        "`sync='select'` cannot combine with `axis_name`: the average over "
-        "replicas must run on sync steps only; use 'cond' or 'auto'.")
+        f"`sync='{sync}'` cannot combine with `axis_name`: the average over "
+        "replicas must run on sync steps only, in the sync's conditional; use "
+        "'cond' or 'auto'.")
   if on_nonfinite == "rollback":
     raise ValueError(
         "`on_nonfinite='rollback'` cannot combine with `axis_name`: a replica "

@@ -103,15 +103,20 @@ def lookahead(
       of those leaves and cannot combine with `outer`.
     sync: how the sync is compiled. `"select"` computes it branch-free at
       every step and selects it on sync steps (fuses with the inner update
-      into one pass). `"cond"` runs it in a `jax.lax.cond`. `"auto"`
-      (default) picks by backend and options: on CPU the select for the
-      default options, and otherwise in-place loops that run the policies
-      and the outer step only on the steps that need them (XLA:CPU copies
-      what a conditional carries); elsewhere the cond; with `axis_name`
-      always the cond (docs/benchmarks.md). Both
+      into one pass). `"cond"` runs it in a `jax.lax.cond`. `"loop"` runs
+      the inner-state policy and the outer step in loops that run once on
+      the steps that need them and not at all on the others, updating the
+      state in place (XLA:CPU copies what a conditional carries, and the
+      select makes it copy the old state); it reads one element of the new
+      params to order them, a scalar all-reduce when params are sharded over
+      devices. `"auto"` (default): on CPU the select for the default
+      options, otherwise the loop on a single device and the select on
+      several; elsewhere the cond (not timed on accelerators); always the
+      cond with `axis_name` (docs/benchmarks.md). All
       compute the same sync; they may differ in the last bit of a few
-      elements, as XLA contracts multiply-adds (FMA) differently in the two,
-      while the params equal the slow weights bitwise after a sync in both.
+      elements, as XLA contracts multiply-adds (FMA) differently in
+      different programs, while the params equal the slow weights bitwise
+      after a sync in each.
     on_nonfinite: `"propagate"` (default) applies non-finite updates as they
       are. `"rollback"`: when the inner update or the fast params it would
       produce has a non-finite value, the step returns the update that sends

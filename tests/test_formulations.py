@@ -1,5 +1,6 @@
-"""The sync formulations agree: `auto` (on CPU, in-place loops for the
-policies and the outer step), `select` and `cond`, under jit with donation."""
+"""The sync formulations agree: `loop` (in-place loops for the policies and
+the outer step, what `auto` picks on a single-device CPU), `select` and `cond`,
+under jit with donation."""
 
 import jax
 import jax.numpy as jnp
@@ -51,11 +52,11 @@ def _trajectory(kwargs, sync):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_auto_agrees_with_select_and_cond(name):
+def test_loop_agrees_with_select_and_cond(name):
   kwargs = CONFIGS[name]
-  runs = {sync: _trajectory(kwargs, sync) for sync in ("auto", "select",
+  runs = {sync: _trajectory(kwargs, sync) for sync in ("loop", "select",
                                                        "cond")}
-  for t, (p, s) in enumerate(runs["auto"]):
+  for t, (p, s) in enumerate(runs["loop"]):
     if (t + 1) % K == 0 and t != BAD_STEP:
       assert_tree_bitwise(p, lo.slow_params(s), f"{name} step {t + 1}")
       if kwargs.get("inner_state") == "reset":
@@ -69,3 +70,38 @@ def test_auto_agrees_with_select_and_cond(name):
                       jax.tree.leaves(runs[other][t])):
         np.testing.assert_allclose(a, b, rtol=0, atol=5e-7,
                                    err_msg=f"{name} {other} step {t + 1}")
+
+
+def test_auto_picks_per_option_on_a_multi_device_cpu():
+  from lookahead_optax import _arguments  # pylint: disable=g-import-not-at-top
+  pick = lambda **kw: _arguments.resolve_formulation(  # pylint: disable=unnecessary-lambda-assignment
+      "auto", kw.get("inner_state", "keep"),
+      kw.get("on_nonfinite", "propagate"), kw.get("axis_name"),
+      kw.get("outer"))
+  assert pick() == "select"
+  # conftest gives 8 host devices: no loop (its ordering read of the new
+  # params would be an all-reduce for sharded params).
+  assert jax.device_count() == 8
+  for kw in (dict(inner_state="reset"), dict(inner_state="pullback"),
+             dict(on_nonfinite="rollback"), dict(outer=SNOO)):
+    assert pick(**kw) == "select", kw
+  assert pick(outer=SNOO, axis_name="data") == "cond"
+
+
+def test_loop_with_axis_name_raises():
+  with pytest.raises(ValueError, match="`sync='loop'` cannot combine"):
+    lo.lookahead(optax.sgd(0.1), 3, sync="loop", axis_name="data")
+
+
+def test_auto_picks_loop_on_a_single_cpu_device():
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  script = (
+      "from lookahead_optax import _arguments as a\n"
+      "print(a.resolve_formulation('auto', 'reset', 'propagate', None),"
+      " a.resolve_formulation('auto', 'keep', 'propagate', None))\n")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                       text=True, env=env, timeout=120, check=True,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert out.stdout.split() == ["loop", "select"]

@@ -715,7 +715,7 @@ def test_inner_multisteps_rejected():
 
 @pytest.mark.parametrize("name,choices", [
     ("inner_state", "'keep', 'reset', 'pullback'"),
-    ("sync", "'auto', 'select', 'cond'"),
+    ("sync", "'auto', 'select', 'cond', 'loop'"),
     ("on_nonfinite", "'propagate', 'rollback'"),
 ])
 def test_bad_string_options(name, choices):

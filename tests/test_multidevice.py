@@ -257,7 +257,8 @@ def test_lookahead_adds_no_collectives(layout):
             sharding, 2 - (name == "b1"))
   # A positive control: the counter does see an added collective. Rollback
   # must know whether any element is non-finite, a scalar all-reduce.
-  tx = lo.lookahead(adamw, sync_period=4, on_nonfinite="rollback")
+  tx = lo.lookahead(adamw, sync_period=4, on_nonfinite="rollback",
+                    sync="select")
   counts = count_collectives(compile_train_step(
       tx, params, jax.jit(tx.init)(params), batch_sharding).as_text())
   assert counts["all-reduce"] == base.get("all-reduce", 0) + 1, (counts, base)

@@ -44,7 +44,7 @@ SETTINGS = hypothesis.settings.get_profile("lookahead_optax")
 FEW_SETTINGS = hypothesis.settings(SETTINGS, max_examples=8)
 
 POLICIES = ("keep", "reset", "pullback")
-SYNC_MODES = ("select", "cond")
+SYNC_MODES = ("select", "cond", "loop")
 NONFINITE = ("propagate", "rollback")
 
 DTYPES = ("float32", "bfloat16", "float64")

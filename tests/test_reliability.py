@@ -21,7 +21,7 @@ from tests._helpers import assert_bitwise
 from tests._helpers import assert_no_shared_buffers
 from tests._helpers import assert_tree_bitwise
 
-SYNC_MODES = ("select", "cond")
+SYNC_MODES = ("select", "cond", "loop")
 BF16 = jnp.bfloat16
 
 
