@@ -115,12 +115,31 @@ def memory_table(rows: list) -> str:
 
 
 def policies_table(rows: list) -> str:
-  header = ["policy", "sync", "step (ms)", "vs adam", "vs keep (same sync)",
-            "temp (MB)", "state (MB)"]
+  header = ["option", "sync", "runs as", "step (ms)", "vs adam",
+            "vs keep (same sync)", "temp (MB)", "state (MB)"]
   return common.markdown_table(header, [
-      [r["policy"], r["sync"], common.fmt_ms(r["median_ms"] / 1e3),
-       _x(r["ratio"]), _x(r["vs_keep"]), common.fmt_mb(r["temp"]),
-       common.fmt_mb(r["state_bytes"])] for r in rows])
+      [r["policy"], r["sync"], r.get("formulation", "-"),
+       common.fmt_ms(r["median_ms"] / 1e3), _x(r["ratio"]), _x(r["vs_keep"]),
+       common.fmt_mb(r["temp"]), common.fmt_mb(r["state_bytes"])]
+      for r in rows])
+
+
+# Issue targets for each option's default (`sync="auto"`) step, CPU.
+POLICY_TARGETS = {"keep": 1.1, "reset": 1.2, "pullback": 1.25,
+                  "rollback": 1.5, "snoo": 1.2}
+
+
+def policy_targets_table(rows: list) -> str:
+  """The default (`sync="auto"`) step of each option against its target."""
+  lines = []
+  for r in rows:
+    if r["sync"] != "auto" or r["policy"] not in POLICY_TARGETS:
+      continue
+    target = POLICY_TARGETS[r["policy"]]
+    lines.append([r["policy"], r.get("formulation", "-"), f"<= {target}x",
+                  _x(r["ratio"]), "yes" if r["ratio"] <= target else "no"])
+  return common.markdown_table(
+      ["option", "auto runs as", "wanted", "measured", "met"], lines)
 
 
 def e2e_table(rows: list) -> str:
@@ -316,20 +335,37 @@ moments. The library does not do this; the row shows what it would gain.
 """
 
 _POLICIES = """\
-## Cost of the inner-state and non-finite policies
+## Cost of the options: inner-state policies, rollback, SNOO
 
-`lookahead(adam, inner_state=..., on_nonfinite=...)` at {n} params in one leaf,
-donated, both sync modes, interleaved with adam.
+`lookahead(adam, ...)` at {n} params in 100 leaves (a transformer-like tree),
+donated, interleaved with adam, with `sync="auto"` (the default; "runs as" says
+what it picks here) and with `"select"` and `"cond"` forced.
 
-With `sync="select"`, `"reset"` and `"pullback"` select between two versions of
-the new inner state; XLA then recomputes the Adam moments in two fusions and
-copies the old moments before overwriting them in place (the temp column), which
-costs several times the `"keep"` step on CPU. `on_nonfinite="rollback"` needs a
-reduction over the whole update (is anything non-finite?) before any update can
-be written, so it cannot be a single fused pass in either mode. With
-`sync="cond"` the inner-state policies ride in the conditional that the sync
-already pays for, and cost little beyond `"keep"` there. This is why `sync="auto"`
-picks `"select"` on CPU only with `inner_state="keep"`, and `"cond"` otherwise.
+With `sync="select"`, a policy or an outer step makes the stored state differ
+from what the inner step computed; XLA:CPU makes each state output its own
+fusion that recomputes the inner step from the *old* state, so it copies the
+old moments before overwriting them in place (the temp column), several times
+the `"keep"` step. A conditional copies everything it carries. `sync="loop"`
+(what `"auto"` picks on one CPU device) runs the policy, and the outer step,
+in loops that run once on the steps that need them and not at all otherwise,
+updating the state in place after the params' pass. `"pullback"` must still
+read and write both moments and their synced copy at a sync, SNOO needs one
+full-size temporary at a sync (its momentum and the slow weights each need the
+other's old value), and `on_nonfinite="rollback"` needs a whole-tree reduction
+(is anything non-finite?) before any update can be written, which XLA:CPU
+cannot fuse into the elementwise passes: those three stay above their targets.
+"""
+
+_TRAFFIC = """\
+## Memory traffic of each formulation (accelerators: not timed)
+
+No accelerator was available for these measurements. Where `sync="auto"` was
+not timed, it picks the formulation with the least memory traffic in XLA's own
+cost analysis of the compiled step ("bytes accessed", a static count with a
+loop body or a conditional branch counted once; `benchmarks/traffic.py`),
+which agrees with the CPU timings above: the select for the default options,
+the loop otherwise (the select on several devices, where the loop's ordering
+read of the new params would be a collective), the cond only with `axis_name`.
 """
 
 
@@ -385,7 +421,11 @@ def build_report(info: dict, sections: dict, quick: bool) -> str:
                  + sections["formulations"] + "\n")
   if sections.get("policies"):
     parts.append(_POLICIES.format(n=sections["policies_n"]) + "\n"
+                 + "Each option's default step against its target:\n\n"
+                 + sections["policy_targets"] + "\n\nAll rows:\n\n"
                  + sections["policies"] + "\n")
+  if sections.get("traffic"):
+    parts.append(_TRAFFIC + "\n" + sections["traffic"] + "\n")
   if sections.get("lazy"):
     parts.append("## Lazy updates on an embedding table\n\n"
                  + sections["lazy"] + "\n")
@@ -412,7 +452,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                       help="round-robin rounds for the step benchmark")
   parser.add_argument("--skip", default="",
                       help="comma-separated sections to skip: e2e, "
-                      "formulations, policies, lazy, sparse, nodonate")
+                      "formulations, policies, traffic, lazy, sparse, "
+                      "nodonate")
   parser.add_argument("--out", default=None, help="write the report here")
   parser.add_argument("--plot", default=None,
                       help="write the step-time plot (PNG) here")
@@ -469,9 +510,18 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
   if "policies" not in skip:
     n = 100_000 if quick else TARGET_N
     sections["policies_n"] = common.fmt_params(n)
-    sections["policies"] = policies_table(policies.run(
-        n=n, rounds=3 if quick else 9,
-        min_block_s=0.0 if quick else 0.1, log=_log))
+    policy_rows = policies.run(
+        n=n, rounds=3 if quick else 9, layers=1 if quick else 8,
+        min_block_s=0.0 if quick else 0.1, log=_log)
+    sections["policies"] = policies_table(policy_rows)
+    sections["policy_targets"] = policy_targets_table(policy_rows)
+
+  if "traffic" not in skip:
+    from benchmarks import traffic  # pylint: disable=g-import-not-at-top
+    n = 100_000 if quick else 1_000_000
+    sections["traffic"] = traffic.markdown(
+        traffic.run(n=n, layers=1 if quick else 8, log=_log),
+        common.fmt_params(n))
 
   if "lazy" not in skip:
     try:

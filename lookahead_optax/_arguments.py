@@ -37,16 +37,16 @@ def resolve_formulation(sync: str, inner_state: str, on_nonfinite: str,
     return sync
   if axis_name is not None:
     return "cond"  # the collective must run on sync steps only
-  # Measured on CPU (benchmarks/policies.py, 10M params in 100 leaves): the
-  # select fuses the default sync with the inner update into one pass where
-  # a conditional copies every buffer it carries; with a policy or an outer
-  # transformation, selecting would make XLA copy the old state (each state
-  # output is its own loop fusion that recomputes the inner step from it).
-  if jax.default_backend() == "cpu":
-    if inner_state == "keep" and on_nonfinite == "propagate" and outer is None:
-      return "select"
-    return "loop" if jax.device_count() == 1 else "select"
-  return "cond"
+  # Chosen by measurement on CPU (benchmarks/policies.py, 10M params in 100
+  # leaves) and, for other backends (not timed here), by the bytes that XLA's
+  # cost analysis of the compiled step reports (benchmarks/traffic.py): the
+  # select fuses the default sync into the inner update's pass; with a policy
+  # or an outer transformation it makes XLA copy the old state (each state
+  # output is its own fusion that recomputes the inner step), which the loop
+  # avoids. A conditional copies what it carries on CPU and is never least.
+  if inner_state == "keep" and on_nonfinite == "propagate" and outer is None:
+    return "select"
+  return "loop" if jax.device_count() == 1 else "select"
 
 
 def copy(x: jax.Array) -> jax.Array:

@@ -109,10 +109,11 @@ def lookahead(
       state in place (XLA:CPU copies what a conditional carries, and the
       select makes it copy the old state); it reads one element of the new
       params to order them, a scalar all-reduce when params are sharded over
-      devices. `"auto"` (default): on CPU the select for the default
-      options, otherwise the loop on a single device and the select on
-      several; elsewhere the cond (not timed on accelerators); always the
-      cond with `axis_name` (docs/benchmarks.md). All
+      devices. `"auto"` (default): the select for the default options,
+      otherwise the loop on a single device and the select on several; the
+      cond with `axis_name` (timed on CPU; on accelerators chosen by the
+      memory traffic of the compiled step, not timed: docs/benchmarks.md).
+      All
       compute the same sync; they may differ in the last bit of a few
       elements, as XLA contracts multiply-adds (FMA) differently in
       different programs, while the params equal the slow weights bitwise
