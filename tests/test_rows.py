@@ -157,3 +157,46 @@ def test_rows_per_step_errors():
     make.init(params)
   with pytest.raises(TypeError, match="`sync_period` must be a Python int"):
     lo.lookahead(optax.sgd(0.1), jnp.array(3), rows_per_step={"embed": 4})
+
+
+def test_pmap_data_parallel_combines_rows_by_all_gather():
+  # Each of 8 devices looks up its own ids. Data parallelism averages the
+  # gradients: for row-sparse ones, gather every device's (ids, values / 8)
+  # into one SparseRows of 8 N ids (duplicates sum), the same on all devices.
+  devices = 8
+  params0 = init_params()
+  inner = lo.lazy(optax.adam(0.1), mask={"embed": True, "w": False})
+  tx = lo.lookahead(inner, K, 0.3, rows_per_step={"embed": devices * N})
+  batches_ = list(batches(2 * K * devices, seed=3))
+
+  def combine(g):
+    ids = jax.lax.all_gather(g.ids, "d", tiled=True)
+    values = jax.lax.all_gather(g.values / devices, "d", tiled=True)
+    return lo.SparseRows(ids, values)
+
+  def step(p, s, ids, values):
+    g = {"embed": combine(lo.SparseRows(ids, values)),
+         "w": jax.lax.pmean(jnp.array([0.3, -0.2]), "d")}
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  pstep = jax.pmap(step, axis_name="d")
+  p = jax.tree.map(lambda x: jnp.stack([x] * devices), params0)
+  s = jax.pmap(tx.init)(p)
+  # The reference: one device, the 8 devices' rows concatenated.
+  ref_tx = lo.lookahead(inner, K, 0.3, rows_per_step={"embed": devices * N})
+  rp, rs = copy(params0), ref_tx.init(copy(params0))
+  for t in range(2 * K):
+    chunk = batches_[t * devices:(t + 1) * devices]
+    ids = jnp.stack([b.ids for b in chunk])
+    values = jnp.stack([b.values for b in chunk])
+    p, s = pstep(p, s, ids, values)
+    g = {"embed": lo.SparseRows(ids.reshape(-1), values.reshape(-1, D) / devices),
+         "w": jnp.array([0.3, -0.2])}
+    u, rs = ref_tx.update(g, rs, rp)
+    rp = optax.apply_updates(rp, u)
+    table = np.asarray(p["embed"])
+    assert (table == table[0]).all()  # every device holds the same params
+    np.testing.assert_allclose(table[0], rp["embed"], rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(
+      np.asarray(lo.slow_params(s)["embed"])[0], np.asarray(p["embed"])[0])
