@@ -154,7 +154,9 @@ def lookahead(
       `inner_state="pullback"`, `axis_name` with `sync="select"` or used
       outside a mapped axis, or `update` is called without params, with
       params or updates whose structure, shapes or dtypes differ from the
-      state, or with `touched_rows` for leaves that no `lazy` handles.
+      state (with `slow_dtype`, only whether a params leaf is floating is
+      checked: the state does not record the params' float width), or with
+      `touched_rows` for leaves that no `lazy` handles.
 
   Example:
     >>> import jax.numpy as jnp
