@@ -11,12 +11,8 @@ devices that conftest.py asks for.
 
 import functools
 import importlib.util
-import os
 import pathlib
 import re
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +23,7 @@ import optax
 import pytest
 
 import lookahead_optax as lo
+from tests import _multiprocess
 from tests._helpers import assert_bitwise
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -645,67 +642,14 @@ def test_checkpoint_resume_is_bitwise(tmp_path, data):
 # Two processes joined by jax.distributed.
 # ---------------------------------------------------------------------------
 
-NUM_PROCESSES = 2
-DEVICES_PER_PROCESS = 4
-TIMEOUT_S = 120
-
-
-def _free_port():
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _launch(out_dir):
-  """Runs the worker as 2 processes on localhost; returns (codes, logs)."""
-  port = _free_port()
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # the worker sets its own device count
-  procs, logs = [], []
-  try:
-    for pid in range(NUM_PROCESSES):
-      log = open(out_dir / f"log_{pid}.txt", "w+")
-      logs.append(log)
-      procs.append(subprocess.Popen(
-          [sys.executable, str(WORKER),
-           "--coordinator", f"127.0.0.1:{port}", "--bind-loopback",
-           "--num-processes", str(NUM_PROCESSES), "--process-id", str(pid),
-           "--local-cpu-devices", str(DEVICES_PER_PROCESS),
-           "--out", str(out_dir)],
-          stdout=log, stderr=subprocess.STDOUT, env=env,
-          cwd=str(HERE.parent)))
-    codes = []
-    for proc in procs:
-      try:
-        codes.append(proc.wait(timeout=TIMEOUT_S))
-      except subprocess.TimeoutExpired:
-        codes.append("timeout")
-        break
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    texts = []
-    for log in logs:
-      log.seek(0)
-      texts.append(log.read())
-      log.close()
-  return codes, texts
+NUM_PROCESSES = _multiprocess.NUM_PROCESSES
+DEVICES_PER_PROCESS = _multiprocess.DEVICES_PER_PROCESS
 
 
 @pytest.fixture(scope="module")
 def multiprocess_results(tmp_path_factory):
-  out_dir = tmp_path_factory.mktemp("diloco_multiprocess")
-  codes, logs = _launch(out_dir)
-  if codes != [0] * NUM_PROCESSES and any(
-      "address already in use" in t.lower() for t in logs):
-    codes, logs = _launch(out_dir)  # the free port was taken meanwhile
-  report = "\n".join(f"--- process {i} (exit {c}):\n{t[-3000:]}"
-                     for i, (c, t) in enumerate(zip(codes, logs)))
-  assert codes == [0] * NUM_PROCESSES, report
-  return [dict(np.load(out_dir / f"process_{i}.npz"))
-          for i in range(NUM_PROCESSES)]
+  return _multiprocess.run_workers(
+      WORKER, tmp_path_factory.mktemp("diloco_multiprocess"))
 
 
 def test_two_processes_match_one_process(multiprocess_results):
