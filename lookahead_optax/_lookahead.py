@@ -122,9 +122,12 @@ def lookahead(
       are. `"rollback"`: when the inner update or the fast params it would
       produce has a non-finite value, the step returns the update that sends
       the params back to the slow weights, resets the parameter-shaped inner
-      state, and leaves the slow weights and the outer state untouched (no
-      sync on that step). Params that are already non-finite cannot be
-      repaired by an additive update.
+      state, and leaves the outer state and the slow weights as they were
+      (no sync on that step), except that where `params + (slow - params)`
+      rounds (a weight that moved by more than a factor of two since the
+      last sync) the slow weights store where the params land, so that the
+      params equal them bitwise, as after a sync. Params that are already
+      non-finite cannot be repaired by an additive update.
     slow_dtype: if given, a floating dtype in which to keep the slow weights of
       floating params (e.g. `jnp.float32` for bfloat16 params), so that small
       updates accumulate in the slow weights instead of rounding away. After a

@@ -173,6 +173,26 @@ def loop_inner_state(opts: Options, s: Step, updates: Any) -> Any:
   return new_inner
 
 
+def rolled_back_slow(s: Step, state: LookaheadState, updates: Any,
+                     slow: Any) -> Any:
+  """Where the step was rolled back, the slow weights where the params land.
+
+  They are the old slow weights except where `params + (slow - params)`
+  rounds (a weight that moved by more than a factor of two since the last
+  sync), so that the params equal the slow weights bitwise after a rollback
+  as after a sync. Non-finite params (which no additive update repairs)
+  never reach the slow weights.
+  """
+  def leaf(p, u, old, current):
+    landed = _sync.stored_slow(p, u, old.astype(_sync.compute_dtype(old)),
+                               old, keep_target=False)
+    take = s.bad
+    if jnp.issubdtype(jnp.result_type(landed), jnp.inexact):
+      take = take & jnp.isfinite(landed)
+    return jnp.where(take, landed, current)
+  return jax.tree.map(leaf, s.params, updates, state.slow_params, slow)
+
+
 def sparse_tables(opts: Options, s: Step, state: LookaheadState,
                   sparse: list, dense_updates: Any, dense_slow: Any
                   ) -> tuple[Any, Any, Any]:
@@ -247,6 +267,8 @@ def update(opts: Options, grads: Any, state: Any, params: Any,
           opts.inner_state, s.param_shaped, s.is_sync, s.bad,
           _policies.never(s.params, updates), s.new_inner, s.synced,
           s.inner_init, alpha_of(opts, state.outer_state))
+  if s.bad is not None:
+    slow = rolled_back_slow(s, state, updates, slow)
   cycle_rows = state.cycle_rows
   if any(sparse):
     updates, slow, cycle_rows = sparse_tables(opts, s, state, sparse, updates,

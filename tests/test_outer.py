@@ -250,3 +250,25 @@ def test_schedule_under_inject_hyperparams_is_evaluated_on_update_calls():
                              rtol=1e-6)
   np.testing.assert_allclose(run(direct, params, grads, 2)[1][0]["w"], [9.4],
                              rtol=1e-6)
+
+
+@pytest.mark.parametrize("sync", ["select", "cond", "loop"])
+def test_rollback_lands_on_slow_weights_when_the_weight_moved_far(sync):
+  # The first weight moves from 0.0123456 to about -0.4877 (more than 2x,
+  # across zero), so `p + (slow - p)` rounds: the slow weights then store
+  # where the params land (1.2e-8 away, one rounding at the fast weight's
+  # scale), and the params equal them bitwise.
+  tx = lo.lookahead(optax.adam(0.5), 2, 0.0, on_nonfinite="rollback",
+                    sync=sync)
+  p0 = jnp.array([0.0123456, 1e-3, 7.0], jnp.float32)
+  grads = jnp.stack([jnp.ones(3), jnp.array([np.nan, 1.0, 1.0])])
+  hist = run(tx, p0, lambda p, t: grads[t], 2, jit=True)
+  p1, (p2, s2) = hist[0][0], hist[1]
+  slow = lo.slow_params(s2)
+  np.testing.assert_array_equal(bits(p2), bits(slow))
+  np.testing.assert_allclose(slow, p0, rtol=0, atol=float(jnp.finfo(
+      jnp.float32).eps))
+  assert float(slow[0]) != float(p0[0])  # the rounding case did happen
+  # The third weight moved by 0.5 only (within 2x): bitwise its slow value.
+  np.testing.assert_array_equal(bits(slow[2]), bits(p0[2]))
+  assert float(p1[0]) < 0  # it did move far, across zero

@@ -150,12 +150,24 @@ def test_rollback_returns_to_slow_weights_on_a_nonfinite_step(problem, data):
     state = tx.init(params)
     k = problem["k"]
     for t, g in enumerate(grads, start=1):
-      before = lo.slow_params(state)
+      before, fast_before = lo.slow_params(state), params
       updates, state = tx.update(g, state, params)
       params = optax.apply_updates(params, updates)
       if t == bad + 1:
-        assert_tree_bitwise(lo.slow_params(state), before)
-        assert_tree_bitwise(params, before)
+        # Back on the slow weights bitwise; the slow weights moved at most
+        # by the rounding of `p + (slow - p)` (one ulp at the scale of the
+        # larger of the two), and only where that addition is not exact.
+        assert_tree_bitwise(params, lo.slow_params(state))
+        for new, old, p in zip(jax.tree.leaves(lo.slow_params(state)),
+                               jax.tree.leaves(before),
+                               jax.tree.leaves(fast_before)):
+          new, old, p = (np.asarray(x, np.float64) for x in (new, old, p))
+          scale = _ulp(np.maximum(np.abs(old), np.abs(p)), problem["dtype"])
+          assert (np.abs(new - old) <= 2 * scale).all()
+          # Sterbenz: within a factor of two the landing is exact.
+          exact = (p * old > 0) & (np.abs(p) >= np.abs(old) / 2) & (
+              np.abs(p) <= 2 * np.abs(old))
+          np.testing.assert_array_equal(new[exact], old[exact])
       elif t % k == 0:
         assert_tree_bitwise(lo.slow_params(state), params)
       assert all(np.isfinite(np.asarray(x, np.float64)).all()
