@@ -354,6 +354,11 @@ full-size temporary at a sync (its momentum and the slow weights each need the
 other's old value), and `on_nonfinite="rollback"` needs a whole-tree reduction
 (is anything non-finite?) before any update can be written, which XLA:CPU
 cannot fuse into the elementwise passes: those three stay above their targets.
+The options with a temporary buffer (the temp column) vary the most between
+runs: a fresh buffer is page-faulted in at every call, so their ratio depends
+on the allocator's state and the machine's load (a standalone
+`python -m benchmarks.policies` run gives higher ratios for rollback and SNOO
+than this full-suite run).
 """
 
 _TRAFFIC = """\
