@@ -235,13 +235,7 @@ def check_param_kinds(params: Any, slow: Any) -> None:
 
 
 def check_snoo_args(learning_rate: Any, momentum: Any) -> None:
-  if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or (
-      not 0.0 <= momentum < 1.0):
-    raise ValueError(f"`momentum` must be a float in [0, 1), got {momentum!r}.")
-  if callable(learning_rate):
-    return
-  if isinstance(learning_rate, bool) or not isinstance(
-      learning_rate, (int, float)) or not 0.0 <= learning_rate < float("inf"):
-    raise ValueError(
-        "`learning_rate` must be a finite float >= 0 or a schedule, got "
-        f"{learning_rate!r}.")
+  _checks.check_scalar("momentum", momentum, low=0.0, high=1.0,
+                       high_open=True)
+  _checks.check_scalar("learning_rate", learning_rate, low=0.0,
+                       allow_schedule=True)

@@ -8,7 +8,7 @@ value received. Values that are traced (e.g. hyperparameters injected by
 
 import math
 import numbers
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +83,38 @@ def check_step(name: str, value: Any) -> int:
   return int(value)
 
 
+def _static_number(name: str, value: Any, expected: str,
+                   allow_schedule: bool) -> Optional[float]:
+  """The float value of a real scalar, or None if it cannot be inspected.
+
+  None for a traced scalar (e.g. a hyperparameter injected by
+  `optax.inject_hyperparams`) and, with `allow_schedule`, for a callable.
+
+  Raises:
+    TypeError: for anything else that is not a real scalar (or scalar array).
+  """
+  if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
+    if allow_schedule:
+      return None
+    raise TypeError(f"`{name}` must be {expected}, got {value!r}.")
+  if is_traced(value):
+    if value.ndim:
+      raise TypeError(f"`{name}` must be {expected}, got shape {value.shape}.")
+    return None
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (numbers.Real, jax.Array, np.ndarray)
+  ):
+    raise TypeError(f"`{name}` must be {expected}, got {value!r}.")
+  array = np.asarray(value)
+  if array.ndim or not (
+      np.issubdtype(array.dtype, np.floating)
+      or np.issubdtype(array.dtype, np.integer)
+      or array.dtype == jnp.bfloat16
+  ):
+    raise TypeError(f"`{name}` must be {expected}, got {value!r}.")
+  return float(array)
+
+
 def check_scalar(
     name: str,
     value: Any,
@@ -103,26 +135,9 @@ def check_scalar(
   expected = f"a finite float {interval}" + (
       " or a schedule (a callable of the step count)" if allow_schedule
       else "")
-  if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
-    if allow_schedule:
-      return value
-    raise TypeError(f"`{name}` must be {expected}, got {value!r}.")
-  if is_traced(value):
-    if value.ndim:
-      raise TypeError(f"`{name}` must be {expected}, got shape {value.shape}.")
+  number = _static_number(name, value, expected, allow_schedule)
+  if number is None:
     return value
-  if isinstance(value, (bool, np.bool_)) or not isinstance(
-      value, (numbers.Real, jax.Array, np.ndarray)
-  ):
-    raise TypeError(f"`{name}` must be {expected}, got {value!r}.")
-  array = np.asarray(value)
-  if array.ndim or not (
-      np.issubdtype(array.dtype, np.floating)
-      or np.issubdtype(array.dtype, np.integer)
-      or array.dtype == jnp.bfloat16
-  ):
-    raise TypeError(f"`{name}` must be {expected}, got {value!r}.")
-  number = float(array)
   in_range = low <= number and (number < high if high_open else number <= high)
   if not math.isfinite(number) or not in_range:
     raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
@@ -134,27 +149,8 @@ def check_unit_interval(name: str, value: Any, *, allow_schedule: bool) -> Any:
   expected = "a float in [0, 1], a scalar array" + (
       " or a schedule (a callable of the sync count)" if allow_schedule else ""
   )
-  if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
-    if allow_schedule:
-      return value
-    raise TypeError(f"`{name}` must be {expected}, got {value!r}.")
-  if is_traced(value):
-    if value.ndim:
-      raise TypeError(f"`{name}` must be {expected}, got shape {value.shape}.")
-    return value
-  if isinstance(value, (bool, np.bool_)) or not isinstance(
-      value, (numbers.Real, jax.Array, np.ndarray)
-  ):
-    raise TypeError(f"`{name}` must be {expected}, got {value!r}.")
-  array = np.asarray(value)
-  if array.ndim or not (
-      np.issubdtype(array.dtype, np.floating)
-      or np.issubdtype(array.dtype, np.integer)
-      or array.dtype == jnp.bfloat16
-  ):
-    raise TypeError(f"`{name}` must be {expected}, got {value!r}.")
-  number = float(array)
-  if math.isnan(number) or not 0.0 <= number <= 1.0:
+  number = _static_number(name, value, expected, allow_schedule)
+  if number is not None and (math.isnan(number) or not 0.0 <= number <= 1.0):
     raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
   return value
 

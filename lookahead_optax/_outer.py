@@ -44,6 +44,8 @@ def snoo(
     `LookaheadState`; `outer_state` holds the momentum buffer.
 
   Raises:
+    TypeError: if `momentum` or `learning_rate` is not a real number (a
+      schedule is fine for `learning_rate`), and as `lookahead`.
     ValueError: if `momentum` is outside [0, 1) or `learning_rate` is not a
       finite number >= 0, and as `lookahead`.
 
