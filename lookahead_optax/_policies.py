@@ -184,16 +184,21 @@ def _rollback_update(p: jax.Array, u: jax.Array, s: jax.Array) -> jax.Array:
       jnp.result_type(u))
 
 
+def reset_where(flag: jax.Array, param_shaped: ParamShaped, state: Any,
+                init: Any) -> Any:
+  """Where `flag`, the parameter-shaped leaves back to `init`'s values."""
+  return param_shaped.map(
+      lambda x, i: jnp.where(flag, jnp.asarray(i, dtype=x.dtype), x),
+      state, init)
+
+
 def rollback(bad: jax.Array, params: Any, inner_updates: Any, slow: Any,
              updates: Any, inner_state: Any, param_shaped: ParamShaped,
              init: Any) -> tuple[Any, Any]:
   """Where `bad`: updates back to the slow weights, inner state reset."""
   back = jax.tree.map(_rollback_update, params, inner_updates, slow)
   updates = jax.tree.map(lambda b, u: jnp.where(bad, b, u), back, updates)
-  inner_state = param_shaped.map(
-      lambda x, i: jnp.where(bad, jnp.asarray(i, dtype=x.dtype), x),
-      inner_state, init)
-  return updates, inner_state
+  return updates, reset_where(bad, param_shaped, inner_state, init)
 
 
 def in_place(policy: str, param_shaped: ParamShaped, is_sync: jax.Array,
@@ -224,9 +229,7 @@ def in_place(policy: str, param_shaped: ParamShaped, is_sync: jax.Array,
         if synced_ is not None:
           synced_out = jax.tree.map(lambda a, b: jnp.where(is_sync, a, b),
                                     synced_out, synced_)
-      out = param_shaped.map(
-          lambda x, i: jnp.where(bad, jnp.asarray(i, dtype=x.dtype), x),
-          out, init)
+      out = reset_where(bad, param_shaped, out, init)
     return out, synced_out
 
   def run(i, c):

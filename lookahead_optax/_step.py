@@ -167,9 +167,8 @@ def loop_inner_state(opts: Options, s: Step, updates: Any) -> Any:
                                    None, s.inner_init, None)
   new_inner = _sync.tree_select(s.is_sync, new_inner, again)
   if s.bad is not None:
-    new_inner = s.param_shaped.map(
-        lambda x, i: jnp.where(s.bad, jnp.asarray(i, dtype=x.dtype), x),
-        new_inner, s.inner_init)
+    new_inner = _policies.reset_where(s.bad, s.param_shaped, new_inner,
+                                      s.inner_init)
   return new_inner
 
 

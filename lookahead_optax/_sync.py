@@ -222,10 +222,3 @@ def loop_targets(flag: jax.Array, targets_fn: Callable[..., Any], slow: Any,
     return _same_types(targets, c[0]), _same_types(new_outer, c[1])
   return jax.lax.fori_loop(0, flag.astype(jnp.int32), body,
                            (slow, outer_state))
-
-
-def loop_apply(flag: jax.Array, fn: Callable[[Any], Any], tree: Any) -> Any:
-  """`fn(tree)` where `flag`, else `tree`, in place (a 0/1-trip loop)."""
-  return jax.lax.fori_loop(
-      0, flag.astype(jnp.int32),
-      lambda _, c: _same_types(fn(c), c), tree)
