@@ -155,6 +155,11 @@ def at_sync(policy: str, param_shaped: Optional[ParamShaped], inner_state: Any,
   return inner_state, synced
 
 
+def _any(mask: jax.Array) -> jax.Array:
+  """`jnp.any(mask)`, as a max over int8 (XLA:CPU reduces it faster)."""
+  return jnp.max(mask.astype(jnp.int8), initial=0) > 0
+
+
 def is_nonfinite(params: Any, inner_updates: Any) -> jax.Array:
   """Whether the inner update, or the fast params it gives, is not finite.
 
@@ -168,12 +173,44 @@ def is_nonfinite(params: Any, inner_updates: Any) -> jax.Array:
       continue
     fast = jnp.asarray(p + u).astype(jnp.result_type(p))
     if jnp.issubdtype(jnp.result_type(p), jnp.floating):
-      flags.append(jnp.any(~jnp.isfinite(fast)))
+      flags.append(_any(~jnp.isfinite(fast)))
     else:
-      flags.append(jnp.any(~jnp.isfinite(u) | ~jnp.isfinite(fast)))
+      flags.append(_any(~jnp.isfinite(u) | ~jnp.isfinite(fast)))
   if not flags:
     return jnp.zeros([], bool)
   return jnp.any(jnp.stack(flags))
+
+
+def nonfinite_step(inner: Any, grads: Any, state: Any, params: Any,
+                   extra_args: dict) -> jax.Array:
+  """Whether `inner`'s step from `state` is not finite (see `is_nonfinite`).
+
+  The step is computed here for the check alone (the caller computes it
+  again, `after` the check): XLA then fuses each leaf's inner update into
+  the reduction that reads it, instead of keeping every leaf's update in a
+  temporary buffer until the whole tree is checked (a fresh, page-faulted
+  buffer as large as the params at every step).
+  """
+  updates, _ = inner.update(grads, state, params, **extra_args)
+  return is_nonfinite(params, updates)
+
+
+def after(flag: jax.Array, tree: Any) -> Any:
+  """`tree`, its floating leaves made to depend on the scalar `flag`.
+
+  The value is unchanged; XLA must compute `flag` before any pass that
+  reads the result, so a pass that reads the old state to compute `flag`
+  runs before the passes that overwrite that state in place (no copy).
+  """
+  f = flag.astype(jnp.float32)
+  off = (f != f) & (f == f)  # always False, not foldable (NaN semantics)
+
+  def vary(x):
+    if not isinstance(x, jax.Array) or not jnp.issubdtype(
+        jnp.result_type(x), jnp.inexact):
+      return x
+    return jnp.where(off, jnp.zeros_like(x), x)
+  return jax.tree.map(vary, tree)
 
 
 def _rollback_update(p: jax.Array, u: jax.Array, s: jax.Array) -> jax.Array:

@@ -92,6 +92,26 @@ def store_fn(opts: Options, params: Any):
   return store
 
 
+def inner_step(opts: Options, grads: Any, current: Any, params: Any,
+               extra_args: dict) -> tuple[Any, Any, Optional[jax.Array]]:
+  """The inner update, and (rollback) whether it is not finite."""
+  if opts.on_nonfinite != "rollback":
+    return (*opts.inner.update(grads, current, params, **extra_args), None)
+  if opts.formulation == "loop":
+    # Checked first, by a pass of its own (see `nonfinite_step`).
+    bad = _policies.nonfinite_step(opts.inner, grads, current, params,
+                                   extra_args)
+    return (*opts.inner.update(_policies.after(bad, grads), current, params,
+                               **extra_args), bad)
+  # From the inner updates, which XLA keeps in a buffer for it: with
+  # "select" and "cond", the passes that read the old inner state are not
+  # ordered after the check, so a pass of its own would make XLA copy it.
+  inner_updates, new_inner = opts.inner.update(grads, current, params,
+                                               **extra_args)
+  return inner_updates, new_inner, _policies.is_nonfinite(params,
+                                                          inner_updates)
+
+
 def begin(opts: Options, grads: Any, state: LookaheadState, params: Any,
           extra_args: dict) -> tuple[Step, jax.Array]:
   """Checks, the inner step, and the flags; returns (Step, new step count)."""
@@ -103,16 +123,14 @@ def begin(opts: Options, grads: Any, state: LookaheadState, params: Any,
   else:
     current, synced = state.inner_state, None
   _arguments.check_touched_rows(extra_args, current, params)
-  inner_updates, new_inner = opts.inner.update(grads, current, params,
-                                               **extra_args)
+  inner_updates, new_inner, bad = inner_step(opts, grads, current, params,
+                                             extra_args)
   step = optax.safe_increment(state.step)
   is_sync = step % opts.sync_period == 0
   needs_init = opts.inner_state == "reset" or opts.on_nonfinite == "rollback"
   needs_leaves = needs_init or opts.inner_state == "pullback" or (
       opts.formulation == "loop" and opts.outer is not None)
-  bad = None
-  if opts.on_nonfinite == "rollback":
-    bad = _policies.is_nonfinite(params, inner_updates)
+  if bad is not None:
     is_sync = is_sync & ~bad
   return Step(
       params, grads, extra_args, current, synced, inner_updates, new_inner,
