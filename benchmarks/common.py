@@ -145,6 +145,7 @@ class Variant:
   memory: Optional[dict] = None
   state_bytes: Optional[int] = None
   param_bytes: Optional[int] = None
+  faults: list = dataclasses.field(default_factory=list)
 
   def prepare(self, warmup_steps: int) -> None:
     params, state, grads = self.init()
@@ -166,16 +167,58 @@ class Variant:
     params, state = self.carry
     self.carry = None
     f, grads = self.jitted, self.grads
+    faults0 = minor_faults()
     t0 = time.perf_counter()
     for _ in range(steps):
       params, state = f(params, state, grads)
     jax.block_until_ready((params, state))
     dt = time.perf_counter() - t0
+    if faults0 is not None:
+      self.faults.append((minor_faults() - faults0) / steps)
     self.carry = (params, state)
     return dt / steps
 
   def release(self) -> None:
     self.carry = self.grads = self.jitted = None
+
+
+# glibc's allocator told to keep the memory it frees for reuse: one arena,
+# no mmap'd blocks, no trimming. Then a step's temporaries reuse pages that
+# are already mapped instead of faulting in fresh ones at every call.
+KEEP_FREED_MEMORY = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+                     "MALLOC_TRIM_THRESHOLD_": "1000000000"}
+
+
+def keep_freed_memory_note() -> str:
+  return ", ".join(f"`{k}={v}`" for k, v in KEEP_FREED_MEMORY.items())
+
+
+def run_with_freed_memory_kept(code: str) -> Any:
+  """Runs `code` (which prints one JSON line last) with `KEEP_FREED_MEMORY`.
+
+  In a child process, since glibc reads these variables at start-up.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", code], cwd=root,
+                       env=dict(os.environ, **KEEP_FREED_MEMORY),
+                       capture_output=True, text=True, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def minor_faults() -> Optional[int]:
+  """This process's minor page faults so far (None where not reported).
+
+  A step whose compiled temporaries exceed what the C allocator keeps for
+  reuse gets fresh memory at every call, and pays a page fault for each
+  4 KiB page it first touches; the count tells those steps apart.
+  """
+  try:
+    import resource  # pylint: disable=g-import-not-at-top
+  except ImportError:  # not on Windows
+    return None
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def memory_of(compiled: Any) -> dict:
@@ -203,6 +246,7 @@ class Timing:
   memory: dict
   state_bytes: int
   param_bytes: int
+  faults_per_step: Optional[float] = None  # median over the timed blocks
 
 
 def interleaved(
@@ -238,6 +282,8 @@ def interleaved(
   probe = max(v.run_block(steps_per_block) for v in variants)
   reps = max(1, int(np.ceil(min_block_s / max(probe * steps_per_block, 1e-9))))
   steps = steps_per_block * reps
+  for v in variants:
+    v.faults = []  # the timed blocks only
   times = {v.name: [] for v in variants}
   order = list(variants)
   for r in range(rounds):
@@ -253,7 +299,8 @@ def interleaved(
     out.append(Timing(
         name=v.name, median_s=statistics.median(times[v.name]),
         times_s=times[v.name], ratio=ratio, memory=v.memory or {},
-        state_bytes=v.state_bytes or 0, param_bytes=v.param_bytes or 0))
+        state_bytes=v.state_bytes or 0, param_bytes=v.param_bytes or 0,
+        faults_per_step=statistics.median(v.faults) if v.faults else None))
   for v in variants:
     v.release()
   gc.collect()
@@ -315,6 +362,11 @@ def fmt_ms(seconds: float) -> str:
   if ms >= 1:
     return f"{ms:.2f}"
   return f"{ms:.3f}"
+
+
+def fmt_faults(per_step: Optional[float]) -> str:
+  """Page faults per step ("-" where not counted)."""
+  return "-" if per_step is None else f"{per_step:,.0f}"
 
 
 def fmt_mb(nbytes: Optional[int]) -> str:

@@ -104,9 +104,23 @@ def run(n: int = 10_000_000, layout: str = "tree", rounds: int = 9,
     rows.append(dict(
         name=t.name, policy=policy, sync=sync, formulation=form,
         median_ms=t.median_s * 1e3, ratio=t.ratio, vs_keep=vs_keep,
-        temp=t.memory.get("temp"), state_bytes=t.state_bytes,
+        temp=t.memory.get("temp"), faults=t.faults_per_step,
+        state_bytes=t.state_bytes,
         param_bytes=t.param_bytes, n=common.tree_size(grads), leaves=leaves,
         layout=layout, donate=donate))
+  return rows
+
+
+def run_kept(n: int, rounds: int, layers: int, min_block_s: float,
+             log=print) -> list:
+  """`run` of the default (`sync="auto"`) steps, with the C allocator keeping
+  the memory it frees (`common.KEEP_FREED_MEMORY`, a child process)."""
+  rows = common.run_with_freed_memory_kept(
+      "import json; from benchmarks import policies; print(json.dumps("
+      f"policies.run(n={n}, rounds={rounds}, layers={layers}, "
+      f"min_block_s={min_block_s}, syncs=('auto',), log=lambda m: None)))")
+  for r in rows:
+    log(f"  {r['name']} (freed memory kept): {r['median_ms']:.2f} ms")
   return rows
 
 
@@ -123,12 +137,13 @@ def main() -> None:
              syncs=args.syncs.split(","), policies=args.policies.split(","))
   print(common.markdown_table(
       ["policy", "sync", "formulation", "step (ms)", "vs adam", "vs keep",
-       "temp (MB)"],
+       "temp (MB)", "page faults/step"],
       [[r["policy"], r["sync"], r["formulation"],
         common.fmt_ms(r["median_ms"] / 1e3),
         "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
         "-" if r["vs_keep"] is None else f"{r['vs_keep']:.2f}x",
-        common.fmt_mb(r["temp"])] for r in rows]))
+        common.fmt_mb(r["temp"]), common.fmt_faults(r["faults"])]
+       for r in rows]))
 
 
 if __name__ == "__main__":

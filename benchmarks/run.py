@@ -116,11 +116,13 @@ def memory_table(rows: list) -> str:
 
 def policies_table(rows: list) -> str:
   header = ["option", "sync", "runs as", "step (ms)", "vs adam",
-            "vs keep (same sync)", "temp (MB)", "state (MB)"]
+            "vs keep (same sync)", "temp (MB)", "page faults/step",
+            "state (MB)"]
   return common.markdown_table(header, [
       [r["policy"], r["sync"], r.get("formulation", "-"),
        common.fmt_ms(r["median_ms"] / 1e3), _x(r["ratio"]), _x(r["vs_keep"]),
-       common.fmt_mb(r["temp"]), common.fmt_mb(r["state_bytes"])]
+       common.fmt_mb(r["temp"]), common.fmt_faults(r.get("faults")),
+       common.fmt_mb(r["state_bytes"])]
       for r in rows])
 
 
@@ -129,17 +131,31 @@ POLICY_TARGETS = {"keep": 1.1, "reset": 1.2, "pullback": 1.25,
                   "rollback": 1.5, "snoo": 1.2}
 
 
-def policy_targets_table(rows: list) -> str:
-  """The default (`sync="auto"`) step of each option against its target."""
+def policy_targets_table(rows: list, kept_rows: Optional[list] = None) -> str:
+  """The default (`sync="auto"`) step of each option against its target.
+
+  `kept_rows`: the same steps timed with the C allocator keeping the memory
+  it frees (`policies.run_kept`), shown in a column of their own.
+  """
+  kept = {r["policy"]: r for r in kept_rows or ()}
   lines = []
   for r in rows:
     if r["sync"] != "auto" or r["policy"] not in POLICY_TARGETS:
       continue
     target = POLICY_TARGETS[r["policy"]]
-    lines.append([r["policy"], r.get("formulation", "-"), f"<= {target}x",
-                  _x(r["ratio"]), "yes" if r["ratio"] <= target else "no"])
-  return common.markdown_table(
-      ["option", "auto runs as", "wanted", "measured", "met"], lines)
+    line = [r["policy"], r.get("formulation", "-"), f"<= {target}x",
+            _x(r["ratio"]), "yes" if r["ratio"] <= target else "no",
+            common.fmt_faults(r.get("faults"))]
+    if kept_rows is not None:
+      k = kept.get(r["policy"])
+      line += [_x(k["ratio"]) if k else "-",
+               common.fmt_faults(k.get("faults")) if k else "-"]
+    lines.append(line)
+  header = ["option", "auto runs as", "wanted", "measured", "met",
+            "page faults/step"]
+  if kept_rows is not None:
+    header += ["measured, freed memory kept", "page faults/step (kept)"]
+  return common.markdown_table(header, lines)
 
 
 def e2e_table(rows: list) -> str:
@@ -349,16 +365,24 @@ the `"keep"` step. A conditional copies everything it carries. `sync="loop"`
 (what `"auto"` picks on one CPU device) runs the policy, and the outer step,
 in loops that run once on the steps that need them and not at all otherwise,
 updating the state in place after the params' pass. `"pullback"` must still
-read and write both moments and their synced copy at a sync, SNOO needs one
-full-size temporary at a sync (its momentum and the slow weights each need the
-other's old value), and `on_nonfinite="rollback"` needs a whole-tree reduction
-(is anything non-finite?) before any update can be written, which XLA:CPU
-cannot fuse into the elementwise passes: those three stay above their targets.
-The options with a temporary buffer (the temp column) vary the most between
-runs: a fresh buffer is page-faulted in at every call, so their ratio depends
-on the allocator's state and the machine's load (a standalone
-`python -m benchmarks.policies` run gives higher ratios for rollback and SNOO
-than this full-suite run).
+read and write both moments and their synced copy at a sync. SNOO needs one
+full-size temporary at a sync (the pseudo-gradient, which its momentum and
+the slow weights both read; XLA does not recompute the inner update's square
+root and division for a second reader). `on_nonfinite="rollback"` needs a
+whole-tree answer (is anything non-finite?) before any update can be written:
+under `"loop"` it computes the inner step a second time inside that
+reduction, ahead of the real one, which costs one more read of the gradients,
+params and moments but keeps no buffer of updates (before, every leaf's update
+waited in a temporary as large as the params).
+
+A step's temporaries come from the C allocator at every call. Past what glibc
+keeps for reuse (blocks over 32 MiB are mapped afresh, and thread arenas
+give memory back), each first touch of a 4 KiB page is a page fault: the
+"page faults/step" column counts them. They are costly on this machine (a
+virtual machine, about 1 us each), and they are why the options with a large
+temporary vary most between runs. The last two columns of the targets table
+time the same steps in a process whose allocator keeps the memory it frees
+({keep_freed}): there no step faults, and the ratios show the work itself.
 """
 
 _TRAFFIC = """\
@@ -425,8 +449,9 @@ def build_report(info: dict, sections: dict, quick: bool) -> str:
     parts.append(_WHY_SELECT.format(n=sections["formulations_n"]) + "\n"
                  + sections["formulations"] + "\n")
   if sections.get("policies"):
-    parts.append(_POLICIES.format(n=sections["policies_n"]) + "\n"
-                 + "Each option's default step against its target:\n\n"
+    parts.append(_POLICIES.format(
+        n=sections["policies_n"], keep_freed=common.keep_freed_memory_note())
+                 + "\nEach option's default step against its target:\n\n"
                  + sections["policy_targets"] + "\n\nAll rows:\n\n"
                  + sections["policies"] + "\n")
   if sections.get("traffic"):
@@ -519,7 +544,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         n=n, rounds=3 if quick else 9, layers=1 if quick else 8,
         min_block_s=0.0 if quick else 0.1, log=_log)
     sections["policies"] = policies_table(policy_rows)
-    sections["policy_targets"] = policy_targets_table(policy_rows)
+    kept_rows = None if quick else policies.run_kept(
+        n=n, rounds=9, layers=8, min_block_s=0.1, log=_log)
+    sections["policy_targets"] = policy_targets_table(policy_rows, kept_rows)
 
   if "traffic" not in skip:
     from benchmarks import traffic  # pylint: disable=g-import-not-at-top
@@ -552,7 +579,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     # Quick runs time only the step against dense adam (seconds).
     sparse_out = sparse.run(quick=quick, log=_log,
                             sections=("dense",) if quick else
-                            ("dense", "v", "ids", "e2e"))
+                            ("dense", "v", "ids", "ids_kept", "e2e"))
     sections["sparse"] = (sparse.__doc__.strip().split("\n\nRun ")[0]
                           + "\n\n" + sparse.markdown(sparse_out))
 

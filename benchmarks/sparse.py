@@ -15,7 +15,10 @@ Three measurements: the step at V = 1M against dense adam (interleaved,
 median of per-round ratios); the sparse steps at V = 4M and 16M against the
 same step at V = 1M (interleaved, one V at a time next to V = 1M, so the
 ratio says whether the cost is flat in V); the sparse step at N = 1k, 8k and
-64k at V = 1M (cost per id). Plus an end-to-end training step of the
+64k at V = 1M (cost per id), also in a child process whose C allocator keeps
+the memory it frees (`common.KEEP_FREED_MEMORY`: a step whose temporaries
+outgrow what glibc keeps for reuse page-faults fresh memory in at every call,
+which the "page faults/step" column counts). Plus an end-to-end training step of the
 language-model example (`examples/language_model.py`: forward, gradient,
 update) with a 1M-row hashed-bigram input table, sparse path
 (`lo.sparse_value_and_grad` + `lo.lazy`) against the dense path (`jax.grad`
@@ -190,9 +193,26 @@ def run_scaling_in_ids(num_rows: int, id_counts: tuple, variants: tuple, *,
       rows.append({"name": name, "rows": num_rows, "ids": n,
                    "median_ms": t.median_s * 1e3,
                    "us_per_id": t.median_s * 1e6 / n,
-                   "temp": t.memory.get("temp")})
+                   "temp": t.memory.get("temp"),
+                   "faults": t.faults_per_step})
       if log:
         log(f"  {t.name}: {t.median_s * 1e3:.3f} ms")
+  return rows
+
+
+def run_scaling_in_ids_kept(num_rows: int, id_counts: tuple, variants: tuple,
+                            *, rounds: int, min_block_s: float,
+                            log=None) -> list:
+  """`run_scaling_in_ids` with `common.KEEP_FREED_MEMORY` (a child process)."""
+  code = ("import json; from benchmarks import sparse; print(json.dumps("
+          f"sparse.run_scaling_in_ids({num_rows}, {tuple(id_counts)!r}, "
+          f"{tuple(variants)!r}, rounds={rounds}, "
+          f"min_block_s={min_block_s})))")
+  rows = common.run_with_freed_memory_kept(code)
+  if log:
+    for r in rows:
+      log(f"  {r['name']} N={r['ids']} (freed memory kept): "
+          f"{r['median_ms']:.3f} ms")
   return rows
 
 
@@ -260,6 +280,10 @@ def run(quick: bool = False, *, rounds: Optional[int] = None, log=None,
   if "ids" in sections:
     out["ids"] = run_scaling_in_ids(base, id_counts, variants, rounds=rounds,
                                     min_block_s=min_block_s, log=log)
+  if "ids_kept" in sections:
+    out["ids_kept"] = run_scaling_in_ids_kept(
+        base, id_counts, variants, rounds=rounds, min_block_s=min_block_s,
+        log=log)
   if "e2e" in sections:
     out["e2e"] = run_e2e(base, rounds=max(3, rounds // 2),
                          min_block_s=min_block_s, log=log)
@@ -290,12 +314,19 @@ def markdown(out: dict) -> str:
           f"{r['median_ms']:.3f}", f"{r['base_ms']:.3f}",
           f"{r['ratio_vs_base']:.2f}x", common.fmt_mb(r["temp"])]
          for r in out["v"]]))
-  if out.get("ids"):
-    parts.append(common.markdown_table(
-        ["step", "table", "ids/step", "step (ms)", "us per id", "temp (MB)"],
-        [[r["name"], f"{_fmt_rows(r['rows'])} x {DIM}", r["ids"],
-          f"{r['median_ms']:.3f}", f"{r['us_per_id']:.3f}",
-          common.fmt_mb(r["temp"])] for r in out["ids"]]))
+  for key in ("ids", "ids_kept"):
+    if out.get(key):
+      if key == "ids_kept":
+        parts.append("The same, in a process whose C allocator keeps the "
+                     "memory it frees (" + common.keep_freed_memory_note()
+                     + "):")
+      parts.append(common.markdown_table(
+          ["step", "table", "ids/step", "step (ms)", "us per id",
+           "temp (MB)", "page faults/step"],
+          [[r["name"], f"{_fmt_rows(r['rows'])} x {DIM}", r["ids"],
+            f"{r['median_ms']:.3f}", f"{r['us_per_id']:.3f}",
+            common.fmt_mb(r["temp"]), common.fmt_faults(r.get("faults"))]
+           for r in out[key]]))
   if out.get("e2e"):
     parts.append(common.markdown_table(
         ["language-model train step", "input table", "step (ms)",
@@ -314,8 +345,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="small sizes")
   parser.add_argument("--rounds", type=int, default=None)
-  parser.add_argument("--sections", default="dense,v,ids,e2e",
-                      help="comma-separated: dense, v, ids, e2e")
+  parser.add_argument("--sections", default="dense,v,ids,ids_kept,e2e",
+                      help="comma-separated: dense, v, ids, ids_kept, e2e")
   args = parser.parse_args()
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   out = run(quick=args.quick, rounds=args.rounds, log=log,
