@@ -175,6 +175,16 @@ def formulations_table(rows: list) -> str:
        common.fmt_mb(r["temp"]), r.get("exact", "-")] for r in rows])
 
 
+def snippet(name: str, text: str) -> str:
+  """`text` marked as section `name` for pymdownx.snippets.
+
+  Other pages include it (`--8<-- "docs/benchmarks.md:NAME"`), so that each
+  figure is written in this report alone.
+  """
+  return (f"<!-- --8<-- [start:{name}] -->\n{text}\n"
+          f"<!-- --8<-- [end:{name}] -->")
+
+
 def generic_table(rows: list) -> str:
   if not rows:
     return "(no rows)"
@@ -566,9 +576,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
       _log("  lazy: lazy(adam) vs adam")
       lazy_rows = lazy.run(quick=quick)
       if hasattr(lazy, "markdown"):
-        sections["lazy"] = lazy.markdown(lazy_rows)
+        sections["lazy"] = snippet("lazy", lazy.markdown(lazy_rows))
       else:
-        sections["lazy"] = generic_table(lazy_rows)
+        sections["lazy"] = snippet("lazy", generic_table(lazy_rows))
       doc = (lazy.__doc__ or "").strip()
       if doc:
         sections["lazy"] = doc.split("\n\nRun ")[0] + "\n\n" + sections["lazy"]
@@ -581,7 +591,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                             sections=("dense",) if quick else
                             ("dense", "v", "ids", "ids_kept", "e2e"))
     sections["sparse"] = (sparse.__doc__.strip().split("\n\nRun ")[0]
-                          + "\n\n" + sparse.markdown(sparse_out))
+                          + "\n\n" + snippet("sparse",
+                                               sparse.markdown(sparse_out)))
 
   load_end = common.machine_info()["load"]
   sections["load_end"] = ("-" if load_end is None
