@@ -9,6 +9,7 @@ from lookahead_optax._checkpoint import migrate_optax_state
 from lookahead_optax._flax import eval_model
 from lookahead_optax._flax import eval_train_state
 from lookahead_optax._lazy import LazyState
+from lookahead_optax._types import CycleRows
 from lookahead_optax._lazy import lazy
 from lookahead_optax._lookahead import LookaheadState
 from lookahead_optax._lookahead import lookahead
@@ -24,6 +25,7 @@ from lookahead_optax._state import slow_params
 __version__ = "0.1.0"
 
 __all__ = (
+    "CycleRows",
     "LazyState",
     "LookaheadState",
     "PullbackState",

@@ -137,8 +137,9 @@ def lookahead(
       prefix of it) holding, at each table whose updates are `SparseRows`,
       the number N of ids each step brings, and None elsewhere. Each step,
       sync steps included, then costs O(`sync_period` * N) rows for that
-      table, never a pass over it: the state keeps the ids of the cycle and a
-      sync interpolates only those rows (the others already equal their slow
+      table, never a pass over it: the state keeps the ids of the cycle
+      (`CycleRows`, which also holds one int32 per table row) and a sync
+      interpolates only those rows (the others already equal their slow
       weights). Needs a concrete `sync_period` and the default options
       (no `outer`, `axis_name`, `inner_state="keep"`,
       `on_nonfinite="propagate"`).

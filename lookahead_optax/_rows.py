@@ -3,8 +3,9 @@
 A table whose updates arrive as `SparseRows` changes only in the rows a step
 touches, so after a sync every row untouched since then still equals its slow
 weights and the next sync needs only the rows touched in the cycle. Their ids
-are kept in a buffer of `sync_period * N` ids (`LookaheadState.cycle_rows`,
-N ids a step); at a sync the buffer's distinct rows are gathered from the
+are kept in a buffer of `sync_period * N` ids (`CycleRows`, N ids a step),
+with a (V,) table of the slot each row was last written to, so that a sync
+finds the distinct rows without sorting; at a sync they are gathered from the
 params and slow weights, interpolated, and written back: no pass over the
 table, at any step.
 """
@@ -18,12 +19,15 @@ import optax
 from lookahead_optax import _sparse
 from lookahead_optax import _sync
 from lookahead_optax import _tree
+from lookahead_optax._types import CycleRows
 
 HOLE = optax.MaskedNode()
 
 
 def is_hole_or_rows(x: Any) -> bool:
-  return _tree.is_masked_node(x) or _sparse.is_sparse_rows(x)
+  """Leaves of the trees here: holes, `SparseRows` and `CycleRows` nodes."""
+  return (_tree.is_masked_node(x) or _sparse.is_sparse_rows(x)
+          or isinstance(x, CycleRows))
 
 
 def resolve_rows_per_step(rows_per_step: Any, params: Any) -> list:
@@ -66,11 +70,12 @@ def resolve_rows_per_step(rows_per_step: Any, params: Any) -> list:
 
 
 def init_cycle_rows(counts: list, params: Any, sync_period: int) -> Any:
-  """The id buffers: params' tree, (k * N,) int32 at tables, holes elsewhere."""
+  """The params' tree with a `CycleRows` at each table, holes elsewhere."""
   leaves, treedef = jax.tree.flatten(params, is_leaf=_tree.is_masked_node)
   return jax.tree.unflatten(treedef, [
-      HOLE if n is None else
-      jnp.full((sync_period * n,), jnp.shape(p)[0], jnp.int32)
+      HOLE if n is None else CycleRows(
+          jnp.full((sync_period * n,), jnp.shape(p)[0], jnp.int32),
+          jnp.full((jnp.shape(p)[0],), -1, jnp.int32))
       for n, p in zip(counts, leaves)])
 
 
@@ -89,42 +94,55 @@ def merge(dense: Any, full: Any, sparse_values: list) -> Any:
       v if v is not None else d for d, v in zip(dense_leaves, sparse_values)])
 
 
-def _rows_of(update: _sparse.SparseRows, ids: jax.Array) -> jax.Array:
-  """The rows of `update` (duplicates summed) at the sorted distinct `ids`."""
-  where = jnp.clip(jnp.searchsorted(ids, update.ids), 0, ids.shape[0] - 1)
-  hit = ids[where] == update.ids
-  values = jnp.where(
-      jnp.reshape(hit, hit.shape + (1,) * (update.values.ndim - 1)),
-      update.values, jnp.zeros((), update.values.dtype))
-  zeros = jnp.zeros((ids.shape[0],) + update.row_shape, update.values.dtype)
-  return zeros.at[where].add(values)
+def _slots(owner: jax.Array, ids: jax.Array, size: int) -> jax.Array:
+  """The slot `owner` holds for each id; `size` (out of range) for the others.
+
+  `ids` are in range or equal to V (`_sparse.safe_ids`).
+  """
+  slot = owner.at[ids].get(mode="fill", fill_value=-1)
+  return jnp.where(slot < 0, size, slot)
+
+
+def _rows_of(update: _sparse.SparseRows, ids: jax.Array, owner: jax.Array,
+             size: int) -> jax.Array:
+  """The rows of `update` (duplicates summed) at the slots of their ids."""
+  zeros = jnp.zeros((size,) + update.row_shape, update.values.dtype)
+  return zeros.at[_slots(owner, ids, size)].add(update.values, mode="drop")
 
 
 def sync_table(flag: jax.Array, slot: jax.Array, p: jax.Array,
-               update: _sparse.SparseRows, slow: jax.Array, buffer: jax.Array,
+               update: _sparse.SparseRows, slow: jax.Array, cycle: CycleRows,
                alpha: jax.Array, sync_period: int
-               ) -> tuple[Any, jax.Array, jax.Array]:
-  """One step of one table: (update to return, slow weights, id buffer).
+               ) -> tuple[Any, jax.Array, CycleRows]:
+  """One step of one table: (update to return, slow weights, `CycleRows`).
 
-  Records the step's ids in `buffer`; where `flag` (a sync), interpolates the
+  Records the step's ids in `cycle`; where `flag` (a sync), interpolates the
   distinct rows of the cycle and returns the update that lands the params on
   them; otherwise returns `update` unchanged. O(`sync_period * N`) work.
   """
   num_rows, n = jnp.shape(p)[0], update.num_ids
+  buffer = cycle.ids
   if buffer.shape[0] != sync_period * n:
     raise ValueError(
         f"A `SparseRows` update has {n} ids but `rows_per_step` declared "
         f"{buffer.shape[0] // sync_period}: each step must bring the declared "
         "number of ids (pad with an out-of-range id, which is ignored).")
   ids = _sparse.safe_ids(update.ids, num_rows).astype(jnp.int32)
-  buffer = jax.lax.dynamic_update_slice(buffer, ids, (slot * n,))
+  start = (slot * n).astype(jnp.int32)
+  buffer = jax.lax.dynamic_update_slice(buffer, ids, (start,))
+  # Each row's last slot this cycle (of duplicates within a step, any one).
+  owner = cycle.owner.at[ids].set(start + jnp.arange(n, dtype=jnp.int32),
+                                  mode="drop")
   cdtype = _sync.compute_dtype(slow)
+  size = buffer.shape[0]
 
   def synced(_):
-    cycle, _ = _sparse.dedupe_ids(buffer, None, num_rows)
+    # Each distinct row of the cycle once, at its owner slot; V elsewhere.
+    mine = _slots(owner, buffer, size) == jnp.arange(size, dtype=jnp.int32)
+    cycle = jnp.where(mine, buffer, num_rows)
     p_rows = _sparse.gather_rows(p, cycle)
     s_rows = _sparse.gather_rows(slow, cycle)
-    u_rows = _rows_of(update, cycle)
+    u_rows = _rows_of(update, ids, owner, size)
     target = _sync.interpolate(
         s_rows.astype(cdtype), _sync.fast_weights(p_rows, u_rows, cdtype),
         alpha.astype(cdtype))
@@ -146,7 +164,7 @@ def sync_table(flag: jax.Array, slot: jax.Array, p: jax.Array,
   out = _sparse.SparseRows._make(  # pylint: disable=protected-access
       jnp.concatenate([kept_ids.astype(cycle.dtype), cycle]),
       jnp.concatenate([kept, landing.astype(kept.dtype)]))
-  return out, slow, buffer
+  return out, slow, CycleRows(buffer, owner)
 
 
 def sparse_flags(inner_updates: Any) -> list:
@@ -166,7 +184,7 @@ def check_sparse_leaves(sparse: list, cycle_rows: Any, params: Any,
     buffers = jax.tree.leaves(
         jax.tree.map(lambda _, b: b, params, cycle_rows,
                      is_leaf=_tree.is_masked_node),
-        is_leaf=_tree.is_masked_node)
+        is_leaf=is_hole_or_rows)
   for path, is_sparse, buf in zip(paths, sparse, buffers):
     if not is_sparse:
       continue

@@ -22,9 +22,9 @@ class LookaheadState(NamedTuple):
       state (initialised from the initial params), or, without `outer`, the
       number of syncs done (`optax.ScaleByScheduleState`) when
       `slow_step_size` is a schedule, else `optax.EmptyState()`.
-    cycle_rows: with `rows_per_step`, the ids of the rows each row-sparse
-      table was updated in during this cycle (a `(sync_period * N,)` int32
-      buffer per table, `optax.MaskedNode()` at other leaves), else None.
+    cycle_rows: with `rows_per_step`, a `CycleRows` per row-sparse table
+      (the rows it was updated in during this cycle; `optax.MaskedNode()` at
+      other leaves), else None.
   """
 
   inner_state: optax.OptState
@@ -47,3 +47,25 @@ class PullbackState(NamedTuple):
 
   inner_state: optax.OptState
   synced_inner_state: optax.OptState
+
+
+class CycleRows(NamedTuple):
+  """The rows a row-sparse table was updated in during the current cycle.
+
+  Kept by `lookahead(..., rows_per_step=)` for each such table, so that a sync
+  touches only these rows. A row's slot is where its id was last written
+  this cycle: with `owner`, a sync finds each distinct row once (the slots
+  `i` with `owner[ids[i]] == i`) in O(sync_period * N), with no sort.
+
+  Attributes:
+    ids: `(sync_period * N,)` int32, the ids each step of the cycle brought
+      (step `j` of the cycle writes slots `j * N` to `j * N + N - 1`); the
+      table's row count V (out of range, ignored) where a step brought an
+      out-of-range id and before the first cycle is complete.
+    owner: `(V,)` int32, for each row the slot of `ids` it was last written
+      to (only read for rows written in this cycle; -1 for rows never
+      written).
+  """
+
+  ids: jax.Array
+  owner: jax.Array

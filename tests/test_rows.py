@@ -78,7 +78,8 @@ def test_untouched_rows_bitwise_and_params_land_on_slow_jit_donated():
                                   bits(np.asarray(params0["embed"])[12:]))
     if (t + 1) % K == 0:
       np.testing.assert_array_equal(bits(table), bits(slow))
-    assert s.cycle_rows["embed"].shape == (K * N,)
+    assert s.cycle_rows["embed"].ids.shape == (K * N,)
+    assert s.cycle_rows["embed"].owner.shape == (params0["embed"].shape[0],)
 
 
 def test_sync_interpolates_cycle_rows_by_hand():
@@ -200,3 +201,32 @@ def test_pmap_data_parallel_combines_rows_by_all_gather():
     np.testing.assert_allclose(table[0], rp["embed"], rtol=0, atol=1e-6)
   np.testing.assert_array_equal(
       np.asarray(lo.slow_params(s)["embed"])[0], np.asarray(p["embed"])[0])
+
+
+def test_duplicate_stale_and_out_of_range_ids_by_hand():
+  # SGD(1) lazy on a 5-row table, k = 2, N = 2, alpha = 0.25. Cycle 1: row 1
+  # twice in one step (grads 1 and 2 sum), then row 3 and the padding id 7.
+  # Cycle 2: rows 3 and 0, then row 2 twice; row 1 (synced in cycle 1, its
+  # slot now reused by row 0) must not move again.
+  params = {"embed": jnp.zeros((5, 1)), "w": jnp.zeros(1)}
+  inner = lo.lazy(optax.sgd(1.0), mask={"embed": True, "w": False})
+  tx = lo.lookahead(inner, 2, 0.25, rows_per_step={"embed": 2})
+  step = jax.jit(functools.partial(_apply, tx), donate_argnums=(0, 1))
+  s = tx.init(params)
+  expected_after = {2: [0.0, -0.75, 0.0, 0.25, 0.0],
+                    4: [1.0, -0.75, -0.5, -0.25, 0.0]}
+  batches_ = (([1, 1], [1.0, 2.0]), ([3, 7], [-1.0, 5.0]),
+              ([3, 0], [2.0, -4.0]), ([2, 2], [1.0, 1.0]))
+  for t, (ids, vals) in enumerate(batches_, start=1):
+    g = {"embed": lo.SparseRows(jnp.array(ids), jnp.array(vals)[:, None]),
+         "w": jnp.zeros(1)}
+    params, s = step(params, s, g)
+    if t in expected_after:
+      np.testing.assert_array_equal(params["embed"][:, 0], expected_after[t])
+      np.testing.assert_array_equal(bits(params["embed"]),
+                                    bits(lo.slow_params(s)["embed"]))
+
+
+def _apply(tx, p, s, g):
+  u, s = tx.update(g, s, p)
+  return optax.apply_updates(p, u), s
