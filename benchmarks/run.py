@@ -383,7 +383,11 @@ whole-tree answer (is anything non-finite?) before any update can be written:
 under `"loop"` it computes the inner step a second time inside that
 reduction, ahead of the real one, which costs one more read of the gradients,
 params and moments but keeps no buffer of updates (before, every leaf's update
-waited in a temporary as large as the params).
+waited in a temporary as large as the params). Those three stay above their
+targets: without multi-output fusion on XLA:CPU each already does the least
+memory traffic its generic form allows (pullback: read both copies of each
+moment and write both; rollback: one more read of what the inner step reads;
+SNOO: one temporary the size of the params).
 
 A step's temporaries come from the C allocator at every call. Past what glibc
 keeps for reuse (blocks over 32 MiB are mapped afresh, and thread arenas
@@ -392,7 +396,8 @@ give memory back), each first touch of a 4 KiB page is a page fault: the
 virtual machine, about 1 us each), and they are why the options with a large
 temporary vary most between runs. The last two columns of the targets table
 time the same steps in a process whose allocator keeps the memory it frees
-({keep_freed}): there no step faults, and the ratios show the work itself.
+({keep_freed}): there no step faults, and the ratios show the work itself
+(one arena for all threads can also slow a step: compare the keep rows).
 """
 
 _TRAFFIC = """\
