@@ -127,7 +127,11 @@ def lookahead(
       rounds (a weight that moved by more than a factor of two since the
       last sync) the slow weights store where the params land, so that the
       params equal them bitwise, as after a sync. Params that are already
-      non-finite cannot be repaired by an additive update.
+      non-finite cannot be repaired by an additive update. With
+      `sync="loop"` (what `"auto"` picks on one device) `inner.update` is
+      traced twice, once for the check alone (XLA then fuses it into the
+      check instead of buffering every update); a `jax.debug.print` in it
+      prints twice.
     slow_dtype: if given, a floating dtype in which to keep the slow weights of
       floating params (e.g. `jnp.float32` for bfloat16 params), so that small
       updates accumulate in the slow weights instead of rounding away. After a
