@@ -9,7 +9,6 @@ from lookahead_optax._checkpoint import migrate_optax_state
 from lookahead_optax._flax import eval_model
 from lookahead_optax._flax import eval_train_state
 from lookahead_optax._lazy import LazyState
-from lookahead_optax._types import CycleRows
 from lookahead_optax._lazy import lazy
 from lookahead_optax._lookahead import LookaheadState
 from lookahead_optax._lookahead import lookahead
@@ -21,6 +20,7 @@ from lookahead_optax._sparse import SparseRows
 from lookahead_optax._sparse_grad import sparse_value_and_grad
 from lookahead_optax._state import eval_params
 from lookahead_optax._state import slow_params
+from lookahead_optax._types import CycleRows
 
 __version__ = "0.1.0"
 

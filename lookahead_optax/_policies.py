@@ -83,6 +83,16 @@ def twin(tree: Any) -> tuple[Any, Any]:
   return tree, jax.tree.map(again, tree)
 
 
+def _depend_on(off: jax.Array, tree: Any) -> Any:
+  """`tree` with its floating leaves made to depend on `off` (always False)."""
+  def vary(x):
+    if not isinstance(x, jax.Array) or not jnp.issubdtype(
+        jnp.result_type(x), jnp.inexact):
+      return x
+    return jnp.where(off, jnp.zeros_like(x), x)
+  return jax.tree.map(vary, tree)
+
+
 def loop_variant(tree: Any, i: jax.Array) -> Any:
   """`tree` with its floating leaves made to depend on a loop index `i`.
 
@@ -90,12 +100,7 @@ def loop_variant(tree: Any, i: jax.Array) -> Any:
   depends on them inside the loop instead of hoisting it out of the loop and
   running it on every step.
   """
-  def vary(x):
-    if not isinstance(x, jax.Array) or not jnp.issubdtype(
-        jnp.result_type(x), jnp.inexact):
-      return x
-    return jnp.where(i < 0, jnp.zeros_like(x), x)
-  return jax.tree.map(vary, tree)
+  return _depend_on(i < 0, tree)
 
 
 def reread(param_shaped: ParamShaped, state: Any, params: Any,
@@ -203,14 +208,8 @@ def after(flag: jax.Array, tree: Any) -> Any:
   runs before the passes that overwrite that state in place (no copy).
   """
   f = flag.astype(jnp.float32)
-  off = (f != f) & (f == f)  # always False, not foldable (NaN semantics)
-
-  def vary(x):
-    if not isinstance(x, jax.Array) or not jnp.issubdtype(
-        jnp.result_type(x), jnp.inexact):
-      return x
-    return jnp.where(off, jnp.zeros_like(x), x)
-  return jax.tree.map(vary, tree)
+  # Always False, and not foldable (NaN semantics).
+  return _depend_on((f != f) & (f == f), tree)
 
 
 def _rollback_update(p: jax.Array, u: jax.Array, s: jax.Array) -> jax.Array:
