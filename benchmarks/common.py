@@ -18,10 +18,12 @@ protocol:
 import dataclasses
 import functools
 import gc
+import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -198,8 +200,6 @@ def run_with_freed_memory_kept(code: str) -> Any:
 
   In a child process, since glibc reads these variables at start-up.
   """
-  import json  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run([sys.executable, "-c", code], cwd=root,
                        env=dict(os.environ, **KEEP_FREED_MEMORY),
@@ -305,6 +305,14 @@ def interleaved(
     v.release()
   gc.collect()
   return out
+
+
+def machine_line() -> str:
+  """One line for a standalone benchmark's output: machine, versions, flags."""
+  info = machine_info()
+  return (f"{info['cpu']}, {info['cores']} cores, jax {info['jax']}, "
+          f"optax {info['optax']}, load {info['load']}, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 
 
 def machine_info() -> dict:

@@ -162,10 +162,7 @@ def main() -> None:
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " " + REGION_ANALYSIS_FLAG).strip()
   rows = run(quick=args.quick, rounds=args.rounds)
-  info = common.machine_info()
-  print(f"{info['cpu']}, {info['cores']} cores, jax {info['jax']}, "
-        f"optax {info['optax']}, load {info['load']}, "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(common.machine_line())
   print(markdown(rows))
 
 

@@ -351,10 +351,7 @@ def main() -> None:
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   out = run(quick=args.quick, rounds=args.rounds, log=log,
             sections=tuple(s.strip() for s in args.sections.split(",")))
-  info = common.machine_info()
-  print(f"{info['cpu']}, {info['cores']} cores, jax {info['jax']}, "
-        f"optax {info['optax']}, load {info['load']}, "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n")
+  print(common.machine_line() + "\n")
   print(markdown(out))
 
 
