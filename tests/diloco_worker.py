@@ -14,7 +14,6 @@ This module is importable without side effects: the test imports `train` to
 compute the single-process reference on 8 local devices.
 """
 
-import argparse
 import os
 import sys
 
@@ -117,56 +116,18 @@ def train(mesh, steps=STEPS):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--coordinator", required=True,
-                      help="host:port of process 0")
-  parser.add_argument("--num-processes", type=int, required=True)
-  parser.add_argument("--process-id", type=int, required=True)
-  parser.add_argument("--local-cpu-devices", type=int, default=0,
-                      help="simulate this many CPU devices per process "
-                      "(tests); 0 uses the real accelerators")
-  parser.add_argument("--bind-loopback", action="store_true",
-                      help="bind the coordinator to 127.0.0.1 only")
-  parser.add_argument("--out", required=True, help="where to write results")
-  args = parser.parse_args(argv)
+  # The command line, JAX's start-up and the results file are those of the
+  # multi-host worker beside this file.
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import multihost_worker as worker  # pylint: disable=g-import-not-at-top
 
-  if args.local_cpu_devices:
-    # Must happen before JAX starts its CPU backend.
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ["XLA_FLAGS"] = (
-        f"--xla_force_host_platform_device_count={args.local_cpu_devices}")
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))  # the checkout, for `import lookahead_optax`
-  import jax
-
-  if args.local_cpu_devices:
-    # Cross-process collectives on CPU.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  port = args.coordinator.rsplit(":", 1)[1]
-  jax.distributed.initialize(
-      coordinator_address=args.coordinator,
-      num_processes=args.num_processes,
-      process_id=args.process_id,
-      coordinator_bind_address=(
-          f"127.0.0.1:{port}" if args.bind_loopback else None),
-      initialization_timeout=60,
-  )
+  args = worker.parse_args(argv, __doc__.splitlines()[0])
+  jax = worker.start_jax(args)
   try:
-    mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
-    params, slow, momentum, step = train(mesh)
-    os.makedirs(args.out, exist_ok=True)
-    np.savez(
-        os.path.join(args.out, f"process_{jax.process_index()}.npz"),
-        step=step, process_count=jax.process_count(),
-        device_count=jax.device_count(),
-        local_device_count=jax.local_device_count(),
-        **{f"params/{k}": v for k, v in params.items()},
-        **{f"slow/{k}": v for k, v in slow.items()},
-        **{f"momentum/{k}": v for k, v in momentum.items()})
-    print(f"process {jax.process_index()}/{jax.process_count()}: "
-          f"{jax.local_device_count()} of {jax.device_count()} devices, "
-          f"{STEPS} DiLoCo steps, done", flush=True)
+    params, slow, momentum, step = train(worker.data_mesh(jax))
+    worker.save(jax, args, step,
+                {"params": params, "slow": slow, "momentum": momentum},
+                f"{STEPS} DiLoCo steps")
   finally:
     jax.distributed.shutdown()
 

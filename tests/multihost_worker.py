@@ -99,8 +99,9 @@ def train(mesh, steps=STEPS):
       gather(state.step))
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None, description=__doc__.splitlines()[0]):
+  """The worker's command line (also used by tests/diloco_worker.py)."""
+  parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--coordinator", help="host:port of process 0")
   parser.add_argument("--num-processes", type=int)
   parser.add_argument("--process-id", type=int)
@@ -113,8 +114,11 @@ def main(argv=None):
   parser.add_argument("--bind-loopback", action="store_true",
                       help="bind the coordinator to 127.0.0.1 only")
   parser.add_argument("--out", required=True, help="where to write results")
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
 
+
+def start_jax(args):
+  """Imports JAX, joins the processes (`jax.distributed`); returns `jax`."""
   if args.local_cpu_devices:
     # Must happen before JAX starts its CPU backend.
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -139,21 +143,36 @@ def main(argv=None):
             f"127.0.0.1:{port}" if args.bind_loopback else None),
         initialization_timeout=60,
     )
+  return jax
+
+
+def data_mesh(jax):
+  """One global mesh over every process's devices, axis "data"."""
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def save(jax, args, step, trees, what):
+  """Writes `process_<i>.npz` (the step, the device counts, `trees`)."""
+  os.makedirs(args.out, exist_ok=True)
+  np.savez(
+      os.path.join(args.out, f"process_{jax.process_index()}.npz"),
+      step=step, process_count=jax.process_count(),
+      device_count=jax.device_count(),
+      local_device_count=jax.local_device_count(),
+      **{f"{name}/{k}": v for name, tree in trees.items()
+         for k, v in tree.items()})
+  print(f"process {jax.process_index()}/{jax.process_count()}: "
+        f"{jax.local_device_count()} of {jax.device_count()} devices, "
+        f"{what}, done", flush=True)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  jax = start_jax(args)
   try:
-    mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
-    params, slow, step = train(mesh)
-    os.makedirs(args.out, exist_ok=True)
-    np.savez(
-        os.path.join(args.out, f"process_{jax.process_index()}.npz"),
-        step=step, process_count=jax.process_count(),
-        device_count=jax.device_count(),
-        local_device_count=jax.local_device_count(),
-        **{f"params/{k}": v for k, v in params.items()},
-        **{f"slow/{k}": v for k, v in slow.items()})
-    print(f"process {jax.process_index()}/{jax.process_count()}: "
-          f"{jax.local_device_count()} of {jax.device_count()} devices, "
-          f"{step} steps, done", flush=True)
+    params, slow, step = train(data_mesh(jax))
+    save(jax, args, step, {"params": params, "slow": slow}, f"{step} steps")
   finally:
     jax.distributed.shutdown()
 
