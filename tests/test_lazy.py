@@ -37,6 +37,23 @@ def _adam_rows(m, v, g, t):
   return (m_hat / (jnp.sqrt(v_hat + 0.0) + EPS)) * -LR, m, v
 
 
+def _reference_step(refs, rows, grad_rows, t):
+  """LazyAdam by hand: Adam on `rows` of the reference (p, m, v), in place."""
+  p_ref, m_ref, v_ref = refs
+  u, m, v = _adam_rows(m_ref[rows], v_ref[rows], grad_rows, jnp.int32(t))
+  p_ref[rows] += np.asarray(u)
+  m_ref[rows], v_ref[rows] = m, v
+
+
+def _assert_matches_reference(params, adam_state, refs, t):
+  """Params and Adam's moments bitwise the reference's; the global count."""
+  p_ref, m_ref, v_ref = refs
+  np.testing.assert_array_equal(params, p_ref)
+  np.testing.assert_array_equal(adam_state.mu, m_ref)
+  np.testing.assert_array_equal(adam_state.nu, v_ref)
+  assert int(adam_state.count) == t  # Global step for bias correction.
+
+
 def _jit_update(tx):
   return jax.jit(lambda g, s, p, ids=None: tx.update(g, s, p, touched_rows=ids))
 
@@ -61,14 +78,9 @@ def test_matches_lazyadam_reference(pass_ids):
                             jnp.asarray(ids) if pass_ids else None)
     params = np.asarray(params) + np.asarray(updates)
     rows = np.unique(ids)
-    u, m, v = _adam_rows(m_ref[rows], v_ref[rows], grads[rows], jnp.int32(t))
-    p_ref[rows] += np.asarray(u)
-    m_ref[rows], v_ref[rows] = m, v
-    adam_state = state.inner_state[0]
-    np.testing.assert_array_equal(params, p_ref)
-    np.testing.assert_array_equal(adam_state.mu, m_ref)
-    np.testing.assert_array_equal(adam_state.nu, v_ref)
-    assert int(adam_state.count) == t  # Global step for bias correction.
+    _reference_step((p_ref, m_ref, v_ref), rows, grads[rows], t)
+    _assert_matches_reference(params, state.inner_state[0],
+                              (p_ref, m_ref, v_ref), t)
     untouched = np.setdiff1d(np.arange(V), rows)
     assert not np.any(np.asarray(updates)[untouched])
 
@@ -578,14 +590,9 @@ def test_sparse_path_matches_sparseadam_reference():
     uniq = np.unique(ids)
     summed = np.zeros((V, D), np.float32)
     np.add.at(summed, ids, rows)
-    u, m, v = _adam_rows(m_ref[uniq], v_ref[uniq], summed[uniq], jnp.int32(t))
-    p_ref[uniq] += np.asarray(u)
-    m_ref[uniq], v_ref[uniq] = m, v
+    _reference_step((p_ref, m_ref, v_ref), uniq, summed[uniq], t)
     adam = state.inner_state[0]
-    np.testing.assert_array_equal(params, p_ref)
-    np.testing.assert_array_equal(adam.mu, m_ref)
-    np.testing.assert_array_equal(adam.nu, v_ref)
-    assert int(adam.count) == t
+    _assert_matches_reference(params, adam, (p_ref, m_ref, v_ref), t)
   np.testing.assert_array_equal(np.asarray(adam.mu)[never], 0.0)
   np.testing.assert_array_equal(np.asarray(adam.nu)[never], 0.0)
 
