@@ -13,6 +13,7 @@ This module imports neither JAX nor anything that imports it, so that
 import argparse
 import contextlib
 import os
+import re
 import sys
 import threading
 import time
@@ -60,6 +61,27 @@ def parser(doc, figure, steps_help, smoke_help="short run (CI)"):
       "--out", default=".",
       help=f"directory for {figure} (default: the current directory)")
   return p
+
+
+def add_cpu_devices_flag(p, default=8):
+  """`--cpu-devices`: how many CPU devices to simulate (0: the real ones)."""
+  p.add_argument("--cpu-devices", type=int, default=default,
+                 help="simulated CPU devices (0: use the real devices)")
+
+
+def simulate_cpu_devices(count):
+  """Makes JAX's CPU backend show `count` devices (nothing if 0).
+
+  XLA reads this when its CPU backend starts: call it before the first JAX
+  import.
+  """
+  if not count:
+    return
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "",
+                 os.environ.get("XLA_FLAGS", ""))
+  os.environ["XLA_FLAGS"] = (
+      f"{flags} --xla_force_host_platform_device_count={count}").strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 HEARTBEAT_SECONDS = 3.0  # the longest a script stays silent

@@ -26,8 +26,6 @@ starts. On a machine with 8 accelerators, pass `--cpu-devices 0`.
   python examples/diloco.py --out docs/img      # the figure of docs/diloco.md
 """
 
-import os
-import re
 import sys
 
 # The examples' plumbing: flags, data, tables, figures. It imports no JAX.
@@ -41,20 +39,13 @@ def _parse_args():
       steps_help="training steps per run (default 1500, smoke 52)",
       smoke_help="a few steps (CI)")
   parser.set_defaults(out=".")
-  parser.add_argument("--cpu-devices", type=int, default=8,
-                      help="simulated CPU devices (0: use the real devices)")
+  _common.add_cpu_devices_flag(parser)
   return parser.parse_args()
 
 
 ARGS = _parse_args() if __name__ == "__main__" else None
-if ARGS is not None and ARGS.cpu_devices:
-  # XLA reads this when its CPU backend starts: before the first JAX import.
-  _flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "",
-                  os.environ.get("XLA_FLAGS", ""))
-  os.environ["XLA_FLAGS"] = (
-      f"{_flags} --xla_force_host_platform_device_count={ARGS.cpu_devices}"
-  ).strip()
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if ARGS is not None:
+  _common.simulate_cpu_devices(ARGS.cpu_devices)  # before JAX is imported
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import functools
