@@ -9,6 +9,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from lookahead_optax import _checks
 from lookahead_optax import _sparse
@@ -66,6 +67,31 @@ def default_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
+def broadcast_mask(mask_tree: Any, params: Any) -> list:
+  """(path, mask leaf) for each params leaf.
+
+  The mask is a prefix of the params' structure, or names the params leaves
+  by path (a plain dict for the `nnx.State` of an NNX model), covering each
+  of them.
+  """
+  def broadcast(m, sub):
+    return jax.tree.map(lambda _: m, sub, is_leaf=_tree.is_masked_node)
+
+  param_leaves = leaves_with_path(params)
+  try:
+    full_leaves = leaves_with_path(jax.tree.map(broadcast, mask_tree, params))
+    if len(full_leaves) == len(param_leaves):
+      return full_leaves
+  except (ValueError, TypeError):
+    pass
+  per_param, unused = _tree.by_path_prefix(mask_tree, params)
+  if unused or any(m is None and not _tree.is_masked_node(p)
+                   for m, (_, p) in zip(per_param, param_leaves)):
+    raise mask_structure_error(mask_tree, params)
+  return [(path, optax.MaskedNode() if m is None else m[1])
+          for m, (path, _) in zip(per_param, param_leaves)]
+
+
 def resolve_mask(mask: Any, params: Any) -> list:
   """One Python bool per leaf of `params` (flattened with MaskedNode leaves).
 
@@ -80,17 +106,8 @@ def resolve_mask(mask: Any, params: Any) -> list:
   else:
     mask_tree = mask
 
-  def broadcast(m, sub):
-    return jax.tree.map(lambda _: m, sub, is_leaf=_tree.is_masked_node)
-
-  try:
-    full = jax.tree.map(broadcast, mask_tree, params)
-    full_leaves = leaves_with_path(full)
-  except (ValueError, TypeError) as e:
-    raise mask_structure_error(mask_tree, params) from e
+  full_leaves = broadcast_mask(mask_tree, params)
   param_leaves = leaves_with_path(params)
-  if len(full_leaves) != len(param_leaves):
-    raise mask_structure_error(mask_tree, params)
   flags = []
   for (path, m), (_, p) in zip(full_leaves, param_leaves):
     if _tree.is_masked_node(p) or _tree.is_masked_node(m):

@@ -10,6 +10,7 @@ params and slow weights, interpolated, and written back: no pass over the
 table, at any step.
 """
 
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import jax
@@ -30,6 +31,30 @@ def is_hole_or_rows(x: Any) -> bool:
           or isinstance(x, CycleRows))
 
 
+def _is_cycle_rows_mapping(x: Any) -> bool:
+  return isinstance(x, Mapping) and set(x.keys()) == set(CycleRows._fields)
+
+
+def restore_cycle_rows(cycle_rows: Any) -> Any:
+  """`cycle_rows` with each mapping `{"ids", "owner"}` made a `CycleRows`.
+
+  Containers that rebuild an optimizer state from its leaves may hand back a
+  `CycleRows` as a mapping of its fields: an `nnx.Optimizer` stores the
+  state's table leaves in NNX variables, and each `CycleRows` comes back from
+  its first `update` as an `nnx.State({"ids", "owner"})`.
+  """
+  if cycle_rows is None:
+    return None
+
+  def restore(x):
+    if _is_cycle_rows_mapping(x):
+      return CycleRows(x["ids"], x["owner"])
+    return x
+  return jax.tree.map(
+      restore, cycle_rows,
+      is_leaf=lambda x: is_hole_or_rows(x) or _is_cycle_rows_mapping(x))
+
+
 def resolve_rows_per_step(rows_per_step: Any, params: Any) -> list:
   """One entry per params leaf: the ids per step (int) or None.
 
@@ -43,29 +68,28 @@ def resolve_rows_per_step(rows_per_step: Any, params: Any) -> list:
   """
   param_leaves = jax.tree_util.tree_flatten_with_path(
       params, is_leaf=_tree.is_masked_node)[0]
-  out = [None] * len(param_leaves)
   if rows_per_step is None:
-    return out
+    return [None] * len(param_leaves)
   for path, n in jax.tree_util.tree_flatten_with_path(rows_per_step)[0]:
-    where = _tree.path_str(path)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
       raise ValueError(
-          f"`rows_per_step` leaf {where} must be an integer >= 1 (the number "
-          f"of ids of each step's SparseRows) or None, got {n!r}.")
-    hits = [i for i, (p_path, _) in enumerate(param_leaves)
-            if tuple(p_path[:len(path)]) == tuple(path)]
-    if not hits:
+          f"`rows_per_step` leaf {_tree.path_str(path)} must be an integer "
+          ">= 1 (the number of ids of each step's SparseRows) or None, got "
+          f"{n!r}.")
+  per_param, unused = _tree.by_path_prefix(rows_per_step, params)
+  if unused:
+    raise ValueError(f"`rows_per_step` leaf {_tree.path_str(unused[0])} does "
+                     "not match any parameter.")
+  out = []
+  for named, (p_path, p) in zip(per_param, param_leaves):
+    if named is None or _tree.is_masked_node(p):
+      out.append(None)
+      continue
+    if jnp.ndim(p) == 0:
       raise ValueError(
-          f"`rows_per_step` leaf {where} does not match any parameter.")
-    for i in hits:
-      p_path, p = param_leaves[i]
-      if _tree.is_masked_node(p):
-        continue
-      if jnp.ndim(p) == 0:
-        raise ValueError(
-            f"`rows_per_step` names leaf {_tree.path_str(p_path)}, which has "
-            "ndim 0: only tables (ndim >= 1) have rows.")
-      out[i] = n
+          f"`rows_per_step` names leaf {_tree.path_str(p_path)}, which has "
+          "ndim 0: only tables (ndim >= 1) have rows.")
+    out.append(named[1])
   return out
 
 

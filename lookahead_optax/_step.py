@@ -236,6 +236,9 @@ def sparse_tables(opts: Options, s: Step, state: LookaheadState,
 def update(opts: Options, grads: Any, state: Any, params: Any,
            extra_args: dict) -> tuple[Any, LookaheadState]:
   """`lookahead`'s `update_fn`: see the module docstring."""
+  if isinstance(state, LookaheadState):
+    state = state._replace(
+        cycle_rows=_rows.restore_cycle_rows(state.cycle_rows))
   s, step = begin(opts, grads, state, params, extra_args)
   sparse = _rows.sparse_flags(s.inner_updates)
   if any(sparse):

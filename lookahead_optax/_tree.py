@@ -17,6 +17,32 @@ def path_str(path: Any) -> str:
   return jax.tree_util.keystr(tuple(path)) or "<root>"
 
 
+def by_path_prefix(tree: Any, params: Any) -> tuple[list, list]:
+  """Matches the leaves of `tree` to the params leaves they name by path.
+
+  A leaf of `tree` at path P names every params leaf whose path starts
+  with P, so a plain dict names the leaves of an `nnx.State` (whose leaves'
+  paths end in `.value`) as it names those of a dict.
+
+  Returns:
+    `(per_param, unused)`: for each params leaf (flattened with MaskedNode
+    leaves), the `(path, leaf)` of `tree` that names it, or None; and the
+    paths of the leaves of `tree` that name no params leaf.
+  """
+  param_paths = [tuple(path) for path, _ in jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=is_masked_node)[0]]
+  per_param, unused = [None] * len(param_paths), []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=is_masked_node)[0]:
+    path = tuple(path)
+    hits = [i for i, p in enumerate(param_paths) if p[:len(path)] == path]
+    if not hits:
+      unused.append(path)
+    for i in hits:
+      per_param[i] = (path, leaf)
+  return per_param, unused
+
+
 def _probe_shape(shape: tuple) -> tuple:
   """A shape that differs from `shape` in every leaf (for `probe_state`)."""
   if not shape:
