@@ -122,7 +122,9 @@ def lazy(
     is among the `touched_rows` passed to `update`. `inner` runs on the whole
     table and the result is selected row by row.
 
-  Both forms give the same results:
+  Both forms give the same results (bitwise eagerly; under `jax.jit`, where
+  the two forms are two different programs, within a rounding of each
+  other, as XLA may contract multiply-adds differently in each):
 
   * touched rows get exactly the update `inner` gives (same state, same
     arithmetic);

@@ -65,7 +65,10 @@ def lookahead(
       Extra keyword arguments of `update` are passed on to it.
     sync_period: `k`, the number of inner steps between syncs; an integer in
       [1, 2**31 - 1]. May be a traced integer (e.g. under
-      `optax.inject_hyperparams`).
+      `optax.inject_hyperparams`). A sync happens on the step that brings
+      the global step count to a multiple of `k`, so changing `k` mid-run
+      does not start a new cycle: going from 5 to 3 right after the sync at
+      step 10 syncs next at step 12 (a 2-step cycle), then every 3 steps.
     slow_step_size: $\alpha$, the step of the default interpolation: a float
       in [0, 1], a scalar array (may be traced), or a schedule evaluated on
       the number of syncs done before this one (a rolled-back step is not a
