@@ -15,7 +15,7 @@ import jax
 import optax
 
 import lookahead_optax as lo
-from lookahead_optax import _arguments
+from lookahead_optax import _formulation
 from benchmarks import common
 from benchmarks import step as step_bench
 
@@ -43,10 +43,9 @@ def make_tx(kwargs: dict, sync: str) -> optax.GradientTransformation:
 
 def formulation(kwargs: dict, sync: str) -> str:
   """What `sync` resolves to for these options (on this backend)."""
-  return _arguments.resolve_formulation(
-      sync, kwargs.get("inner_state", "keep"),
-      kwargs.get("on_nonfinite", "propagate"), None,
-      optax.sgd(1.0) if "outer" in kwargs else None)
+  return _formulation.resolve(sync, axis_name=None, default_options=(
+      kwargs.get("inner_state", "keep") == "keep" and "outer" not in kwargs
+      and kwargs.get("on_nonfinite", "propagate") == "propagate"))
 
 
 def run(n: int = 10_000_000, layout: str = "tree", rounds: int = 9,

@@ -16,39 +16,6 @@ from lookahead_optax import _sparse
 from lookahead_optax import _tree
 from lookahead_optax._types import LookaheadState
 
-SYNC_MODES = ("auto", "select", "cond", "loop")
-
-
-def resolve_formulation(sync: str, inner_state: str, on_nonfinite: str,
-                         axis_name: Optional[str],
-                         outer: Optional[Any] = None) -> str:
-  """`"select"`, `"cond"` or `"loop"` (see `lookahead`'s `sync`).
-
-  `"loop"`: the parts of a sync that XLA:CPU cannot fuse into the inner
-  update without copying the old state (the outer transformation's step, the
-  inner-state policies) run in loops that run once on the steps that need
-  them and not at all on the others, updating the state in place; the rest
-  is the branch-free select. Its loops are ordered after the params' pass by
-  reading one element of the new params, a scalar all-reduce when the params
-  are sharded over devices: `"auto"` picks it on a single CPU device only,
-  and the select (no collective of its own) on several.
-  """
-  if sync != "auto":
-    return sync
-  if axis_name is not None:
-    return "cond"  # the collective must run on sync steps only
-  # Chosen by measurement on CPU (benchmarks/policies.py, 10M params in 100
-  # leaves) and, for other backends (not timed here), by the bytes that XLA's
-  # cost analysis of the compiled step reports (benchmarks/traffic.py): the
-  # select fuses the default sync into the inner update's pass; with a policy
-  # or an outer transformation it makes XLA copy the old state (each state
-  # output is its own fusion that recomputes the inner step), which the loop
-  # avoids. A conditional copies what it carries on CPU and is never least.
-  if inner_state == "keep" and on_nonfinite == "propagate" and outer is None:
-    return "select"
-  return "loop" if jax.device_count() == 1 else "select"
-
-
 def copy(x: jax.Array) -> jax.Array:
   """A copy of `x` in a fresh buffer (so params and state can be donated)."""
   return jnp.array(x, copy=True)

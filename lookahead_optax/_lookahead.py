@@ -8,6 +8,7 @@ import optax
 
 from lookahead_optax import _arguments
 from lookahead_optax import _checks
+from lookahead_optax import _formulation
 from lookahead_optax import _policies
 from lookahead_optax import _rows
 from lookahead_optax import _step
@@ -112,15 +113,15 @@ def lookahead(
       state in place (XLA:CPU copies what a conditional carries, and the
       select makes it copy the old state); it reads one element of the new
       params to order them, a scalar all-reduce when params are sharded over
-      devices. `"auto"` (default): the select for the default options,
-      otherwise the loop on a single device and the select on several; the
-      cond with `axis_name` (timed on CPU; on accelerators chosen by the
-      memory traffic of the compiled step, not timed: docs/benchmarks.md).
-      All
-      compute the same sync; they may differ in the last bit of a few
-      elements, as XLA contracts multiply-adds (FMA) differently in
-      different programs, while the params equal the slow weights bitwise
-      after a sync in each.
+      devices. `"auto"` (default), resolved when the step is traced: the
+      cond with `axis_name`, the select for the default options, otherwise
+      the loop on a single CPU device and the select elsewhere (several
+      devices, accelerators). An inner optimizer with matrix products (e.g.
+      Muon) is computed once per step under every formulation; see "How the
+      sync is compiled" in docs/how_it_works.md. All compute the same
+      sync; they may differ in the last bit of a few elements, as XLA
+      contracts multiply-adds (FMA) differently in different programs,
+      while the params equal the slow weights bitwise after a sync in each.
     on_nonfinite: `"propagate"` (default) applies non-finite updates as they
       are. `"rollback"`: when the inner update or the fast params it would
       produce has a non-finite value, the step returns the update that sends
@@ -131,10 +132,11 @@ def lookahead(
       last sync) the slow weights store where the params land, so that the
       params equal them bitwise, as after a sync. Params that are already
       non-finite cannot be repaired by an additive update. With
-      `sync="loop"` (what `"auto"` picks on one device) `inner.update` is
-      traced twice, once for the check alone (XLA then fuses it into the
-      check instead of buffering every update); a `jax.debug.print` in it
-      prints twice.
+      `sync="loop"` (what `"auto"` picks on one CPU device) and an
+      elementwise inner optimizer (no matrix products in its update),
+      `inner.update` is computed twice, once for the check alone (XLA then
+      fuses it into the check instead of buffering every update); a
+      `jax.debug.print` in it prints twice.
     slow_dtype: if given, a floating dtype in which to keep the slow weights of
       floating params (e.g. `jnp.float32` for bfloat16 params), so that small
       updates accumulate in the slow weights instead of rounding away. After a
@@ -203,7 +205,7 @@ def lookahead(
         "slow_step_size", slow_step_size, allow_schedule=True)
   _checks.check_choice("inner_state", inner_state,
                        _policies.INNER_STATE_POLICIES)
-  _checks.check_choice("sync", sync, _arguments.SYNC_MODES)
+  _checks.check_choice("sync", sync, _formulation.SYNC_MODES)
   _checks.check_choice("on_nonfinite", on_nonfinite,
                        _policies.NONFINITE_POLICIES)
   _arguments.check_outer(outer, slow_step_size, inner_state)
@@ -219,8 +221,7 @@ def lookahead(
       sync_period=sync_period, slow_step_size=slow_step_size,
       inner_state=inner_state, on_nonfinite=on_nonfinite,
       axis_name=axis_name, slow_dtype=_arguments.check_slow_dtype(slow_dtype),
-      formulation=_arguments.resolve_formulation(
-          sync, inner_state, on_nonfinite, axis_name, outer),
+      sync=sync,
       counts_syncs=outer is None and callable(slow_step_size),
       sparse_options=_arguments.sparse_options_conflict(
           outer, axis_name, inner_state, on_nonfinite))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from lookahead_optax import _arguments
+from lookahead_optax import _formulation
 from lookahead_optax import _policies
 from lookahead_optax import _rows
 from lookahead_optax import _sync
@@ -30,9 +31,26 @@ class Options(NamedTuple):
   on_nonfinite: str
   axis_name: Optional[str]
   slow_dtype: Any
-  formulation: str  # "select", "cond" or "loop"
+  sync: str  # as asked for: "auto", "select", "cond" or "loop"
   counts_syncs: bool
   sparse_options: Optional[str]
+  # Resolved when the step is traced (`resolve`):
+  formulation: str = ""  # "select", "cond" or "loop"
+  recompute: bool = False  # may the loops compute the inner update again?
+
+
+def resolve(opts: Options, grads: Any, current: Any, params: Any,
+            extra_args: dict) -> Options:
+  """`opts` with the formulation for the step being traced (`_formulation`)."""
+  formulation = _formulation.resolve(
+      opts.sync, axis_name=opts.axis_name,
+      default_options=(opts.inner_state == "keep" and opts.outer is None
+                       and opts.on_nonfinite == "propagate"))
+  recompute = (formulation == "loop" and (
+      opts.on_nonfinite == "rollback" or opts.outer is not None)
+               and _formulation.recompute_is_cheap(
+                   opts.inner, grads, current, params, extra_args))
+  return opts._replace(formulation=formulation, recompute=recompute)
 
 
 class Step(NamedTuple):
@@ -97,7 +115,7 @@ def inner_step(opts: Options, grads: Any, current: Any, params: Any,
   """The inner update, and (rollback) whether it is not finite."""
   if opts.on_nonfinite != "rollback":
     return (*opts.inner.update(grads, current, params, **extra_args), None)
-  if opts.formulation == "loop":
+  if opts.recompute:
     # Checked first, by a pass of its own (see `nonfinite_step`).
     bad = _policies.nonfinite_step(opts.inner, grads, current, params,
                                    extra_args)
@@ -105,7 +123,8 @@ def inner_step(opts: Options, grads: Any, current: Any, params: Any,
                                **extra_args), bad)
   # From the inner updates, which XLA keeps in a buffer for it: with
   # "select" and "cond", the passes that read the old inner state are not
-  # ordered after the check, so a pass of its own would make XLA copy it.
+  # ordered after the check, so a pass of its own would make XLA copy it;
+  # and a costly inner update is never computed twice.
   inner_updates, new_inner = opts.inner.update(grads, current, params,
                                                **extra_args)
   return inner_updates, new_inner, _policies.is_nonfinite(params,
@@ -113,8 +132,12 @@ def inner_step(opts: Options, grads: Any, current: Any, params: Any,
 
 
 def begin(opts: Options, grads: Any, state: LookaheadState, params: Any,
-          extra_args: dict) -> tuple[Step, jax.Array]:
-  """Checks, the inner step, and the flags; returns (Step, new step count)."""
+          extra_args: dict) -> tuple[Options, Step, jax.Array]:
+  """Checks, the inner step, and the flags.
+
+  Returns the options resolved for this trace, the `Step` and the new step
+  count.
+  """
   params, grads = _arguments.check_update_args(grads, state, params,
                                                opts.slow_dtype)
   _arguments.check_axis_bound(opts.axis_name)
@@ -123,16 +146,17 @@ def begin(opts: Options, grads: Any, state: LookaheadState, params: Any,
   else:
     current, synced = state.inner_state, None
   _arguments.check_touched_rows(extra_args, current, params)
+  opts = resolve(opts, grads, current, params, extra_args)
   inner_updates, new_inner, bad = inner_step(opts, grads, current, params,
                                              extra_args)
   step = optax.safe_increment(state.step)
   is_sync = step % opts.sync_period == 0
   needs_init = opts.inner_state == "reset" or opts.on_nonfinite == "rollback"
   needs_leaves = needs_init or opts.inner_state == "pullback" or (
-      opts.formulation == "loop" and opts.outer is not None)
+      opts.formulation == "loop" and opts.outer is not None and opts.recompute)
   if bad is not None:
     is_sync = is_sync & ~bad
-  return Step(
+  return opts, Step(
       params, grads, extra_args, current, synced, inner_updates, new_inner,
       is_sync, bad,
       _policies.ParamShaped(opts.inner.init, params) if needs_leaves else None,
@@ -142,6 +166,7 @@ def begin(opts: Options, grads: Any, state: LookaheadState, params: Any,
 def outer_in_loop(opts: Options, state: LookaheadState, sparse: list) -> bool:
   """Whether the outer step runs in the in-place loop ("loop" formulation)."""
   return (opts.formulation == "loop" and opts.outer is not None
+          and opts.recompute
           and not any(sparse) and _sync.targets_fit(state.slow_params)
           and _sync.outer_keeps_types(opts.outer, state.outer_state,
                                       state.slow_params))
@@ -239,7 +264,7 @@ def update(opts: Options, grads: Any, state: Any, params: Any,
   if isinstance(state, LookaheadState):
     state = state._replace(
         cycle_rows=_rows.restore_cycle_rows(state.cycle_rows))
-  s, step = begin(opts, grads, state, params, extra_args)
+  opts, s, step = begin(opts, grads, state, params, extra_args)
   sparse = _rows.sparse_flags(s.inner_updates)
   if any(sparse):
     _rows.check_sparse_leaves(sparse, state.cycle_rows, s.params,

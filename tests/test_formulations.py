@@ -72,20 +72,33 @@ def test_loop_agrees_with_select_and_cond(name):
                                    err_msg=f"{name} {other} step {t + 1}")
 
 
+def _auto(**kw):
+  from lookahead_optax import _formulation  # pylint: disable=g-import-not-at-top
+  return _formulation.resolve("auto", axis_name=kw.get("axis_name"),
+                              default_options=not kw)
+
+
 def test_auto_picks_per_option_on_a_multi_device_cpu():
-  from lookahead_optax import _arguments  # pylint: disable=g-import-not-at-top
-  pick = lambda **kw: _arguments.resolve_formulation(  # pylint: disable=unnecessary-lambda-assignment
-      "auto", kw.get("inner_state", "keep"),
-      kw.get("on_nonfinite", "propagate"), kw.get("axis_name"),
-      kw.get("outer"))
-  assert pick() == "select"
+  assert _auto() == "select"
   # conftest gives 8 host devices: no loop (its ordering read of the new
   # params would be an all-reduce for sharded params).
   assert jax.device_count() == 8
   for kw in (dict(inner_state="reset"), dict(inner_state="pullback"),
              dict(on_nonfinite="rollback"), dict(outer=SNOO)):
-    assert pick(**kw) == "select", kw
-  assert pick(outer=SNOO, axis_name="data") == "cond"
+    assert _auto(**kw) == "select", kw
+  assert _auto(outer=SNOO, axis_name="data") == "cond"
+
+
+def test_auto_never_picks_the_cpu_loop_off_cpu(monkeypatch):
+  from lookahead_optax import _formulation  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(_formulation.jax, "device_count", lambda: 1)
+  assert _auto(inner_state="reset") == "loop"
+  monkeypatch.setattr(_formulation.jax, "default_backend", lambda: "gpu")
+  for kw in (dict(inner_state="reset"), dict(on_nonfinite="rollback"),
+             dict(outer=SNOO)):
+    assert _auto(**kw) == "select", kw
+  assert _auto() == "select"
+  assert _auto(outer=SNOO, axis_name="data") == "cond"
 
 
 def test_loop_with_axis_name_raises():
@@ -96,9 +109,9 @@ def test_loop_with_axis_name_raises():
 def test_auto_picks_loop_on_a_single_cpu_device():
   import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
   script = (
-      "from lookahead_optax import _arguments as a\n"
-      "print(a.resolve_formulation('auto', 'reset', 'propagate', None),"
-      " a.resolve_formulation('auto', 'keep', 'propagate', None))\n")
+      "from lookahead_optax import _formulation as f\n"
+      "print(f.resolve('auto', axis_name=None, default_options=False),"
+      " f.resolve('auto', axis_name=None, default_options=True))\n")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
   out = subprocess.run([sys.executable, "-c", script], capture_output=True,
