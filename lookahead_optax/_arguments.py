@@ -138,6 +138,28 @@ def check_touched_rows(extra_args: dict, inner_state: Any,
         "optimizer in `lazy(...)` or drop `touched_rows`.")
 
 
+SPARSE_RECIPE = (
+    "Transformations that read the gradients (clipping, weight decay, "
+    "scaling) go inside `lazy`, which gives them the looked-up rows: "
+    "`lookahead(lazy(optax.chain(optax.clip_by_global_norm(1.0), "
+    "optax.adamw(1e-3))))`, not `optax.chain(optax.clip_by_global_norm(1.0), "
+    "lookahead(lazy(...)))`.")
+
+
+def check_sparse_grads_have_lazy(grads: Any, inner_state: Any) -> None:
+  """`SparseRows` gradients need a `lazy` inside lookahead to apply them."""
+  from lookahead_optax._lazy import LazyState  # pylint: disable=g-import-not-at-top
+  flat = jax.tree_util.tree_flatten_with_path(
+      grads, is_leaf=_sparse.is_sparse_rows)[0]
+  sparse = [path for path, g in flat if _sparse.is_sparse_rows(g)]
+  if sparse and not has_state(inner_state, LazyState):
+    raise ValueError(
+        f"The gradient of leaf {_tree.path_str(sparse[0])} is a `SparseRows` "
+        "(row-sparse, e.g. from `sparse_value_and_grad`), but the inner "
+        "optimizer has no `lookahead_optax.lazy` to apply it: use "
+        f"`lookahead(lazy(inner), ...)`. {SPARSE_RECIPE}")
+
+
 def sparse_options_conflict(outer: Any, axis_name: Any, inner_state: str,
                              on_nonfinite: str) -> Optional[str]:
   """Why row-sparse tables cannot be synced with these options, or None."""

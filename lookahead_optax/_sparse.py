@@ -187,10 +187,10 @@ class SparseRows:
     """Makes a `SparseRows`, checking the shapes and dtype of concrete input.
 
     Args:
-      ids: integer row ids, shape (N,). (A leading axis more, (M, N) with
-        values of shape (M, N, *row), is accepted for stacking, e.g. one
-        `SparseRows` per device for `jax.pmap`; flatten lookups of shape
-        (B, L) to (B * L,) yourself.)
+      ids: integer row ids, shape (N,). Ids of shape (B, L) with values of
+        shape (B, L, *row) (the lookups of a batch of sequences) are
+        accepted too: `lo.lazy` and `lo.lookahead` flatten them to (B * L,)
+        (`flat`); under `jax.pmap` the leading axis is the devices' axis.
       values: the rows, shape (N, *row).
 
     Raises:
@@ -283,6 +283,21 @@ class SparseRows:
     """The rows of `table` at `self.ids` (zeros for ids out of range)."""
     return gather_rows(table, self.ids)
 
+  def flat(self) -> "SparseRows":
+    """The same rows with one-dimensional ids.
+
+    Lookups of shape (B, L) give ids of shape (B, L) and values of shape
+    (B, L, *row); this is the same array with ids of shape (B * L,) and
+    values of shape (B * L, *row). `lo.lazy` and `lo.lookahead` flatten the
+    ids they get this way.
+    """
+    if jnp.ndim(self.ids) <= 1:
+      return self
+    id_shape = tuple(jnp.shape(self.ids))
+    row = tuple(jnp.shape(self.values))[len(id_shape):]
+    return SparseRows._make(jnp.reshape(self.ids, (-1,)),
+                            jnp.reshape(self.values, (-1,) + row))
+
   def with_values(self, values: jax.Array) -> "SparseRows":
     """A `SparseRows` with the same ids and new values (shape (N, *row))."""
     return SparseRows._make(self.ids, values)
@@ -365,6 +380,12 @@ class SparseRows:
   __matmul__ = _unsupported("@")
   __rmatmul__ = _unsupported("@")
   __array__ = _unsupported("conversion to a NumPy array")
+
+
+def flat_ids(tree: Any) -> Any:
+  """`tree` with each `SparseRows` given one-dimensional ids (`flat`)."""
+  return jax.tree.map(lambda x: x.flat() if is_sparse_rows(x) else x, tree,
+                      is_leaf=is_sparse_rows)
 
 
 def is_sparse_rows(x: Any) -> bool:

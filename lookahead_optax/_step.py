@@ -15,6 +15,7 @@ from lookahead_optax import _arguments
 from lookahead_optax import _formulation
 from lookahead_optax import _policies
 from lookahead_optax import _rows
+from lookahead_optax import _sparse
 from lookahead_optax import _sync
 from lookahead_optax._types import LookaheadState
 from lookahead_optax._types import PullbackState
@@ -138,6 +139,7 @@ def begin(opts: Options, grads: Any, state: LookaheadState, params: Any,
   Returns the options resolved for this trace, the `Step` and the new step
   count.
   """
+  grads = _sparse.flat_ids(grads)
   params, grads = _arguments.check_update_args(grads, state, params,
                                                opts.slow_dtype)
   _arguments.check_axis_bound(opts.axis_name)
@@ -146,6 +148,7 @@ def begin(opts: Options, grads: Any, state: LookaheadState, params: Any,
   else:
     current, synced = state.inner_state, None
   _arguments.check_touched_rows(extra_args, current, params)
+  _arguments.check_sparse_grads_have_lazy(grads, current)
   opts = resolve(opts, grads, current, params, extra_args)
   inner_updates, new_inner, bad = inner_step(opts, grads, current, params,
                                              extra_args)
