@@ -80,6 +80,49 @@ def assert_tree_within_ulps(actual: Any, expected: Any, n: int,
         f"{msg} leaf {i}: max {np.max(diff / bound) * n:.1f} ulps > {n}")
 
 
+def _kind(path: Any) -> str:
+  """The last named field on a leaf's path (`mu`, `slow_params`), or ""."""
+  names = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)]
+  return names[-1] if names else ""
+
+
+def assert_tree_within_ulps_at_scale(actual, expected, n, msg=""):
+  """Asserts leafwise |actual - expected| <= n ulps at its kind's scale.
+
+  A leaf's kind is the last named field on its path (the params have none;
+  `slow_params`, `mu`, `nu` of an optimizer state) and the scale the largest
+  |expected| among the leaves of that kind: the bound is n ulps of that,
+  where `assert_tree_within_ulps` takes each element's own. Two compiled
+  programs that round the same elementwise arithmetic differently (a
+  multiply-add fused into an FMA in one and not the other) agree to an ulp
+  or so of the operands; where a result cancels (a weight crossing zero, a
+  moment whose gradient changed sign) that is many ulps of the result
+  itself. Integer leaves must be equal.
+  """
+  flat_e, tree_e = jax.tree_util.tree_flatten_with_path(expected)
+  flat_a, tree_a = jax.tree.flatten(actual)
+  assert tree_a == tree_e, f"{msg} structure {tree_a} != {tree_e}"
+  scales = {}
+  for path, e in flat_e:
+    e = np.asarray(e)
+    if jnp.issubdtype(e.dtype, jnp.inexact) and e.size:
+      kind = _kind(path)
+      scales[kind] = max(scales.get(kind, 0.0),
+                         float(np.max(np.abs(e.astype(np.float64)))))
+  for (path, e), a in zip(flat_e, flat_a):
+    a, e = np.asarray(a), np.asarray(e)
+    where = f"{msg} {jax.tree_util.keystr(path)}"
+    if not jnp.issubdtype(e.dtype, jnp.inexact):
+      assert_bitwise(a, e, where)
+      continue
+    assert a.dtype == e.dtype, f"{where} dtype {a.dtype} != {e.dtype}"
+    bound = n * ulp(scales.get(_kind(path), 0.0), e.dtype)
+    diff = np.abs(a.astype(np.float64) - e.astype(np.float64))
+    assert (diff <= bound).all(), (
+        f"{where}: max {np.max(diff) / bound * n:.1f} ulps of "
+        f"{scales.get(_kind(path), 0.0):.3g} > {n}")
+
+
 def buffer_pointers(tree: Any) -> list:
   """The device buffer addresses of every array leaf (one per shard)."""
   out = []

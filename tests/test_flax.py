@@ -13,7 +13,18 @@ from flax import nnx
 from flax.training import train_state
 
 import lookahead_optax as lo
+from tests._helpers import assert_bitwise
 from tests._helpers import assert_tree_bitwise
+from tests._helpers import assert_tree_within_ulps
+from tests._helpers import assert_tree_within_ulps_at_scale
+from tests._helpers import ulp
+
+
+def _assert_trees_close(actual, expected, atol):
+  jax.tree.map(
+      lambda a, e: np.testing.assert_allclose(
+          np.asarray(a), np.asarray(e), rtol=0, atol=atol),
+      actual, expected)
 
 
 def _data(n=32, d=4, seed=0):
@@ -71,7 +82,16 @@ def test_linen_hand_worked_sgd():
   assert int(state.step) == 4
 
 
-def test_linen_trainstate_matches_functional_loop_bitwise():
+def test_linen_trainstate_matches_functional_loop_to_ulps():
+  """`apply_gradients` takes the functional loop's steps, to an ulp or two.
+
+  `apply` (a jitted `apply_gradients`) and `functional_step` are two compiled
+  programs of the same arithmetic, free to round it differently (a fused
+  multiply-add or not), so they are compared one step at a time from the
+  same params, state and gradients; a functional loop run on its own is
+  checked along the way at a tolerance that still tells a wrong
+  `slow_step_size` or a missed sync apart.
+  """
   tx = lo.lookahead(optax.adamw(5e-2), sync_period=3, slow_step_size=0.8)
   state = _linen_state(tx)
   params, opt_state = state.params, tx.init(state.params)
@@ -93,14 +113,34 @@ def test_linen_trainstate_matches_functional_loop_bitwise():
   losses = []
   for i in range(12):
     loss, grads = loss_and_grad(state.params)
-    _, functional_grads = loss_and_grad(params)
+    # One functional step from the TrainState's own params, state and grads.
+    want_params, want_opt_state = functional_step(
+        state.params, state.opt_state, grads)
     state = apply(state, grads)
-    params, opt_state = functional_step(params, opt_state, functional_grads)
     losses.append(float(loss))
-    assert_tree_bitwise(state.params, params)
-    assert_tree_bitwise(lo.slow_params(state), lo.slow_params(opt_state))
-    if (i + 1) % 3 == 0:  # a sync: fast == slow bitwise
+    # n = 2: each output is a few roundings of elementwise arithmetic; with
+    # `functional_step` compiled without FMA (XLA_FLAGS=
+    # --xla_cpu_max_isa=SSE4_2) and `apply` with it, they differed by at
+    # most 1 ulp at this scale (up to 175 of a cancelling element's own).
+    assert_tree_within_ulps_at_scale(state.params, want_params, 2,
+                                      f"params, step {i + 1}")
+    assert_tree_within_ulps_at_scale(state.opt_state, want_opt_state, 2,
+                                      f"state, step {i + 1}")
+    assert int(state.step) == i + 1
+    # The functional loop on its own (its own gradients too): 2.4e-7 at most
+    # in the measurement above; slow_step_size 0.81 instead of 0.8 moves the
+    # weights by 1.4e-3 after the first sync.
+    _, functional_grads = loss_and_grad(params)
+    params, opt_state = functional_step(params, opt_state, functional_grads)
+    _assert_trees_close(state.params, params, atol=1e-6)
+    _assert_trees_close(lo.slow_params(state), lo.slow_params(opt_state),
+                        atol=1e-6)
+    if (i + 1) % 3 == 0:  # a sync, within one program: fast == slow bitwise
       assert_tree_bitwise(lo.eval_train_state(state).params, state.params)
+      assert_tree_bitwise(lo.slow_params(opt_state), params)
+    else:  # between syncs the slow weights stay behind
+      assert not np.array_equal(lo.slow_params(state)["Dense_0"]["kernel"],
+                                state.params["Dense_0"]["kernel"])
   assert losses[-1] < 0.5 * losses[0]
 
 
@@ -120,7 +160,9 @@ def test_linen_eval_train_state_under_jit():
   initial = _linen_state(tx)  # no sync yet: the slow weights are theta_0
   assert_tree_bitwise(slow_state.params, initial.params)
   want = jnp.mean((initial.apply_fn({"params": initial.params}, x) - y) ** 2)
-  np.testing.assert_array_equal(loss, want)
+  # `want` runs op by op, `loss` in one jitted program: a mean of squares
+  # (no cancellation), 0 ulps apart even with one side compiled without FMA.
+  assert_tree_within_ulps(loss, want, 4)
   assert int(slow_state.step) == 2
   assert_tree_bitwise(slow_state.opt_state, state.opt_state)
   # The training state is untouched (fast weights differ from theta_0).
@@ -182,7 +224,24 @@ def _pure(state):
   return nnx.to_pure_dict(state)
 
 
-def test_nnx_optimizer_matches_functional_loop_bitwise():
+def _functional_opt_state(optimizer, like):
+  """The `nnx.Optimizer`'s state as the optax state `like` (plain dicts)."""
+  leaves = jax.tree.leaves(nnx.as_pure(optimizer.opt_state))
+  assert [np.shape(a) for a in leaves] == [
+      np.shape(a) for a in jax.tree.leaves(like)]
+  return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def test_nnx_optimizer_matches_functional_loop_to_ulps():
+  """`nnx.Optimizer.update` takes the functional loop's steps, to an ulp or two.
+
+  The `nnx.jit` step and the `jax.jit` functional step are two compiled
+  programs of the same arithmetic, free to round it differently (a fused
+  multiply-add or not), so they are compared one step at a time from the
+  same params, state and gradients; a functional loop run on its own is
+  checked along the way at a tolerance that still tells a wrong
+  `slow_step_size` or a missed sync apart.
+  """
   tx = lo.lookahead(optax.adamw(5e-2), sync_period=3, slow_step_size=0.3)
   model = _NNXMLP(nnx.Rngs(0))
   graphdef, params0 = nnx.split(model, nnx.Param)
@@ -191,6 +250,22 @@ def test_nnx_optimizer_matches_functional_loop_bitwise():
 
   params = _pure(params0)
   opt_state = tx.init(params)
+  # The functional view of the optimizer's state is the optax state.
+  assert_tree_bitwise(_functional_opt_state(optimizer, opt_state), opt_state)
+
+  @nnx.jit
+  def nnx_step(model, optimizer):  # `_nnx_step`, returning the gradients
+    def loss_fn(model):
+      return jnp.mean((model(x) - y) ** 2)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss, grads
+
+  @jax.jit
+  def functional_update(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
 
   @jax.jit
   def functional_step(params, opt_state):
@@ -198,20 +273,40 @@ def test_nnx_optimizer_matches_functional_loop_bitwise():
       m = nnx.merge(graphdef, p)
       return jnp.mean((m(x) - y) ** 2)
 
-    grads = jax.grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    return functional_update(params, opt_state, jax.grad(loss_fn)(params))
 
   losses = []
   for i in range(12):
-    losses.append(float(_nnx_step(model, optimizer, x, y)))
-    params, opt_state = functional_step(params, opt_state)
-    assert_tree_bitwise(_pure(nnx.state(model, nnx.Param)), params)
+    before = (_pure(nnx.state(model, nnx.Param)),
+              _functional_opt_state(optimizer, opt_state))
+    loss, grads = nnx_step(model, optimizer)
+    losses.append(float(loss))
+    fast = _pure(nnx.state(model, nnx.Param))
     slow = lo.slow_params(optimizer)
     assert all(isinstance(v, jax.Array) for v in jax.tree.leaves(slow))
-    assert_tree_bitwise(_pure(slow), lo.slow_params(opt_state))
-    if (i + 1) % 3 == 0:  # a sync: fast == slow bitwise
-      assert_tree_bitwise(_pure(slow), params)
+    # One functional step from the same params, state and gradients. n = 2:
+    # each output is a few roundings of elementwise arithmetic; with
+    # `functional_update` compiled without FMA (XLA_FLAGS=
+    # --xla_cpu_max_isa=SSE4_2) and `nnx_step` with it, they differed by at
+    # most 1 ulp at this scale (up to 64 of a cancelling element's own).
+    want_params, want_opt_state = functional_update(*before, _pure(grads))
+    assert_tree_within_ulps_at_scale(fast, want_params, 2,
+                                      f"params, step {i + 1}")
+    assert_tree_within_ulps_at_scale(
+        _functional_opt_state(optimizer, opt_state), want_opt_state, 2,
+        f"state, step {i + 1}")
+    # The functional loop on its own (its own gradients too): 2.4e-7 at most
+    # in the measurement above; slow_step_size 0.31 instead of 0.3 moves the
+    # weights by 1.5e-3 after the first sync.
+    params, opt_state = functional_step(params, opt_state)
+    _assert_trees_close(fast, params, atol=1e-6)
+    _assert_trees_close(_pure(slow), lo.slow_params(opt_state), atol=1e-6)
+    if (i + 1) % 3 == 0:  # a sync, within one program: fast == slow bitwise
+      assert_tree_bitwise(_pure(slow), fast)
+      assert_tree_bitwise(lo.slow_params(opt_state), params)
+    else:  # between syncs the slow weights stay behind
+      assert not np.array_equal(_pure(slow)["l1"]["kernel"],
+                                fast["l1"]["kernel"])
   assert int(optimizer.step[...]) == 12
   assert losses[-1] < 0.5 * losses[0]
 
@@ -277,7 +372,10 @@ def test_nnx_eval_model_under_jit_copies_other_state():
   ref = nnx.clone(model)
   nnx.update(ref, params0)
   ref.eval()
-  np.testing.assert_array_equal(pred, ref(x))
+  # `pred` comes from one `nnx.jit` program, `ref(x)` op by op: n = 4 at the
+  # scale of the outputs (2 with one side compiled without FMA; 160 of the
+  # smallest output's own ulps, a dot product that nearly cancels).
+  assert_tree_within_ulps_at_scale(pred, ref(x), 4)
   # The trained model is untouched and still in training mode.
   assert_tree_bitwise(_pure(nnx.state(model, nnx.Param)), fast)
   assert model.bn.use_running_average is False

@@ -18,7 +18,7 @@ from flax import nnx
 
 import lookahead_optax as lo
 from tests._helpers import assert_tree_bitwise
-from tests._helpers import assert_tree_within_ulps
+from tests._helpers import assert_tree_within_ulps_at_scale
 
 V, D, K = 12, 3, 3
 IDS = [jnp.array([1, 4, 4]), jnp.array([0, 11, 7]), jnp.array([4, 2, 9])]
@@ -97,14 +97,19 @@ def test_nnx_optimizer_every_state_type_across_syncs(name, jit):
     nnx_step(model, optimizer, IDS[i % 3], sparse)
     got_params = nnx.as_pure(nnx.state(model, nnx.Param))
     got_state = nnx.as_pure(optimizer.opt_state)
-    got, want = (jax.tree.leaves((got_params, got_state)),
-                 jax.tree.leaves((want_params, want_state)))
+    # The same leaves in the same order; nnx rebuilds the CycleRows as
+    # mappings, so the leaves are compared in the plain state's structure.
+    want = (want_params, want_state)
+    got = jax.tree.unflatten(jax.tree.structure(want),
+                             jax.tree.leaves((got_params, got_state)))
     if jit:
       # One step of two programs (nnx.jit, jax.jit): XLA may contract
-      # multiply-adds differently in each, a rounding or two per value.
-      assert_tree_within_ulps(got, want, 2, f"{name} step {i + 1}")
+      # multiply-adds differently in each, a rounding or two of the operands
+      # (at the scale of each kind of leaf, as a result may cancel).
+      assert_tree_within_ulps_at_scale(got, want, 2, f"{name} step {i + 1}")
     else:
-      assert_tree_bitwise(got, want, f"{name} step {i + 1}")
+      assert_tree_bitwise(jax.tree.leaves(got), jax.tree.leaves(want),
+                          f"{name} step {i + 1}")
     if (i + 1) % K == 0:  # a sync, within one program: fast == slow bitwise
       slow = jax.tree.map(lambda s, p: s.astype(p.dtype),
                           lo.slow_params(optimizer), got_params)
