@@ -160,6 +160,22 @@ def check_sparse_grads_have_lazy(grads: Any, inner_state: Any) -> None:
         f"`lookahead(lazy(inner), ...)`. {SPARSE_RECIPE}")
 
 
+def check_rows_per_step_options(rows_per_step: Any, outer: Any, axis_name: Any,
+                                inner_state: str, on_nonfinite: str) -> None:
+  """`rows_per_step` syncs row-sparse tables with the default options only."""
+  if rows_per_step is None:
+    return
+  given = ["`outer`"] if outer is not None else []
+  given += [f"`{name}={value!r}`" for name, value, default in (
+      ("axis_name", axis_name, None), ("inner_state", inner_state, "keep"),
+      ("on_nonfinite", on_nonfinite, "propagate")) if value != default]
+  if given:
+    raise ValueError(
+        f"`rows_per_step` cannot combine with {', '.join(given)}: row-sparse "
+        "syncs support the default options only (no `outer`, no `axis_name`, "
+        "`inner_state='keep'`, `on_nonfinite='propagate'`).")
+
+
 def sparse_options_conflict(outer: Any, axis_name: Any, inner_state: str,
                              on_nonfinite: str) -> Optional[str]:
   """Why row-sparse tables cannot be synced with these options, or None."""

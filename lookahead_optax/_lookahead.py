@@ -214,6 +214,8 @@ def lookahead(
     raise TypeError(
         "`sync_period` must be a Python int when `rows_per_step` is given "
         f"(it sizes the id buffer), got {sync_period!r}.")
+  _arguments.check_rows_per_step_options(
+      rows_per_step, outer, axis_name, inner_state, on_nonfinite)
   if outer is None and slow_step_size is None:
     slow_step_size = _DEFAULT_SLOW_STEP_SIZE
   opts = _step.Options(

@@ -115,3 +115,21 @@ def test_cpu_copy_warning_names_the_users_line(monkeypatch):
   with pytest.warns(RuntimeWarning, match="lazy: XLA:CPU copies") as seen:
     jax.jit(step, donate_argnums=(0, 1))(params, state, params * 2)
   assert seen[0].filename == __file__, seen[0].filename
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    (dict(inner_state="reset"), r"`inner_state='reset'`"),
+    (dict(inner_state="pullback"), r"`inner_state='pullback'`"),
+    (dict(on_nonfinite="rollback"), r"`on_nonfinite='rollback'`"),
+    (dict(outer=optax.sgd(0.5)), r"`outer`"),
+    (dict(axis_name="data"), r"`axis_name='data'`"),
+    (dict(outer=optax.sgd(0.5), inner_state="reset"),
+     r"`outer`, `inner_state='reset'`"),
+])
+def test_rows_per_step_with_other_options_is_rejected_when_built(kwargs,
+                                                                 named):
+  with pytest.raises(ValueError, match=(
+      r"`rows_per_step` cannot combine with " + named + r": row-sparse syncs "
+      r"support the default options only")):
+    lo.lookahead(lo.lazy(optax.adam(0.1)), 3, rows_per_step={"embed": 4},
+                 **kwargs)
