@@ -15,6 +15,7 @@ from lookahead_optax._lookahead import lookahead
 from lookahead_optax._lookahead import PullbackState
 from lookahead_optax._outer import snoo
 from lookahead_optax._ranger import ranger
+from lookahead_optax._replicas import check_replicas_agree
 from lookahead_optax._ranger import scale_by_ranger_radam
 from lookahead_optax._sparse import SparseRows
 from lookahead_optax._sparse_grad import sparse_value_and_grad
@@ -30,6 +31,7 @@ __all__ = (
     "LookaheadState",
     "PullbackState",
     "SparseRows",
+    "check_replicas_agree",
     "check_state_structure",
     "eval_model",
     "eval_params",

@@ -25,10 +25,22 @@ def snoo(
   with the momentum buffer $b$ starting at zero, and the params restart from
   the new $w$. This is `lookahead(inner, sync_period,
   outer=optax.sgd(learning_rate, momentum=momentum, nesterov=True))`; with
-  `momentum=0` it is Lookahead with `slow_step_size=learning_rate`. The
-  defaults are the settings of the authors' public reference run (GPT-2
-  medium speedrun: $\eta = 0.68$, $\mu = 0.37$, $K = 28$, inner state kept);
-  the paper tunes them per model scale, so treat them as a starting point.
+  `momentum=0` it is Lookahead with `slow_step_size=learning_rate`.
+
+  Three published settings, none of them universal (the optimum moves with
+  model scale):
+
+  | source | $\eta$ | $\mu$ | $K$ |
+  |---|---|---|---|
+  | modded-nanogpt GPT-2 medium speedrun record, AdamW and Muon inner (`Snoo(model, lr=0.68, momentum=0.37, k=28)`): **the defaults here** | 0.68 | 0.37 | 28 |
+  | the authors' torchtitan integration, its defaults | 0.7 | 0.9 | 10 |
+  | summaries of the paper, at 125M params | 0.8 | 0.75 | 100 |
+
+  The defaults are the speedrun's because it is the one public run whose
+  code and result anyone can check; they are a record's tuning, not the
+  paper's. The paper's summaries also report $K$ from 5 to 100 working about
+  equally well. Treat any of them as a starting point and tune $\eta$ and
+  $\mu$ for your scale.
 
   Args:
     inner: the inner optimizer (e.g. `optax.adamw`, Muon).

@@ -690,3 +690,21 @@ def test_two_processes_match_one_process(multiprocess_results):
   # 7 = 2 * 3 + 1: the replicas took one step of their own from the slow
   # weights, on different data.
   assert np.max(np.abs(first["params/w"] - first["params/w"][0])) > 1e-3
+
+
+def test_check_replicas_agree_names_the_leaf_and_replica():
+  same = {"w": jnp.stack([jnp.arange(3.0)] * 4), "b": jnp.zeros((4, 2))}
+  lo.check_replicas_agree(same)
+  apart = dict(same, b=same["b"].at[2, 1].set(1e-30))
+  with pytest.raises(ValueError, match=r"`params` leaf \['b'\] differs "
+                     r"between replicas 0 and 2: DiLoCo .*jax.pmap\(init\)"):
+    lo.check_replicas_agree(apart)
+  signed = dict(same, b=same["b"].at[3, 0].set(-0.0))  # bitwise, not ==
+  with pytest.raises(ValueError, match="between replicas 0 and 3"):
+    lo.check_replicas_agree(signed)
+  keys = jax.random.split(jax.random.key(0), 4)
+  per_device = jax.vmap(lambda k: {"w": jax.random.normal(k, (3,))})(keys)
+  with pytest.raises(ValueError, match=r"\['w'\] differs between replicas"):
+    lo.check_replicas_agree(per_device)
+  with pytest.raises(ValueError, match="is a scalar: expected a leading"):
+    lo.check_replicas_agree({"s": jnp.ones(())}, name="state")
