@@ -400,7 +400,7 @@ def migrate_optax_state(
               p, dtype=s.dtype, copy=True),
           template.slow_params, params, is_leaf=_tree.is_masked_node)
     except ValueError as e:
-      raise ValueError(
+      raise _checks.WordedError(
           "The slow weights of a lookahead in `tx` do not have the structure "
           f"of `params`: {jax.tree.structure(template.slow_params)} vs "
           f"{jax.tree.structure(params)}."
@@ -416,9 +416,9 @@ def migrate_optax_state(
     try:
       return jax.tree.map(
           build, template, plain, is_leaf=_is_lookahead_state)
+    except _checks.WordedError:
+      raise
     except ValueError as e:
-      if "slow weights" in str(e):
-        raise
       raise ValueError(
           "`opt_state` has the leaves but not the container types of the "
           "state of `tx` without its lookaheads: "

@@ -20,6 +20,15 @@ from lookahead_optax import _tree
 MAX_INT32 = 2**31 - 1
 
 
+class WordedError(ValueError):
+  """A `ValueError` already worded for the user, which callers pass on.
+
+  Code that catches JAX's own `ValueError`s to explain them catches this
+  first and re-raises it as it is, instead of telling the two apart by the
+  text of the message.
+  """
+
+
 def is_traced(value: Any) -> bool:
   """Returns True if `value` is an abstract (traced) JAX value."""
   return isinstance(value, jax.core.Tracer)

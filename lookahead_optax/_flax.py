@@ -8,6 +8,7 @@ these helpers only save the few lines it takes to evaluate on the slow weights.
 
 from typing import Any
 
+from lookahead_optax import _checks
 from lookahead_optax._state import eval_params
 
 
@@ -120,9 +121,9 @@ def eval_model(model: Any, optimizer: Any) -> Any:
   graphdef, params, rest = nnx.split(model, wrt, ...)
   try:
     slow = eval_params(optimizer, params)
+  except _checks.WordedError:
+    raise  # no lookahead in the optimizer, said as such
   except ValueError as e:
-    if "No LookaheadState" in str(e):
-      raise
     raise ValueError(
         "`model` is not the model `optimizer` trains: its params do not "
         f"match the optimizer's slow weights. {e}"

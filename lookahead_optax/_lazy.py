@@ -15,8 +15,6 @@ from lookahead_optax import _lazy_args
 from lookahead_optax import _sparse
 from lookahead_optax import _tree
 
-_KeyPath = tuple
-
 
 class LazyState(NamedTuple):
   """State of the transformation returned by `lazy`.

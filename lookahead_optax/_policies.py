@@ -107,10 +107,6 @@ def reread(param_shaped: ParamShaped, state: Any, params: Any,
            updates: Any) -> Any:
   """`state` again, its parameter-shaped leaves made to follow the new params.
 
-  (With `updates=None`, to follow `params`: a state that XLA does not see as
-  `state`, so that a pass reading it recomputes what it needs instead of
-  sharing a buffer with the other passes.)
-
   The value is `state`'s (bitwise) but, to XLA, each parameter-shaped leaf
   now depends on the new params `params + updates` of its param (one
   element of them, through a flag that is always False). Running the inner
@@ -123,12 +119,9 @@ def reread(param_shaped: ParamShaped, state: Any, params: Any,
   policy (reset, pullback, rollback) changes it, instead of copying the old
   inner state first (copy insertion orders passes by data dependences only).
   """
-  if updates is None:
-    landed = params
-  else:
-    landed = jax.tree.map(
-        lambda p, u: jnp.asarray(p + u).astype(jnp.result_type(p)),
-        params, updates)
+  landed = jax.tree.map(
+      lambda p, u: jnp.asarray(p + u).astype(jnp.result_type(p)),
+      params, updates)
   nevers = [_never(x) for x in jax.tree.leaves(landed)]
   return param_shaped.map_per_param(
       lambda nv, x: jnp.where(nv, jnp.zeros_like(x), x), nevers, state)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lookahead_optax import _checks
 from lookahead_optax import _tree
 from lookahead_optax._lookahead import LookaheadState
 
@@ -54,16 +55,16 @@ def _merge(a: Any, b: Any) -> Any:
       return y
     if y_hole:
       return x
-    raise ValueError(
+    raise _checks.WordedError(
         "Several lookahead states hold slow weights for the same parameter; "
         "call `slow_params` on the state of the one you want."
     )
 
   try:
     return jax.tree.map(pick, a, b, is_leaf=_tree.is_masked_node)
+  except _checks.WordedError:
+    raise
   except ValueError as e:
-    if "slow weights" in str(e):
-      raise
     raise ValueError(
         "Several lookahead states with slow weights of different structures; "
         "call `slow_params` on the state of the one you want."
@@ -104,7 +105,7 @@ def slow_params(state: Any) -> optax.Params:
   """
   found = _outermost_lookahead_states(state)
   if not found:
-    raise ValueError(
+    raise _checks.WordedError(
         "No LookaheadState found in the given optimizer state of type "
         f"{type(state).__name__}: was the optimizer built with "
         "`lookahead_optax.lookahead`?"
