@@ -13,6 +13,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from lookahead_optax import _steering
 from lookahead_optax import _tree
 
 INNER_STATE_POLICIES = ("keep", "reset", "pullback")
@@ -47,84 +48,6 @@ class ParamShaped:
     """
     return _tree.map_param_shaped(fn, per_param, self._params, state,
                                   probe=self._probe)
-
-
-def _never(landed: jax.Array) -> Optional[jax.Array]:
-  """A flag that is always False but that XLA must read `landed` to get."""
-  if not jnp.issubdtype(jnp.result_type(landed), jnp.inexact) or (
-      jnp.size(landed) == 0):
-    return None
-  first = jnp.ravel(landed)[0]
-  return (first != first) & (first == first)
-
-
-def never(params: Any, updates: Any) -> jax.Array:
-  """Always False, but XLA must compute every new params leaf to get it."""
-  flags = [_never(jnp.asarray(p + u).astype(jnp.result_type(p)))
-           for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(updates))]
-  flags = [f for f in flags if f is not None]
-  if not flags:
-    return jnp.zeros([], bool)
-  return jnp.any(jnp.stack(flags))
-
-
-def twin(tree: Any) -> tuple[Any, Any]:
-  """`(tree, tree)`, the second one in buffers of its own, without a copy.
-
-  XLA:CPU's copies of large arrays are slow (a fresh buffer each time); a
-  select on a flag that is always False (but depends on the leaf) is an
-  elementwise pass instead.
-  """
-  def again(x):
-    if not isinstance(x, jax.Array) or jnp.size(x) == 0 or not jnp.issubdtype(
-        jnp.result_type(x), jnp.inexact):
-      return x
-    return jnp.where(_never(x), jnp.zeros_like(x), x)
-  return tree, jax.tree.map(again, tree)
-
-
-def _depend_on(off: jax.Array, tree: Any) -> Any:
-  """`tree` with its floating leaves made to depend on `off` (always False)."""
-  def vary(x):
-    if not isinstance(x, jax.Array) or not jnp.issubdtype(
-        jnp.result_type(x), jnp.inexact):
-      return x
-    return jnp.where(off, jnp.zeros_like(x), x)
-  return jax.tree.map(vary, tree)
-
-
-def loop_variant(tree: Any, i: jax.Array) -> Any:
-  """`tree` with its floating leaves made to depend on a loop index `i`.
-
-  The value is unchanged (`i` is never negative); XLA then computes what
-  depends on them inside the loop instead of hoisting it out of the loop and
-  running it on every step.
-  """
-  return _depend_on(i < 0, tree)
-
-
-def reread(param_shaped: ParamShaped, state: Any, params: Any,
-           updates: Any) -> Any:
-  """`state` again, its parameter-shaped leaves made to follow the new params.
-
-  The value is `state`'s (bitwise) but, to XLA, each parameter-shaped leaf
-  now depends on the new params `params + updates` of its param (one
-  element of them, through a flag that is always False). Running the inner
-  update again on this state gives the inner state of the step with the
-  same values, computed by a pass that XLA must order after the one that
-  applies the updates. Both read the old inner state, which the step
-  overwrites in place (it is donated), so that order is what lets XLA:CPU
-  (which fuses each output into a loop of its own and recomputes cheap
-  elementwise producers in each) update the inner state in place where a
-  policy (reset, pullback, rollback) changes it, instead of copying the old
-  inner state first (copy insertion orders passes by data dependences only).
-  """
-  landed = jax.tree.map(
-      lambda p, u: jnp.asarray(p + u).astype(jnp.result_type(p)),
-      params, updates)
-  nevers = [_never(x) for x in jax.tree.leaves(landed)]
-  return param_shaped.map_per_param(
-      lambda nv, x: jnp.where(nv, jnp.zeros_like(x), x), nevers, state)
 
 
 def reset(param_shaped: ParamShaped, state: Any, init: Any) -> Any:
@@ -184,25 +107,13 @@ def nonfinite_step(inner: Any, grads: Any, state: Any, params: Any,
   """Whether `inner`'s step from `state` is not finite (see `is_nonfinite`).
 
   The step is computed here for the check alone (the caller computes it
-  again, `after` the check): XLA then fuses each leaf's inner update into
+  again, `_steering.after` the check): XLA then fuses each leaf's inner update into
   the reduction that reads it, instead of keeping every leaf's update in a
   temporary buffer until the whole tree is checked (a fresh, page-faulted
   buffer as large as the params at every step).
   """
   updates, _ = inner.update(grads, state, params, **extra_args)
   return is_nonfinite(params, updates)
-
-
-def after(flag: jax.Array, tree: Any) -> Any:
-  """`tree`, its floating leaves made to depend on the scalar `flag`.
-
-  The value is unchanged; XLA must compute `flag` before any pass that
-  reads the result, so a pass that reads the old state to compute `flag`
-  runs before the passes that overwrite that state in place (no copy).
-  """
-  f = flag.astype(jnp.float32)
-  # Always False, and not foldable (NaN semantics).
-  return _depend_on((f != f) & (f == f), tree)
 
 
 def _rollback_update(p: jax.Array, u: jax.Array, s: jax.Array) -> jax.Array:
@@ -239,8 +150,8 @@ def in_place(policy: str, param_shaped: ParamShaped, is_sync: jax.Array,
   A loop that runs once on steps where the policy changes the state (a
   sync with "reset" or "pullback", a rolled-back step) and not at all on
   the others, so that those cost nothing; `order` (always False, see
-  `never`) makes XLA run it after the pass that computes the new params,
-  which reads `inner_state`, so it needs no copy of it.
+  `_steering.never`) makes XLA run it after the pass that computes the new
+  params, which reads `inner_state`, so it needs no copy of it.
   """
   changes = bad if bad is not None else jnp.zeros([], bool)
   if policy != "keep":
@@ -251,7 +162,7 @@ def in_place(policy: str, param_shaped: ParamShaped, is_sync: jax.Array,
     out, synced_out = at_sync(policy, param_shaped, state, synced_, init,
                               alpha)
     if policy == "pullback":
-      out, synced_out = twin(out)
+      out, synced_out = _steering.twin(out)
     if bad is not None:
       if policy != "keep":
         out = jax.tree.map(lambda a, b: jnp.where(is_sync, a, b), out, state)
@@ -262,12 +173,8 @@ def in_place(policy: str, param_shaped: ParamShaped, is_sync: jax.Array,
     return out, synced_out
 
   def run(i, c):
-    # Initial values that depend on the leaf they replace (and the loop), so
-    # that XLA writes each in a fused pass instead of copying one shared
-    # hoisted constant into the buffers.
     fresh = None if init is None else param_shaped.map(
-        lambda x, v: jnp.where(i < 0, x, jnp.asarray(v, dtype=x.dtype)),
-        c[0], init)
+        lambda x, v: _steering.fresh(x, v, i), c[0], init)
     out = body(c, fresh)
     return jax.tree.map(
         lambda n, o: jax.lax.convert_element_type(n, jnp.result_type(o)),

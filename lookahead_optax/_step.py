@@ -1,8 +1,21 @@
 """One `update` of `lookahead`: grads -> inner update -> sync -> updates.
 
-`update` reads top to bottom as the data path; each stage is a small function
-here, the arithmetic of the sync is in `_sync`, the inner-state and
-non-finite policies in `_policies`, the row-sparse tables in `_rows`.
+`update` reads top to bottom as the data path, one stage a line:
+
+1. `begin`: the argument checks, the inner update, and the one flag
+   `is_sync` (this step syncs);
+2. the sync, compiled as the formulation asks (`_formulation`): the outer
+   step on the pseudo-gradient, the landing of the params on the new slow
+   weights, the store of the slow weights, and the inner-state policy
+   (`fused_sync` for `"select"` and `"cond"`, and for `"loop"` whose outer
+   step is not looped; `looped_outer_sync` for the looped outer step);
+3. the rollback of a non-finite step (`_policies.rollback`, then
+   `rolled_back_slow`);
+4. the row-sparse tables (`sparse_tables`, see `_rows`);
+5. the new state.
+
+The arithmetic of the sync is in `_sync`, the policies in `_policies`, the
+compiler steering of the `"loop"` formulation in `_steering`.
 """
 
 from typing import Any, NamedTuple, Optional
@@ -16,6 +29,7 @@ from lookahead_optax import _formulation
 from lookahead_optax import _policies
 from lookahead_optax import _rows
 from lookahead_optax import _sparse
+from lookahead_optax import _steering
 from lookahead_optax import _sync
 from lookahead_optax._types import LookaheadState
 from lookahead_optax._types import PullbackState
@@ -68,6 +82,17 @@ class Step(NamedTuple):
   bad: Optional[jax.Array]  # rollback: the inner step is not finite
   param_shaped: Optional[_policies.ParamShaped]
   inner_init: Any
+  sparse: list  # per params leaf: its inner update is a `SparseRows`
+
+
+class Out(NamedTuple):
+  """What the stages after `begin` produce (the dense leaves, then all)."""
+
+  updates: Any
+  slow: Any
+  outer_state: Any
+  inner_state: Any
+  synced_inner: Any
 
 
 def alpha_of(opts: Options, outer_state: Any) -> Optional[jax.Array]:
@@ -120,7 +145,7 @@ def inner_step(opts: Options, grads: Any, current: Any, params: Any,
     # Checked first, by a pass of its own (see `nonfinite_step`).
     bad = _policies.nonfinite_step(opts.inner, grads, current, params,
                                    extra_args)
-    return (*opts.inner.update(_policies.after(bad, grads), current, params,
+    return (*opts.inner.update(_steering.after(bad, grads), current, params,
                                **extra_args), bad)
   # From the inner updates, which XLA keeps in a buffer for it: with
   # "select" and "cond", the passes that read the old inner state are not
@@ -159,18 +184,22 @@ def begin(opts: Options, grads: Any, state: LookaheadState, params: Any,
       opts.formulation == "loop" and opts.outer is not None and opts.recompute)
   if bad is not None:
     is_sync = is_sync & ~bad
+  sparse = _rows.sparse_flags(inner_updates)
+  if any(sparse):
+    _rows.check_sparse_leaves(sparse, state.cycle_rows, params,
+                              opts.sparse_options)
   return opts, Step(
       params, grads, extra_args, current, synced, inner_updates, new_inner,
       is_sync, bad,
       _policies.ParamShaped(opts.inner.init, params) if needs_leaves else None,
-      opts.inner.init(params) if needs_init else None), step
+      opts.inner.init(params) if needs_init else None, sparse), step
 
 
-def outer_in_loop(opts: Options, state: LookaheadState, sparse: list) -> bool:
+def outer_in_loop(opts: Options, s: Step, state: LookaheadState) -> bool:
   """Whether the outer step runs in the in-place loop ("loop" formulation)."""
   return (opts.formulation == "loop" and opts.outer is not None
           and opts.recompute
-          and not any(sparse) and _sync.targets_fit(state.slow_params)
+          and not any(s.sparse) and _sync.targets_fit(state.slow_params)
           and _sync.outer_keeps_types(opts.outer, state.outer_state,
                                       state.slow_params))
 
@@ -180,12 +209,12 @@ def loop_outer_step(opts: Options, s: Step, state: LookaheadState
   """The outer step in a loop run once on sync steps, never otherwise.
 
   It leaves the targets in the slow weights' buffers; the inner update is
-  recomputed in it (see `_policies.loop_variant`). Returns (updates,
+  recomputed in it (see `_steering.loop_variant`). Returns (updates,
   targets or old slow weights, outer state).
   """
 
   def targets_fn(i, slow_c, outer_c):
-    vary = lambda tree: _policies.loop_variant(tree, i)  # pylint: disable=unnecessary-lambda-assignment
+    vary = lambda tree: _steering.loop_variant(tree, i)  # pylint: disable=unnecessary-lambda-assignment
     u_in, _ = opts.inner.update(vary(s.grads), vary(s.current),
                                 vary(s.params), **s.extra_args)
     return _sync.slow_targets(vary(s.params), u_in, slow_c, outer_c,
@@ -203,11 +232,11 @@ def loop_outer_step(opts: Options, s: Step, state: LookaheadState
 def loop_inner_state(opts: Options, s: Step, updates: Any) -> Any:
   """After `loop_outer_step`: the inner state from a second pass.
 
-  Ordered after the params' pass (see `_policies.reread`), as the loop reads
+  Ordered after the params' pass (see `_steering.reread`), as the loop reads
   the old inner state.
   """
   _, again = opts.inner.update(
-      s.grads, _policies.reread(s.param_shaped, s.current, s.params, updates),
+      s.grads, _steering.reread(s.param_shaped, s.current, s.params, updates),
       s.params, **s.extra_args)
   new_inner, _ = _policies.at_sync(opts.inner_state, s.param_shaped, again,
                                    None, s.inner_init, None)
@@ -238,90 +267,111 @@ def rolled_back_slow(s: Step, state: LookaheadState, updates: Any,
   return jax.tree.map(leaf, s.params, updates, state.slow_params, slow)
 
 
-def sparse_tables(opts: Options, s: Step, state: LookaheadState,
-                  sparse: list, dense_updates: Any, dense_slow: Any
-                  ) -> tuple[Any, Any, Any]:
-  """The row-sparse tables' step (see `_rows`), merged with the dense."""
+def sparse_tables(opts: Options, s: Step, state: LookaheadState, out: Out
+                  ) -> tuple[Out, Any]:
+  """The row-sparse tables' step (see `_rows`), merged with the dense.
+
+  Returns `out` with the tables' updates and slow weights, and the new
+  `cycle_rows`.
+  """
   def leaves(tree):
     return jax.tree.leaves(tree, is_leaf=_rows.is_hole_or_rows)
   slot = state.step % opts.sync_period
   alpha = alpha_of(opts, state.outer_state)
-  results = [None] * len(sparse)
+  results = [None] * len(s.sparse)
   buffers = leaves(state.cycle_rows)
   for i, (p, u, slow) in enumerate(zip(leaves(s.params),
                                        leaves(s.inner_updates),
                                        leaves(state.slow_params))):
-    if sparse[i]:
+    if s.sparse[i]:
       results[i] = _rows.sync_table(s.is_sync, slot, p, u, slow, buffers[i],
                                     alpha, opts.sync_period)
   pick = lambda j: [None if r is None else r[j] for r in results]  # pylint: disable=unnecessary-lambda-assignment
-  updates = _rows.merge(dense_updates, s.inner_updates, pick(0))
-  slow = _rows.merge(dense_slow, state.slow_params, pick(1))
+  updates = _rows.merge(out.updates, s.inner_updates, pick(0))
+  slow = _rows.merge(out.slow, state.slow_params, pick(1))
   cycle_rows = _rows.merge(state.cycle_rows, state.cycle_rows, pick(2))
-  return updates, slow, cycle_rows
+  return out._replace(updates=updates, slow=slow), cycle_rows
+
+
+def fused_sync(opts: Options, s: Step, state: LookaheadState) -> Out:
+  """The sync as `"select"` or `"cond"` (`_sync.run_sync`), rollback included.
+
+  Under `"loop"` (whose outer step is not looped) the sync is the select,
+  and the inner-state policy runs in place afterwards (`_policies.in_place`).
+  """
+  dense_params = _rows.split(s.params, s.sparse) if any(s.sparse) else (
+      s.params)
+  carry0 = _sync.SyncCarry(
+      _rows.split(s.inner_updates, s.sparse),
+      _rows.split(state.slow_params, s.sparse), state.outer_state,
+      s.new_inner, s.synced)
+  carry = _sync.run_sync(
+      "select" if opts.formulation == "loop" else opts.formulation,
+      s.is_sync, sync_fn(opts, s, dense_params),
+      store_fn(opts, dense_params), carry0)
+  updates, new_inner = rollback_updates(s, state, carry.updates,
+                                        carry.inner_state)
+  slow, synced = carry.slow, carry.synced_inner
+  if s.bad is not None and opts.formulation != "cond":
+    # The slow weights from the updates returned (a sync step is never
+    # rolled back), which XLA reads from the new params.
+    targets = sync_fn(opts, s, dense_params)(carry0).slow
+    slow = _sync.tree_select(
+        s.is_sync, store_fn(opts, dense_params)(updates, targets,
+                                                carry0.slow), carry0.slow)
+  if opts.formulation == "loop" and s.param_shaped is not None:
+    # In place, after the params' pass, which reads the inner state as the
+    # inner step left it (see `_steering.never`).
+    new_inner, synced = _policies.in_place(
+        opts.inner_state, s.param_shaped, s.is_sync, s.bad,
+        _steering.never(s.params, updates), s.new_inner, s.synced,
+        s.inner_init, alpha_of(opts, state.outer_state))
+  return Out(updates, slow, carry.outer_state, new_inner, synced)
+
+
+def looped_outer_sync(opts: Options, s: Step, state: LookaheadState) -> Out:
+  """The sync with the outer step in its loop (`loop_outer_step`)."""
+  updates, held, outer_state = loop_outer_step(opts, s, state)
+  updates, _ = rollback_updates(s, state, updates, s.new_inner)
+  slow = jax.tree.map(
+      lambda p, u, t: jnp.where(
+          s.is_sync, _sync.stored_slow(p, u, t, t, keep_target=False), t),
+      s.params, updates, held)
+  return Out(updates, slow, outer_state, loop_inner_state(opts, s, updates),
+             s.synced)
+
+
+def rollback_updates(s: Step, state: LookaheadState, updates: Any,
+                     inner_state: Any) -> tuple[Any, Any]:
+  """Where the step is rolled back, the updates back to the slow weights."""
+  if s.bad is None:
+    return updates, inner_state
+  return _policies.rollback(s.bad, s.params, s.inner_updates,
+                            state.slow_params, updates, inner_state,
+                            s.param_shaped, s.inner_init)
+
+
+def new_state(opts: Options, out: Out, step: jax.Array,
+              cycle_rows: Any) -> LookaheadState:
+  inner_state = out.inner_state
+  if opts.inner_state == "pullback":
+    inner_state = PullbackState(inner_state, out.synced_inner)
+  return LookaheadState(inner_state, out.slow, step, out.outer_state,
+                        cycle_rows)
 
 
 def update(opts: Options, grads: Any, state: Any, params: Any,
            extra_args: dict) -> tuple[Any, LookaheadState]:
   """`lookahead`'s `update_fn`: see the module docstring."""
-  if isinstance(state, LookaheadState):
+  if isinstance(state, LookaheadState):  # containers may rebuild CycleRows
     state = state._replace(
         cycle_rows=_rows.restore_cycle_rows(state.cycle_rows))
   opts, s, step = begin(opts, grads, state, params, extra_args)
-  sparse = _rows.sparse_flags(s.inner_updates)
-  if any(sparse):
-    _rows.check_sparse_leaves(sparse, state.cycle_rows, s.params,
-                              opts.sparse_options)
-  dense_params = _rows.split(s.params, sparse) if any(sparse) else s.params
-  carry0 = _sync.SyncCarry(
-      _rows.split(s.inner_updates, sparse),
-      _rows.split(state.slow_params, sparse), state.outer_state, s.new_inner,
-      s.synced)
-  in_loop = outer_in_loop(opts, state, sparse)
-  if in_loop:
-    updates, held, outer_state = loop_outer_step(opts, s, state)
-    carry = carry0._replace(updates=updates, outer_state=outer_state)
-  else:
-    carry = _sync.run_sync(
-        "select" if opts.formulation == "loop" else opts.formulation,
-        s.is_sync, sync_fn(opts, s, dense_params),
-        store_fn(opts, dense_params), carry0)
-  updates, new_inner, synced = (carry.updates, carry.inner_state,
-                                carry.synced_inner)
+  sync = looped_outer_sync if outer_in_loop(opts, s, state) else fused_sync
+  out = sync(opts, s, state)
   if s.bad is not None:
-    updates, new_inner = _policies.rollback(
-        s.bad, s.params, s.inner_updates, state.slow_params, updates,
-        new_inner, s.param_shaped, s.inner_init)
-  slow = carry.slow
-  if in_loop:
-    slow = jax.tree.map(
-        lambda p, u, t: jnp.where(
-            s.is_sync, _sync.stored_slow(p, u, t, t, keep_target=False), t),
-        s.params, updates, held)
-    new_inner = loop_inner_state(opts, s, updates)
-  else:
-    if s.bad is not None and opts.formulation != "cond":
-      # The slow weights from the updates returned (a sync step is never
-      # rolled back), which XLA reads from the new params.
-      targets = sync_fn(opts, s, dense_params)(carry0).slow
-      slow = _sync.tree_select(
-          s.is_sync, store_fn(opts, dense_params)(updates, targets,
-                                                  carry0.slow), carry0.slow)
-    if opts.formulation == "loop" and s.param_shaped is not None:
-      # The policy applied in place by a loop that runs on sync (or
-      # rolled-back) steps only, ordered after the params' pass, which reads
-      # the inner state as the inner step left it (see `_policies.never`).
-      new_inner, synced = _policies.in_place(
-          opts.inner_state, s.param_shaped, s.is_sync, s.bad,
-          _policies.never(s.params, updates), s.new_inner, s.synced,
-          s.inner_init, alpha_of(opts, state.outer_state))
-  if s.bad is not None:
-    slow = rolled_back_slow(s, state, updates, slow)
+    out = out._replace(slow=rolled_back_slow(s, state, out.updates, out.slow))
   cycle_rows = state.cycle_rows
-  if any(sparse):
-    updates, slow, cycle_rows = sparse_tables(opts, s, state, sparse, updates,
-                                              slow)
-  if opts.inner_state == "pullback":
-    new_inner = PullbackState(new_inner, synced)
-  return updates, LookaheadState(new_inner, slow, step, carry.outer_state,
-                                 cycle_rows)
+  if any(s.sparse):
+    out, cycle_rows = sparse_tables(opts, s, state, out)
+  return out.updates, new_state(opts, out, step, cycle_rows)
