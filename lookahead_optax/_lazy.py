@@ -132,6 +132,86 @@ def _update_rows(inner: Any, grad_leaves: list, inner_state: Any,
   return inner_updates, new_inner, row_params, sparse
 
 
+def _check_state(state: Any) -> None:
+  """Raises unless `state` is a `LazyState`."""
+  if not isinstance(state, LazyState):
+    raise TypeError(
+        f"`state` must be a LazyState, got {type(state).__name__}.")
+
+
+def _has_sparse(grad_leaves: list, params: Any) -> bool:
+  """Whether a gradient is a `SparseRows` (raises if `params` is missing)."""
+  has_sparse = any(isinstance(g, _sparse.SparseRows) for g in grad_leaves)
+  if has_sparse and params is None:
+    raise ValueError(
+        "`lazy` needs `params` in `update` when a gradient is a "
+        "`SparseRows`: it updates the rows of the params it gathers.")
+  return has_sparse
+
+
+def _touched_ids(extra_args: dict, like: Any, flags: list) -> list:
+  """Per leaf the ids of `touched_rows` in `extra_args` (None if not given)."""
+  touched_rows = extra_args.get("touched_rows")
+  if touched_rows is not None:
+    return _lazy_args.touched_ids(touched_rows, like, flags)
+  return [None] * len(flags)
+
+
+def _check_sparse_freezes(freeze_state: bool) -> None:
+  """Raises unless `freeze_state`, which a `SparseRows` gradient needs."""
+  if not freeze_state:
+    raise ValueError(
+        "`lazy(..., freeze_state=False)` updates the inner state of every "
+        "row at every step, which needs the dense gradient: a "
+        "`SparseRows` gradient needs `freeze_state=True`.")
+
+
+def _dense_tables(flags: list, grad_leaves: list) -> list:
+  """The masked gradients that are arrays (not `SparseRows`, not masked)."""
+  return [g for flag, g in zip(flags, grad_leaves)
+          if flag and not _lazy_args.is_grad_leaf(g)]
+
+
+def _touched_rows(flags: list, grad_leaves: list, ids: list) -> list:
+  """Per leaf the touched-row mask of a masked dense gradient, else None."""
+  rows = []
+  for flag, grad, leaf_ids in zip(flags, grad_leaves, ids):
+    if (flag and not _tree.is_masked_node(grad)
+        and not isinstance(grad, _sparse.SparseRows)):
+      rows.append(_lazy_args.row_mask(jnp.asarray(grad), leaf_ids))
+    else:
+      rows.append(None)
+  return rows
+
+
+def _masked_updates(inner_updates: Any, sparse: list, rows: list) -> Any:
+  """`inner`'s updates, as `SparseRows` on sparse leaves, zero off `rows`."""
+  update_leaves, treedef = jax.tree.flatten(
+      inner_updates, is_leaf=_tree.is_masked_node)
+  update_leaves = [
+      u if s is None else _sparse.SparseRows._make(s.ids, u)  # pylint: disable=protected-access
+      for s, u in zip(sparse, update_leaves)]
+  return jax.tree.unflatten(treedef, [
+      u if r is None else jnp.where(_lazy_args.broadcast_rows(r, u), u,
+                                    jnp.zeros((), jnp.result_type(u)))
+      for r, u in zip(rows, update_leaves)])
+
+
+def _merge_inner_state(rows: list, sparse: list, freeze_state: bool,
+                       row_params: Any, new_inner: Any, old_inner: Any) -> Any:
+  """The new inner state, with the untouched rows kept (or rows scattered)."""
+  per_leaf = []
+  for i, r in enumerate(rows):
+    if sparse[i] is not None:
+      per_leaf.append(("rows", sparse[i].ids))
+    elif r is not None and freeze_state:
+      per_leaf.append(("mask", r))
+    else:
+      per_leaf.append(None)
+  return _tree.map_param_shaped(
+      _lazy_args.merge_state_leaf, per_leaf, row_params, new_inner, old_inner)
+
+
 def lazy(
     inner: optax.GradientTransformation,
     mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
@@ -286,73 +366,29 @@ def lazy(
     return LazyState(inner_state=inner_state)
 
   def update_fn(updates, state, params=None, **extra_args):
-    if not isinstance(state, LazyState):
-      raise TypeError(
-          f"`state` must be a LazyState, got {type(state).__name__}.")
+    _check_state(state)
     updates = _sparse.flat_ids(updates)
     grad_leaves = _lazy_args.check_updates(updates, params)
-    has_sparse = any(isinstance(g, _sparse.SparseRows) for g in grad_leaves)
-    if has_sparse and params is None:
-      raise ValueError(
-          "`lazy` needs `params` in `update` when a gradient is a "
-          "`SparseRows`: it updates the rows of the params it gathers.")
+    has_sparse = _has_sparse(grad_leaves, params)
     like = updates if params is None else params
     flags = _lazy_args.resolve_mask(mask, like)
-    touched_rows = extra_args.get("touched_rows")
-    if touched_rows is not None:
-      ids = _lazy_args.touched_ids(touched_rows, like, flags)
-    else:
-      ids = [None] * len(flags)
-
-    if not has_sparse:
-      inner_updates, new_inner = inner.update(
-          updates, state.inner_state, params, **extra_args)
-      row_params, sparse = like, [None] * len(flags)
-    else:
-      if not freeze_state:
-        raise ValueError(
-            "`lazy(..., freeze_state=False)` updates the inner state of every "
-            "row at every step, which needs the dense gradient: a "
-            "`SparseRows` gradient needs `freeze_state=True`.")
+    ids = _touched_ids(extra_args, like, flags)
+    if has_sparse:
+      _check_sparse_freezes(freeze_state)
       inner_updates, new_inner, row_params, sparse = _update_rows(
           inner, grad_leaves, state.inner_state, params, flags, ids,
           extra_args)
-
+    else:
+      inner_updates, new_inner = inner.update(
+          updates, state.inner_state, params, **extra_args)
+      row_params, sparse = like, [None] * len(flags)
     if freeze_state:
-      _maybe_warn_cpu_copies([
-          g for flag, g in zip(flags, grad_leaves)
-          if flag and not _lazy_args.is_grad_leaf(g)])
-
-    rows = []
-    for flag, grad, leaf_ids in zip(flags, grad_leaves, ids):
-      if (flag and not _tree.is_masked_node(grad)
-          and not isinstance(grad, _sparse.SparseRows)):
-        rows.append(_lazy_args.row_mask(jnp.asarray(grad), leaf_ids))
-      else:
-        rows.append(None)
-
-    update_leaves, treedef = jax.tree.flatten(
-        inner_updates, is_leaf=_tree.is_masked_node)
-    update_leaves = [
-        u if s is None else _sparse.SparseRows._make(s.ids, u)  # pylint: disable=protected-access
-        for s, u in zip(sparse, update_leaves)]
-    new_updates = jax.tree.unflatten(treedef, [
-        u if r is None else jnp.where(_lazy_args.broadcast_rows(r, u), u,
-                                      jnp.zeros((), jnp.result_type(u)))
-        for r, u in zip(rows, update_leaves)])
-
+      _maybe_warn_cpu_copies(_dense_tables(flags, grad_leaves))
+    rows = _touched_rows(flags, grad_leaves, ids)
+    new_updates = _masked_updates(inner_updates, sparse, rows)
     if has_sparse or freeze_state:
-      per_leaf = []
-      for i, r in enumerate(rows):
-        if sparse[i] is not None:
-          per_leaf.append(("rows", sparse[i].ids))
-        elif r is not None and freeze_state:
-          per_leaf.append(("mask", r))
-        else:
-          per_leaf.append(None)
-      new_inner = _tree.map_param_shaped(
-          _lazy_args.merge_state_leaf, per_leaf, row_params, new_inner,
-          state.inner_state)
+      new_inner = _merge_inner_state(rows, sparse, freeze_state, row_params,
+                                     new_inner, state.inner_state)
     return new_updates, LazyState(inner_state=new_inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

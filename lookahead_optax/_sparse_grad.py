@@ -6,6 +6,7 @@ gathered rows instead of the tables, so the dense (V, D) gradient of a table
 is never built.
 """
 
+import functools
 from typing import Any, Optional, Tuple
 
 import jax
@@ -151,6 +152,140 @@ def _recorded_ids(indices: jax.Array, mode: Any, num_rows: int) -> jax.Array:
   return ids  # Out of range: no gradient (dropped, or raises if concrete).
 
 
+def _leaf_name(paths: list, i: int) -> str:
+  """The key path of flat leaf `i`, as the error messages name it."""
+  return jax.tree_util.keystr(tuple(paths[i])) or "<root>"
+
+
+def _trace(fun: Any, treedef: Any, leaves: list, args: tuple,
+           kwargs: dict) -> Tuple[Any, Any]:
+  """The closed jaxpr of `fun` on the flat params, and its output's shape."""
+
+  def flat_fun(flat):
+    return fun(jax.tree.unflatten(treedef, flat), *args, **kwargs)
+
+  return jax.make_jaxpr(flat_fun, return_shape=True)(leaves)
+
+
+def _chosen_leaves(tables: Any, params: Any, paths: list) -> Optional[set]:
+  """The flat indices of the leaves `tables` selects (None: find them)."""
+  if tables is None:
+    return None
+  mask_tree = tables(params) if callable(tables) else tables
+  chosen = set()
+  try:
+    flags = jax.tree.leaves(jax.tree.map(
+        lambda m, sub: jax.tree.map(lambda _: m, sub), mask_tree, params))
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        "`tables` must have the tree structure of the params (or be a "
+        f"prefix of it): {e}") from None
+  for i, flag in enumerate(flags):
+    if not isinstance(flag, (bool, np.bool_)):
+      raise TypeError(
+          f"`tables` leaf {_leaf_name(paths, i)} must be a bool, got {flag!r}.")
+    if flag:
+      chosen.add(i)
+  return chosen
+
+
+def _candidates(jaxpr: Any, leaves: list, chosen: Optional[set],
+                paths: list) -> dict:
+  """Input variable -> leaf index, for the leaves that may be tables."""
+  candidates = {}
+  for i, (v, x) in enumerate(zip(jaxpr.invars, leaves)):
+    ok = (jnp.ndim(x) >= 1 if chosen is not None else jnp.ndim(x) >= 2) and (
+        jnp.issubdtype(jnp.result_type(x), jnp.inexact))
+    if chosen is not None and i in chosen and not ok:
+      raise ValueError(
+          f"`tables` selects leaf {_leaf_name(paths, i)}, which is not a "
+          "floating table with rows (ndim >= 1).")
+    if ok and (chosen is None or i in chosen):
+      candidates[v] = i
+  return candidates
+
+
+def _check_chosen(chosen: set, dense: set, looked_up: set,
+                  paths: list) -> None:
+  """Raises naming the first leaf `tables` selects that cannot be sparse."""
+  for i in sorted(chosen):
+    if i in dense:
+      raise ValueError(
+          f"`tables` selects leaf {_leaf_name(paths, i)}, but the loss uses it "
+          "other than through row lookups (e.g. an output layer tied to the "
+          "embedding, or a slice), so its gradient is dense: leave it out "
+          "of `tables`.")
+    if i not in looked_up:
+      raise ValueError(
+          f"`tables` selects leaf {_leaf_name(paths, i)}, but the loss never "
+          "looks up its rows.")
+
+
+def _sparse_tables(jaxpr: Any, candidates: dict, chosen: Optional[set],
+                   paths: list) -> Tuple[list, list]:
+  """The sparse tables (sorted leaf indices) and their gathers, in order."""
+  gathers, dense = [], set()
+  _scan_uses(jaxpr, candidates, gathers, dense)
+  looked_up = {i for i, _ in gathers}
+  if chosen is not None:
+    _check_chosen(chosen, dense, looked_up, paths)
+  sparse = sorted(looked_up - dense)
+  return sparse, [(i, aval) for i, aval in gathers if i in sparse]
+
+
+def _row_loss(closed: Any, out_shape: Any, leaves: list, sparse_set: set,
+              has_aux: bool, diff: list, deltas: list) -> Tuple[Any, Any]:
+  """`(loss, (aux, gathers' (indices, mode)))` at dense leaves, row deltas."""
+  args_in = [_TableRef(i) if i in sparse_set else diff[i]
+             for i in range(len(leaves))]
+  recorded = []
+  outs = _interpret(closed.jaxpr, list(closed.consts), args_in, leaves, deltas,
+                    [0], recorded)
+  out = jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+  if has_aux:
+    value, aux = out
+    return value, (aux, recorded)
+  return out, (None, recorded)
+
+
+def _differentiate(closed: Any, out_shape: Any, leaves: list, sparse: list,
+                   gathers: list, has_aux: bool) -> tuple:
+  """(value, aux, recorded, dense leaves' grads, gathered rows' grads)."""
+  sparse_set = set(sparse)
+  deltas = [jnp.zeros(aval.shape, aval.dtype) for _, aval in gathers]
+  diff_leaves = [None if i in sparse_set else x for i, x in enumerate(leaves)]
+  loss = functools.partial(_row_loss, closed, out_shape, leaves, sparse_set,
+                           has_aux)
+  (value, (aux, recorded)), (g_diff, g_deltas) = jax.value_and_grad(
+      loss, argnums=(0, 1), has_aux=True)(diff_leaves, deltas)
+  return value, aux, recorded, g_diff, g_deltas
+
+
+def _gather_ids(indices: jax.Array, mode: Any, num_rows: int,
+                padding_id: Optional[int]) -> jax.Array:
+  """A gather's row ids, with `padding_id` mapped to the fill id `num_rows`."""
+  ids = _recorded_ids(indices, mode, num_rows)
+  if padding_id is not None:
+    ids = jnp.where(ids == padding_id, jnp.asarray(num_rows, ids.dtype), ids)
+  return ids
+
+
+def _sparse_grads(leaves: list, sparse: list, gathers: list, recorded: list,
+                  g_deltas: list, padding_id: Optional[int]) -> dict:
+  """Leaf index -> the `SparseRows` gradient of each sparse table."""
+  per_table = {i: ([], []) for i in sparse}
+  for (i, _), (indices, mode), g in zip(gathers, recorded, g_deltas):
+    num_rows = jnp.shape(leaves[i])[0]
+    per_table[i][0].append(_gather_ids(indices, mode, num_rows, padding_id))
+    per_table[i][1].append(
+        jnp.reshape(g, (-1,) + tuple(jnp.shape(leaves[i])[1:])))
+  return {
+      i: _sparse.SparseRows._make(  # pylint: disable=protected-access
+          jnp.concatenate(ids) if len(ids) > 1 else ids[0],
+          jnp.concatenate(values) if len(values) > 1 else values[0])
+      for i, (ids, values) in per_table.items()}
+
+
 def sparse_value_and_grad(
     fun: Any,
     tables: Any = None,
@@ -231,99 +366,16 @@ def sparse_value_and_grad(
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [p for p, _ in leaves_with_path]
     leaves = [x for _, x in leaves_with_path]
-
-    def flat_fun(flat):
-      return fun(jax.tree.unflatten(treedef, flat), *args, **kwargs)
-
-    closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(leaves)
-    jaxpr = closed.jaxpr
-
-    def where(i):
-      return jax.tree_util.keystr(tuple(paths[i])) or "<root>"
-
-    if tables is None:
-      chosen = None
-    else:
-      mask_tree = tables(params) if callable(tables) else tables
-      chosen = set()
-      try:
-        flags = jax.tree.leaves(jax.tree.map(
-            lambda m, sub: jax.tree.map(lambda _: m, sub), mask_tree, params))
-      except (ValueError, TypeError) as e:
-        raise ValueError(
-            "`tables` must have the tree structure of the params (or be a "
-            f"prefix of it): {e}") from None
-      for i, flag in enumerate(flags):
-        if not isinstance(flag, (bool, np.bool_)):
-          raise TypeError(
-              f"`tables` leaf {where(i)} must be a bool, got {flag!r}.")
-        if flag:
-          chosen.add(i)
-    candidates = {}
-    for i, (v, x) in enumerate(zip(jaxpr.invars, leaves)):
-      ok = (jnp.ndim(x) >= 1 if chosen is not None else jnp.ndim(x) >= 2) and (
-          jnp.issubdtype(jnp.result_type(x), jnp.inexact))
-      if chosen is not None and i in chosen and not ok:
-        raise ValueError(
-            f"`tables` selects leaf {where(i)}, which is not a floating "
-            "table with rows (ndim >= 1).")
-      if ok and (chosen is None or i in chosen):
-        candidates[v] = i
-    gathers, dense = [], set()
-    _scan_uses(jaxpr, candidates, gathers, dense)
-    looked_up = {i for i, _ in gathers}
-    if chosen is not None:
-      for i in sorted(chosen):
-        if i in dense:
-          raise ValueError(
-              f"`tables` selects leaf {where(i)}, but the loss uses it other "
-              "than through row lookups (e.g. an output layer tied to the "
-              "embedding, or a slice), so its gradient is dense: leave it out "
-              "of `tables`.")
-        if i not in looked_up:
-          raise ValueError(
-              f"`tables` selects leaf {where(i)}, but the loss never looks "
-              "up its rows.")
-    sparse = sorted(looked_up - dense)
-    gathers = [(i, aval) for i, aval in gathers if i in sparse]
-    sparse_set = set(sparse)
-    deltas = [jnp.zeros(aval.shape, aval.dtype) for _, aval in gathers]
-    diff_leaves = [None if i in sparse_set else x for i, x in enumerate(leaves)]
-
-    def inner(diff, deltas):
-      args_in = [_TableRef(i) if i in sparse_set else diff[i]
-                 for i in range(len(leaves))]
-      recorded = []
-      outs = _interpret(jaxpr, list(closed.consts), args_in, leaves, deltas,
-                        [0], recorded)
-      out = jax.tree.unflatten(jax.tree.structure(out_shape), outs)
-      if has_aux:
-        value, aux = out
-        return value, (aux, recorded)
-      return out, (None, recorded)
-
-    (value, (aux, recorded)), (g_diff, g_deltas) = jax.value_and_grad(
-        inner, argnums=(0, 1), has_aux=True)(diff_leaves, deltas)
-    per_table = {i: ([], []) for i in sparse}
-    for (i, _), (indices, mode), g in zip(gathers, recorded, g_deltas):
-      num_rows = jnp.shape(leaves[i])[0]
-      ids = _recorded_ids(indices, mode, num_rows)
-      if padding_id is not None:
-        ids = jnp.where(ids == padding_id, jnp.asarray(num_rows, ids.dtype),
-                        ids)
-      per_table[i][0].append(ids)
-      per_table[i][1].append(
-          jnp.reshape(g, (-1,) + tuple(jnp.shape(leaves[i])[1:])))
-    grads = []
-    for i in range(len(leaves)):
-      if i in sparse_set:
-        ids, values = per_table[i]
-        grads.append(_sparse.SparseRows._make(  # pylint: disable=protected-access
-            jnp.concatenate(ids) if len(ids) > 1 else ids[0],
-            jnp.concatenate(values) if len(values) > 1 else values[0]))
-      else:
-        grads.append(g_diff[i])
-    grads = jax.tree.unflatten(treedef, grads)
+    closed, out_shape = _trace(fun, treedef, leaves, args, kwargs)
+    chosen = _chosen_leaves(tables, params, paths)
+    candidates = _candidates(closed.jaxpr, leaves, chosen, paths)
+    sparse, gathers = _sparse_tables(closed.jaxpr, candidates, chosen, paths)
+    value, aux, recorded, g_diff, g_deltas = _differentiate(
+        closed, out_shape, leaves, sparse, gathers, has_aux)
+    rows = _sparse_grads(leaves, sparse, gathers, recorded, g_deltas,
+                         padding_id)
+    grads = jax.tree.unflatten(treedef, [
+        rows[i] if i in rows else g_diff[i] for i in range(len(leaves))])
     if has_aux:
       return (value, aux), grads
     return value, grads
