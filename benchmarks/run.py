@@ -307,7 +307,13 @@ python -m benchmarks.run --quick                 # tiny sizes, seconds
 python -m benchmarks.run --sizes 1e6,1e7         # choose the sizes
 python -m benchmarks.formulations                # the sync formulation study
 python -m benchmarks.lazy                        # lazy(adam) vs adam only
+python -m benchmarks.muon                        # every option, Muon inner
+python -m benchmarks.run --accelerator           # on a GPU/TPU: < 8 minutes
 ```
+
+`--accelerator` runs only the decisive comparisons (every option and
+formulation against the inner optimizer, Adam and Muon) and writes them into
+the "Accelerator" section of `--out` (the CPU tables stay as they are).
 
 Method (`benchmarks/common.py`): every variant is a jitted
 `params, state = step(params, state, grads)` (`tx.update` followed by
@@ -400,6 +406,25 @@ time the same steps in a process whose allocator keeps the memory it frees
 (one arena for all threads can also slow a step: compare the keep rows).
 """
 
+_MUON = """\
+## Inner optimizer with matrix products: Muon
+
+`lookahead(muon)` ({desc}, k = 5, donated) against a step of
+`optax.contrib.muon` alone, interleaved, with the FLOPs that XLA's cost
+analysis counts for each compiled step. The inner update is computed once in
+every option and formulation (`tests/test_inner_cost.py` holds the FLOPs to
+1.05x); `"loop"` computes it twice only for an elementwise inner optimizer
+(how_it_works.md, "How the sync is compiled").
+"""
+
+ACCELERATOR_START = "<!-- accelerator tables: start -->"
+ACCELERATOR_END = "<!-- accelerator tables: end -->"
+_NOT_TIMED = ("No accelerator has been lent for these measurements yet: on "
+              "GPU and TPU nothing here was timed, and `sync=\"auto\"` picks "
+              "`\"select\"` there (`\"cond\"` with `axis_name`) without a "
+              "measurement. Run `python -m benchmarks.run --accelerator --out "
+              "docs/benchmarks.md` on one to fill this section.")
+
 _TRAFFIC = """\
 ## Memory traffic of each formulation (accelerators: not timed)
 
@@ -469,8 +494,14 @@ def build_report(info: dict, sections: dict, quick: bool) -> str:
                  + "\nEach option's default step against its target:\n\n"
                  + sections["policy_targets"] + "\n\nAll rows:\n\n"
                  + sections["policies"] + "\n")
+  if sections.get("muon"):
+    parts.append(_MUON.format(desc=sections["muon_desc"]) + "\n"
+                 + sections["muon"] + "\n")
   if sections.get("traffic"):
     parts.append(_TRAFFIC + "\n" + sections["traffic"] + "\n")
+  parts.append("## Accelerator\n\n" + ACCELERATOR_START + "\n"
+               + sections.get("accelerator", _NOT_TIMED) + "\n"
+               + ACCELERATOR_END + "\n")
   if sections.get("lazy"):
     parts.append("## Lazy updates on an embedding table\n\n"
                  + sections["lazy"] + "\n")
@@ -479,6 +510,48 @@ def build_report(info: dict, sections: dict, quick: bool) -> str:
                  + sections["sparse"] + "\n")
   parts.append(f"Total benchmark time: {sections['elapsed']}.\n")
   return "\n".join(parts)
+
+
+def splice_accelerator(path: str, text: str) -> None:
+  """Replaces the Accelerator section of the report at `path` with `text`."""
+  with open(path) as f:
+    report = f.read()
+  if ACCELERATOR_START in report and ACCELERATOR_END in report:
+    head, rest = report.split(ACCELERATOR_START, 1)
+    tail = rest.split(ACCELERATOR_END, 1)[1]
+  else:
+    head, tail = report.rstrip() + "\n\n## Accelerator\n\n", "\n"
+  with open(path, "w") as f:
+    f.write(head + ACCELERATOR_START + "\n" + text + "\n" + ACCELERATOR_END
+            + tail)
+
+
+def accelerator(out: Optional[str], quick: bool = False) -> str:
+  """Every option and formulation against Adam and Muon (see `--accelerator`)."""
+  from benchmarks import muon  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  info = common.machine_info()
+  n = 100_000 if quick else TARGET_N
+  policy_rows = policies.run(
+      n=n, rounds=3 if quick else 7, layers=1 if quick else 8,
+      syncs=("auto", "select", "cond", "loop"),
+      min_block_s=0.0 if quick else 0.1, log=_log)
+  size = 64 if quick else 512
+  muon_rows = muon.run(matrices=8, size=size, rounds=3 if quick else 7,
+                       min_block_s=0.0 if quick else 0.1, log=_log)
+  text = (
+      f"{info['date']}; JAX backend `{info['backend']}` ({info['devices']} "
+      f"device), {info['cpu']}; jax {info['jax']}; commit {info['commit']}; "
+      f"{(time.time() - t0) / 60:.1f} min.\n\n"
+      f"`lookahead(adam)`, {common.fmt_params(n)} params in 100 leaves:\n\n"
+      + policies_table(policy_rows)
+      + f"\n\n`lookahead(muon)`, 8 matrices of {size} x {size}:\n\n"
+      + muon.markdown(muon_rows))
+  if out:
+    splice_accelerator(out, text)
+    _log(f"wrote the Accelerator section of {out}")
+  print(text)
+  return text
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
@@ -497,12 +570,17 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                       help="round-robin rounds for the step benchmark")
   parser.add_argument("--skip", default="",
                       help="comma-separated sections to skip: e2e, "
-                      "formulations, policies, traffic, lazy, sparse, "
+                      "formulations, policies, muon, traffic, lazy, sparse, "
                       "nodonate")
+  parser.add_argument("--accelerator", action="store_true",
+                      help="only the options against Adam and Muon, for a "
+                      "GPU/TPU; writes the Accelerator section of --out")
   parser.add_argument("--out", default=None, help="write the report here")
   parser.add_argument("--plot", default=None,
                       help="write the step-time plot (PNG) here")
   args = parser.parse_args(argv)
+  if args.accelerator:
+    return accelerator(args.out, quick=args.quick)
   t0 = time.time()
   skip = {s.strip() for s in args.skip.split(",") if s.strip()}
   quick = args.quick
@@ -562,6 +640,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     kept_rows = None if quick else policies.run_kept(
         n=n, rounds=9, layers=8, min_block_s=0.1, log=_log)
     sections["policy_targets"] = policy_targets_table(policy_rows, kept_rows)
+
+  if "muon" not in skip:
+    from benchmarks import muon  # pylint: disable=g-import-not-at-top
+    size = 64 if quick else 448
+    sections["muon_desc"] = f"6 matrices of {size} x {size}"
+    sections["muon"] = muon.markdown(muon.run(
+        size=size, rounds=3 if quick else 9,
+        min_block_s=0.0 if quick else 0.1, log=_log))
 
   if "traffic" not in skip:
     from benchmarks import traffic  # pylint: disable=g-import-not-at-top

@@ -38,7 +38,7 @@ def quick_report(tmp_path_factory):
   md, png = out / "benchmarks.md", out / "img" / "step.png"
   png.parent.mkdir()
   report = bench_run.main([
-      "--quick", "--skip", "formulations,policies,lazy,nodonate",
+      "--quick", "--skip", "formulations,policies,muon,lazy,nodonate",
       "--out", str(md), "--plot", str(png)])
   return report, md, png
 
@@ -165,3 +165,34 @@ def test_interleaved_ratio_is_the_median_of_paired_rounds():
 def test_markdown_table():
   assert common.markdown_table(["a", "b"], [[1, "x"]]) == (
       "| a | b |\n|---|---|\n| 1 | x |")
+
+
+def test_muon_rows_count_flops_against_muon():
+  from benchmarks import muon  # pylint: disable=g-import-not-at-top
+  rows = muon.run(matrices=2, size=48, rounds=1, syncs=("loop",),
+                  min_block_s=0.0, log=lambda m: None)
+  assert [r["option"] for r in rows] == ["muon"] + [o for o, _ in muon.OPTIONS]
+  assert rows[0]["flops_ratio"] == 1.0
+  for r in rows[1:]:  # the inner update computed once, also under "loop"
+    assert 1.0 <= r["flops_ratio"] <= 1.05, r
+  table = muon.markdown(rows)
+  assert table.splitlines()[0].startswith("| option | sync |")
+
+
+def test_accelerator_section_is_spliced_into_the_report(tmp_path):
+  page = tmp_path / "benchmarks.md"
+  page.write_text("# Benchmarks\n\nCPU tables.\n")
+  bench_run.splice_accelerator(str(page), "first")
+  bench_run.splice_accelerator(str(page), "second run")
+  text = page.read_text()
+  assert text.startswith("# Benchmarks\n\nCPU tables.\n")
+  assert text.count("## Accelerator") == 1
+  assert "second run" in text and "first" not in text
+  assert text.index(bench_run.ACCELERATOR_START) < text.index("second run")
+
+
+def test_report_says_accelerators_were_not_timed(quick_report):
+  report, _, _ = quick_report
+  section = _section(report, "Accelerator")
+  assert "nothing here was timed" in section
+  assert bench_run.ACCELERATOR_START in section
