@@ -123,6 +123,48 @@ def assert_tree_within_ulps_at_scale(actual, expected, n, msg=""):
         f"{scales.get(_kind(path), 0.0):.3g} > {n}")
 
 
+def assert_tree_within_ulps_at(actual: Any, expected: Any, n: int,
+                               scale: Any = 0.0, msg: str = "") -> None:
+  """Leafwise |actual - expected| <= n ulps at the magnitude of the operands.
+
+  Two programs that round the same arithmetic differently (an FMA in one, a
+  multiply and an add in the other) differ by a rounding of an operand: a
+  fraction of an ulp at the scale of the operands, but many ulps of a result
+  that cancels (a moment whose gradient changed sign, a pseudo-gradient
+  `slow - fast`, a weight crossing zero). The ulps are taken at the largest
+  of |actual|, |expected|, the largest magnitude in the leaf, and `scale`: a
+  number (the weights' scale), or a tree like `expected` (the values before
+  the step, an operand of a moment's update), elementwise. Non-float leaves
+  must be equal.
+  """
+  flat_a, tree_a = jax.tree.flatten(actual)
+  flat_e, tree_e = jax.tree.flatten(expected)
+  assert tree_a == tree_e, f"{msg} structure {tree_a} != {tree_e}"
+  if isinstance(scale, (int, float)):
+    scales = [scale] * len(flat_e)
+  else:
+    scales = jax.tree.leaves(scale)
+    assert len(scales) == len(flat_e), f"{msg} scale structure"
+  for i, (a, e, s) in enumerate(zip(flat_a, flat_e, scales)):
+    a, e = np.asarray(a), np.asarray(e)
+    where = f"{msg} leaf {i}"
+    if not jnp.issubdtype(e.dtype, jnp.inexact):
+      assert_bitwise(a, e, where)
+      continue
+    assert a.dtype == e.dtype and a.shape == e.shape, where
+    a64, e64 = a.astype(np.float64), e.astype(np.float64)
+    finite = np.isfinite(a64) & np.isfinite(e64)
+    np.testing.assert_array_equal(a64[~finite], e64[~finite], err_msg=where)
+    s = np.broadcast_to(np.abs(np.asarray(s, np.float64)), e.shape)[finite]
+    a64, e64 = a64[finite], e64[finite]
+    top = max(float(np.max(np.abs(x), initial=0.0)) for x in (a64, e64))
+    at = np.maximum(np.maximum(np.abs(a64), np.abs(e64)), np.maximum(s, top))
+    diff = np.abs(a64 - e64)
+    bound = n * ulp(at, e.dtype)
+    assert (diff <= bound).all(), (
+        f"{where}: {np.max(diff / bound) * n:.1f} ulps > {n}")
+
+
 def buffer_pointers(tree: Any) -> list:
   """The device buffer addresses of every array leaf (one per shard)."""
   out = []
