@@ -7,11 +7,12 @@ treats 0.0 == -0.0 and any NaN == NaN).
 """
 
 import contextlib
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def bits(x: Any) -> np.ndarray:
@@ -163,6 +164,37 @@ def assert_tree_within_ulps_at(actual: Any, expected: Any, n: int,
     bound = n * ulp(at, e.dtype)
     assert (diff <= bound).all(), (
         f"{where}: {np.max(diff / bound) * n:.1f} ulps > {n}")
+
+
+def trajectory(tx: Any, params: Any, grads: Any, steps: Optional[int] = None,
+               *, jit: bool = False, donate: bool = False,
+               state: Any = None) -> list:
+  """`(params, state)` after each step of `tx` (update, then apply_updates).
+
+  The one training loop of the tests. `grads` is a sequence of gradient
+  trees (one a step), or a function `grads(params, t)` of the params before
+  step `t` (then `steps` steps). `jit` compiles the step (one program for
+  the whole run), `donate` donates params and state to it and copies each
+  step's results to the host (their buffers are reused). The run starts from
+  copies of `params` and from `state`, or `tx.init`.
+  """
+  def step(p, s, g):
+    updates, s = tx.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+  if jit:
+    step = jax.jit(step, donate_argnums=(0, 1) if donate else ())
+  params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+  state = tx.init(params) if state is None else state
+  if callable(grads):
+    grads_fn = grads
+  else:
+    grads_fn = lambda p, t: grads[t]  # pylint: disable=unnecessary-lambda-assignment
+    steps = len(grads) if steps is None else steps
+  out = []
+  for t in range(steps):
+    params, state = step(params, state, grads_fn(params, t))
+    out.append(jax.device_get((params, state)) if donate else (params, state))
+  return out
 
 
 def buffer_pointers(tree: Any) -> list:

@@ -8,22 +8,8 @@ import pytest
 
 import lookahead_optax as lo
 from tests._helpers import bits
+from tests._helpers import trajectory
 
-
-
-def run(tx, params, grads_fn, steps, jit=False, donate=False):
-  def step(p, s, t):
-    u, s = tx.update(grads_fn(p, t), s, p)
-    return optax.apply_updates(p, u), s
-  if jit:
-    step = jax.jit(step, donate_argnums=(0, 1) if donate else ())
-  params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
-  state = tx.init(params)
-  out = []
-  for t in range(steps):
-    params, state = step(params, state, t)
-    out.append(jax.device_get((params, state)) if donate else (params, state))
-  return out
 
 
 def quad_grads(p, t):
@@ -50,7 +36,7 @@ def snoo_reference(w0, lr_in, k, lr_out, mu, steps):
 def test_snoo_matches_the_papers_equations(jit):
   w0 = {"w": jnp.array([2.0, -1.0, 0.5])}
   tx = lo.snoo(optax.sgd(0.3), sync_period=3, learning_rate=0.6, momentum=0.3)
-  got = run(tx, w0, quad_grads, 10, jit=jit, donate=jit)
+  got = trajectory(tx, w0, quad_grads, 10, jit=jit, donate=jit)
   ref = snoo_reference(w0["w"], 0.3, 3, 0.6, 0.3, 10)
   for t, ((p, s), (fast, slow)) in enumerate(zip(got, ref)):
     np.testing.assert_allclose(p["w"], fast, rtol=1e-6, atol=1e-7,
@@ -62,7 +48,7 @@ def test_snoo_matches_the_papers_equations(jit):
 def test_snoo_momentum_buffer_lives_in_outer_state():
   w0 = {"w": jnp.array([2.0])}
   tx = lo.snoo(optax.sgd(0.5), sync_period=2, learning_rate=0.5, momentum=0.5)
-  (p1, s1), (p2, s2) = run(tx, w0, lambda p, t: p, 2)
+  (p1, s1), (p2, s2) = trajectory(tx, w0, lambda p, t: p, 2)
   trace = s1.outer_state[0].trace["w"]
   np.testing.assert_array_equal(trace, [0.0])  # no sync yet
   # Fast 2 -> 1 -> 0.5: s = 1.5, b = 1.5, w = 2 - 0.5 (0.75 + 1.5) = 0.875.
@@ -76,8 +62,8 @@ def test_outer_sgd_is_slow_step_size(alpha):
   params = {"a": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array(0.7)}
   plain = lo.lookahead(optax.adam(0.05), 3, alpha)
   outer = lo.lookahead(optax.adam(0.05), 3, outer=optax.sgd(alpha))
-  for (pp, sp), (po, so) in zip(run(plain, params, quad_grads, 9),
-                                run(outer, params, quad_grads, 9)):
+  for (pp, sp), (po, so) in zip(trajectory(plain, params, quad_grads, 9),
+                                trajectory(outer, params, quad_grads, 9)):
     for key in params:
       np.testing.assert_allclose(po[key], pp[key], rtol=2e-6, atol=1e-7)
       np.testing.assert_allclose(lo.slow_params(so)[key],
@@ -89,8 +75,8 @@ def test_outer_params_land_on_slow_bitwise_jit_donated(sync):
   params = {"a": jnp.linspace(-1.0, 2.0, 7), "b": jnp.ones((2, 3))}
   tx = lo.lookahead(optax.adamw(0.1), 3, sync=sync, inner_state="reset",
                     outer=optax.sgd(0.7, momentum=0.9, nesterov=True))
-  for t, (p, s) in enumerate(run(tx, params, quad_grads, 9, jit=True,
-                                 donate=True)):
+  for t, (p, s) in enumerate(trajectory(tx, params, quad_grads, 9,
+                                        jit=True, donate=True)):
     if (t + 1) % 3 == 0:
       for key in params:
         np.testing.assert_array_equal(bits(p[key]),
@@ -103,7 +89,7 @@ def test_schedule_counts_syncs_not_rolled_back_slots():
   tx = lo.lookahead(optax.sgd(1.0), 2, sched, on_nonfinite="rollback")
   params = {"w": jnp.array([10.0])}
   grads = [1.0, np.nan, 1.0, 1.0, 2.0, 2.0]  # step 2 (a sync slot) is bad
-  hist = run(tx, params, lambda p, t: {"w": jnp.array([grads[t]])}, 6)
+  hist = trajectory(tx, params, lambda p, t: {"w": jnp.array([grads[t]])}, 6)
   # Step 2 rolled back to 10; steps 3, 4: 9, 8 and the first real sync
   # (alpha 0.3): 10 + 0.3 * (8 - 10) = 9.4. Steps 5, 6: 7.4, 5.4, sync with
   # alpha 0.8: 9.4 + 0.8 * (5.4 - 9.4) = 6.2.
@@ -117,7 +103,7 @@ def test_scalar_params_keep_injected_hyperparameters_at_reset():
   inner = optax.inject_hyperparams(optax.sgd)(learning_rate=0.25,
                                               momentum=0.5)
   tx = lo.lookahead(inner, 2, 0.3, inner_state="reset")
-  hist = run(tx, jnp.array(4.0), lambda p, t: p, 4, jit=True)
+  hist = trajectory(tx, jnp.array(4.0), lambda p, t: p, 4, jit=True)
   hyper = hist[-1][1].inner_state.hyperparams
   assert float(hyper["learning_rate"]) == 0.25
   assert float(hyper["momentum"]) == 0.5
@@ -146,7 +132,7 @@ def test_rollback_with_bool_and_int_params():
   def grads(p, t):
     w = jnp.where(t == 1, jnp.array([np.nan, 1.0]), jnp.ones(2))
     return {"w": w, "flag": jnp.zeros(2, bool), "n": jnp.zeros(2, jnp.int32)}
-  hist = run(tx, params, grads, 3, jit=True)
+  hist = trajectory(tx, params, grads, 3, jit=True)
   p, _ = hist[1]
   np.testing.assert_array_equal(p["w"], [1.0, 2.0])  # back to the slow weights
   np.testing.assert_array_equal(p["flag"], [True, False])
@@ -155,7 +141,7 @@ def test_rollback_with_bool_and_int_params():
 
 def test_python_float_params_eager():
   tx = lo.lookahead(optax.sgd(0.5), 2, 0.3)
-  hist = run(tx, {"a": 4.0}, lambda p, t: {"a": 4.0}, 2)
+  hist = trajectory(tx, {"a": 4.0}, lambda p, t: {"a": 4.0}, 2)
   # 4 -> 2 -> 0; sync: 4 + 0.3 * (0 - 4) = 2.8.
   np.testing.assert_allclose(hist[1][0]["a"], 2.8, rtol=1e-6)
 
@@ -246,10 +232,10 @@ def test_schedule_under_inject_hyperparams_is_evaluated_on_update_calls():
   grads = lambda p, t: {"w": jnp.array([1.0])}  # pylint: disable=unnecessary-lambda-assignment
   params = {"w": jnp.array([10.0])}
   # Fast 10 -> 9 -> 8; sync: 10 + alpha * (8 - 10).
-  np.testing.assert_allclose(run(injected, params, grads, 2)[1][0]["w"], [8.4],
-                             rtol=1e-6)
-  np.testing.assert_allclose(run(direct, params, grads, 2)[1][0]["w"], [9.4],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      trajectory(injected, params, grads, 2)[1][0]["w"], [8.4], rtol=1e-6)
+  np.testing.assert_allclose(
+      trajectory(direct, params, grads, 2)[1][0]["w"], [9.4], rtol=1e-6)
 
 
 @pytest.mark.parametrize("sync", ["select", "cond", "loop"])
@@ -262,7 +248,7 @@ def test_rollback_lands_on_slow_weights_when_the_weight_moved_far(sync):
                     sync=sync)
   p0 = jnp.array([0.0123456, 1e-3, 7.0], jnp.float32)
   grads = jnp.stack([jnp.ones(3), jnp.array([np.nan, 1.0, 1.0])])
-  hist = run(tx, p0, lambda p, t: grads[t], 2, jit=True)
+  hist = trajectory(tx, p0, lambda p, t: grads[t], 2, jit=True)
   p1, (p2, s2) = hist[0][0], hist[1]
   slow = lo.slow_params(s2)
   np.testing.assert_array_equal(bits(p2), bits(slow))

@@ -16,6 +16,7 @@ import pytest
 
 import lookahead_optax as lo
 from tests._helpers import assert_tree_bitwise
+from tests._helpers import trajectory
 
 
 def _la(sync_period=2):
@@ -24,11 +25,8 @@ def _la(sync_period=2):
 
 
 def _run(tx, params, num_steps):
-  state = tx.init(params)
-  for _ in range(num_steps):
-    updates, state = tx.update(params, state, params)  # grads = params
-    params = optax.apply_updates(params, updates)
-  return params, state
+  """The params and state after `num_steps` steps on the loss 0.5 p**2."""
+  return trajectory(tx, params, lambda p, t: p, num_steps)[-1]
 
 
 PARAMS = {"a": jnp.array([4.0]), "b": jnp.array([-8.0, 2.0])}
