@@ -1,4 +1,4 @@
-"""Presets of `lookahead` with an outer optimizer: SNOO."""
+"""Presets of `lookahead` with an outer optimizer: SNOO and DiLoCo."""
 
 from typing import Any
 
@@ -92,3 +92,85 @@ def snoo(
   _arguments.check_snoo_args(learning_rate, momentum)
   outer = optax.sgd(learning_rate, momentum=momentum, nesterov=True)
   return lookahead(inner, sync_period, outer=outer, **kwargs)
+
+
+def diloco(
+    inner: optax.GradientTransformation,
+    sync_period: int,
+    axis_name: str,
+    learning_rate: optax.ScalarOrSchedule = 0.7,
+    momentum: float = 0.9,
+    **kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+  r"""DiLoCo: replicas train apart and average the pseudo-gradient at a sync.
+
+  Each replica of the mapped axis `axis_name` (`jax.pmap`, `shard_map`)
+  runs `inner` on its own gradients with its own inner state; every
+  `sync_period` steps the pseudo-gradients $\Delta_m = \phi - \theta_m$ are
+  averaged over the axis (the only collective) and the slow weights take a
+  Nesterov step on the mean, with the DiLoCo paper's outer settings
+  ($\eta = 0.7$, $\mu = 0.9$):
+
+  $$\Delta = \tfrac{1}{M} \textstyle\sum_m \Delta_m, \qquad
+  b \leftarrow \mu b + \Delta, \qquad
+  \phi \leftarrow \phi - \eta (\mu b + \Delta).$$
+
+  This is `lookahead(inner, sync_period, outer=optax.sgd(learning_rate,
+  momentum=momentum, nesterov=True), axis_name=axis_name)`. The initial
+  params must be the same on every replica (`check_replicas_agree`).
+
+  Args:
+    inner: the inner optimizer (the paper: AdamW).
+    sync_period: $H$, inner steps between syncs (the paper: 500).
+    axis_name: the mapped axis of the replicas.
+    learning_rate: the outer learning rate $\eta$ (a float or a schedule of
+      the number of outer steps).
+    momentum: the outer Nesterov momentum $\mu$, in [0, 1).
+    **kwargs: passed on to `lookahead` (e.g. `inner_state`, `slow_dtype`);
+      not `outer` or `slow_step_size`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    `LookaheadState`; `outer_state` holds the momentum buffer.
+
+  Raises:
+    TypeError: if `momentum` or `learning_rate` is not a real number, or
+      `axis_name` is not a string, and as `lookahead`.
+    ValueError: if `momentum` is outside [0, 1) or `learning_rate` is not a
+      finite number >= 0, and as `lookahead`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import lookahead_optax as lo
+    >>> tx = lo.diloco(optax.sgd(0.5), sync_period=2, axis_name="r")
+    >>> params = jnp.stack([jnp.array([4.0])] * 2)  # 2 replicas, one start
+    >>> state = jax.pmap(tx.init, devices=jax.devices()[:2])(params)
+    >>> def step(p, s, target):
+    ...   u, s = tx.update(p - target, s, p)  # loss 0.5 (p - target)**2
+    ...   return optax.apply_updates(p, u), s
+    >>> step = jax.pmap(step, axis_name="r", devices=jax.devices()[:2])
+    >>> targets = jnp.array([[0.0], [2.0]])  # each replica its own data
+    >>> for _ in range(2):
+    ...   params, state = step(params, state, targets)
+    >>> print(params[:, 0])
+    [1.0075 1.0075]
+
+    The fast weights went 4 -> 2 -> 1 and 4 -> 3 -> 2.5, so
+    $\Delta = (3 + 1.5) / 2 = 2.25$, $b = 2.25$ and
+    $\phi = 4 - 0.7 (0.9 \cdot 2.25 + 2.25) = 1.0075$, on both replicas.
+
+  References:
+    Douillard et al., [DiLoCo: Distributed Low-Communication Training of
+    Language Models](https://arxiv.org/abs/2311.08105), 2023.
+  """
+  for name in ("outer", "slow_step_size"):
+    if name in kwargs:
+      raise TypeError(f"`diloco` sets `{name}` itself; use `lookahead` to "
+                      "pass your own.")
+  if not isinstance(axis_name, str) or not axis_name:
+    raise TypeError("`axis_name` of `diloco` must be a non-empty string (the "
+                    f"mapped axis of the replicas), got {axis_name!r}.")
+  _arguments.check_snoo_args(learning_rate, momentum)
+  outer = optax.sgd(learning_rate, momentum=momentum, nesterov=True)
+  return lookahead(inner, sync_period, outer=outer, axis_name=axis_name,
+                   **kwargs)

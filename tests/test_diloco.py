@@ -708,3 +708,43 @@ def test_check_replicas_agree_names_the_leaf_and_replica():
     lo.check_replicas_agree(per_device)
   with pytest.raises(ValueError, match="is a scalar: expected a leading"):
     lo.check_replicas_agree({"s": jnp.ones(())}, name="state")
+
+
+def test_diloco_preset_is_nesterov_lookahead_with_the_papers_settings():
+  inner = optax.adamw(0.03)
+  params = {"w": jnp.ones((4, 2)), "b": jnp.ones(2)}
+  rep = jax.tree.map(lambda a: jnp.stack([a, a]), params)
+  devices = jax.devices()[:2]
+
+  def lowered(tx):
+    def step(p, s, g):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+    state = jax.pmap(tx.init, devices=devices)(rep)
+    return jax.pmap(step, axis_name="data", devices=devices).lower(
+        rep, state, rep).as_text()
+
+  explicit = lo.lookahead(inner, 7, axis_name="data", inner_state="reset",
+                          outer=optax.sgd(0.7, momentum=0.9, nesterov=True))
+  preset = lo.diloco(inner, 7, "data", inner_state="reset")
+  strip = lambda t: re.sub(r"loc\(.*?\)", "", t)  # pylint: disable=unnecessary-lambda-assignment
+  assert strip(lowered(preset)) == strip(lowered(explicit))
+  other = lo.diloco(inner, 7, "data", learning_rate=0.5, momentum=0.8)
+  assert strip(lowered(other)) != strip(lowered(explicit))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(axis_name=None), TypeError, "`axis_name` of `diloco` must be a "
+     "non-empty string"),
+    (dict(outer=optax.sgd(1.0)), TypeError, "`diloco` sets `outer`"),
+    (dict(slow_step_size=0.5), TypeError, "`diloco` sets `slow_step_size`"),
+    (dict(momentum=1.0), ValueError, "momentum"),
+    (dict(learning_rate=-0.1), ValueError, "learning_rate"),
+    (dict(on_nonfinite="rollback"), ValueError,
+     "`on_nonfinite='rollback'` cannot combine with `axis_name`"),
+])
+def test_diloco_bad_arguments(kwargs, error, match):
+  args = dict(axis_name="data")
+  args.update(kwargs)
+  with pytest.raises(error, match=match):
+    lo.diloco(optax.adamw(0.1), 5, **args)
