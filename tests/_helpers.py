@@ -166,33 +166,67 @@ def assert_tree_within_ulps_at(actual: Any, expected: Any, n: int,
         f"{where}: {np.max(diff / bound) * n:.1f} ulps > {n}")
 
 
+def assert_step_within_ulps(actual: Any, expected: Any, before: Any, n: int,
+                            msg: str = "") -> None:
+  """Leafwise |actual - expected| <= n ulps at the scale of one step.
+
+  The scale is the largest of |actual|, |expected| and |before| (the leaf
+  before the step, the inputs' scale): where a step cancels (`p + u` or
+  `b1 * mu + (1 - b1) * g` near 0), one rounding of its operands is many
+  ulps of its result, but n ulps of its inputs. Integer leaves must be equal.
+  """
+  flat_a, tree_a = jax.tree.flatten(actual)
+  flat_e, tree_e = jax.tree.flatten(expected)
+  assert tree_a == tree_e, f"{msg} structure {tree_a} != {tree_e}"
+  flat_b = tree_e.flatten_up_to(before)
+  for i, (a, e, b) in enumerate(zip(flat_a, flat_e, flat_b)):
+    a, e = np.asarray(a), np.asarray(e)
+    assert a.dtype == e.dtype, f"{msg} leaf {i} dtype {a.dtype} != {e.dtype}"
+    if not jnp.issubdtype(e.dtype, jnp.inexact):
+      np.testing.assert_array_equal(a, e, err_msg=f"{msg} leaf {i}")
+      continue
+    dtype = e.dtype
+    a, e, b = (np.asarray(x, np.float64) for x in (a, e, b))
+    diff = np.where(np.isnan(a) & np.isnan(e), 0.0, np.abs(a - e))
+    scale = np.maximum(np.maximum(np.abs(a), np.abs(e)), np.abs(b))
+    bound = n * ulp(scale, dtype)
+    assert (diff <= bound).all(), (
+        f"{msg} leaf {i}: {np.max(diff / bound) * n:.1f} ulps > {n}")
+
+
 def trajectory(tx: Any, params: Any, grads: Any, steps: Optional[int] = None,
-               *, jit: bool = False, donate: bool = False,
+               *, data: Any = None, jit: bool = False, donate: bool = False,
                state: Any = None) -> list:
   """`(params, state)` after each step of `tx` (update, then apply_updates).
 
   The one training loop of the tests. `grads` is a sequence of gradient
-  trees (one a step), or a function `grads(params, t)` of the params before
-  step `t` (then `steps` steps). `jit` compiles the step (one program for
-  the whole run), `donate` donates params and state to it and copies each
-  step's results to the host (their buffers are reused). The run starts from
-  copies of `params` and from `state`, or `tx.init`.
+  trees (one a step); or a function `grads(params, t)` of the params before
+  step `t`, called outside the step (then `steps` steps); or, with `data`
+  (one entry a step), a function `grads(params, data_t)` computed inside the
+  step (in the same compiled program as the update). `jit` compiles the step
+  (one program for the whole run), `donate` donates params and state to it
+  and copies each step's results to the host (their buffers are reused). The
+  run starts from copies of `params` and from `state`, or `tx.init`.
   """
-  def step(p, s, g):
+  def step(p, s, x):
+    g = grads(p, x) if data is not None else x
     updates, s = tx.update(g, s, p)
     return optax.apply_updates(p, updates), s
   if jit:
     step = jax.jit(step, donate_argnums=(0, 1) if donate else ())
   params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
   state = tx.init(params) if state is None else state
-  if callable(grads):
-    grads_fn = grads
+  if data is not None:
+    inputs = lambda p, t: data[t]  # pylint: disable=unnecessary-lambda-assignment
+    steps = len(data)
+  elif callable(grads):
+    inputs = grads
   else:
-    grads_fn = lambda p, t: grads[t]  # pylint: disable=unnecessary-lambda-assignment
+    inputs = lambda p, t: grads[t]  # pylint: disable=unnecessary-lambda-assignment
     steps = len(grads) if steps is None else steps
   out = []
   for t in range(steps):
-    params, state = step(params, state, grads_fn(params, t))
+    params, state = step(params, state, inputs(params, t))
     out.append(jax.device_get((params, state)) if donate else (params, state))
   return out
 

@@ -18,8 +18,11 @@ import pytest
 
 import lookahead_optax as lo
 from tests import reference as ref
+from tests._helpers import assert_step_within_ulps
 from tests._helpers import assert_tree_bitwise
 from tests._helpers import bits
+from tests._helpers import trajectory
+from tests._helpers import ulp
 from tests._helpers import x64_if
 
 SHAPES = {"w": (3, 4), "b": (4,), "c": ()}
@@ -41,26 +44,20 @@ def ref_grad_fn(noise):
   return grad_fn
 
 
+def _grads(params, noise_t):
+  return jax.tree.map(lambda n, p: n + LAM * p, noise_t, params)
+
+
 def make_step(tx):
   def step(params, state, noise_t):
-    grads = jax.tree.map(lambda n, p: n + LAM * p, noise_t, params)
-    updates, state = tx.update(grads, state, params)
+    updates, state = tx.update(_grads(params, noise_t), state, params)
     return optax.apply_updates(params, updates), state
   return step
 
 
 def run_library(tx, params0, noise, jit=True):
-  """Params and states after every step."""
-  step = make_step(tx)
-  if jit:
-    step = jax.jit(step)
-  params = jax.tree.map(jnp.asarray, params0)
-  state = tx.init(params)
-  out = []
-  for noise_t in noise:
-    params, state = step(params, state, noise_t)
-    out.append((params, state))
-  return out
+  """Params and states after every step (the gradients inside the step)."""
+  return trajectory(tx, params0, _grads, data=noise, jit=jit)
 
 
 def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6, msg=""):
@@ -388,9 +385,17 @@ def test_params_equal_slow_weights_bitwise_after_sync(dtype, jit):
 def test_auto_sync_is_select_on_cpu():
   assert jax.default_backend() == "cpu"
   params0, noise = make_problem(4, num_steps=6)
-  auto = run_library(lo.lookahead(optax.adam(0.05), 3, 0.7), params0, noise)
-  select = run_library(lo.lookahead(optax.adam(0.05), 3, 0.7, sync="select"),
-                       params0, noise)
+  auto_tx = lo.lookahead(optax.adam(0.05), 3, 0.7)
+  select_tx = lo.lookahead(optax.adam(0.05), 3, 0.7, sync="select")
+  # "auto" lowers to the very program "select" does, so their runs are
+  # bitwise equal on any CPU (two programs could differ in FMAs).
+  params = jax.tree.map(jnp.asarray, params0)
+  auto_hlo, select_hlo = (
+      jax.jit(make_step(tx)).lower(params, tx.init(params), noise[0]).as_text()
+      for tx in (auto_tx, select_tx))
+  assert auto_hlo == select_hlo
+  auto = run_library(auto_tx, params0, noise)
+  select = run_library(select_tx, params0, noise)
   assert_tree_bitwise(auto, select)
 
 
@@ -441,42 +446,67 @@ def _adam_fast_weights(params0, noise, num_steps):
   return run_library(optax.adam(1e-2), params0, noise[:num_steps])[-1][0]
 
 
+# Two compiled programs (e.g. the injected lookahead, whose alpha or k is read
+# from the state, and a plain one with constants) may contract multiply-adds
+# into FMAs differently: they agree to a few ulps per step, not bitwise. Each
+# step is compared from the same params and state: one Adam step rounds the
+# moments, the update and its addition to the params once each, a sync adds
+# the blend's subtraction and addition (its products, alpha = 0.25 or 0.5,
+# are exact): 4 ulps.
+ONE_STEP_ULPS = 4
+
+
 def test_inject_hyperparams_static_sync_period():
   make = optax.inject_hyperparams(lo.lookahead, static_args=("sync_period",))
   tx = make(optax.adam(1e-2), sync_period=3, slow_step_size=0.5)
   params0, noise = make_problem(7, num_steps=6)
   step = jax.jit(make_step(tx))
+  # A lookahead built with alpha = 0.25.
+  plain_step = jax.jit(make_step(lo.lookahead(optax.adam(1e-2), 3, 0.25)))
   params = jax.tree.map(jnp.asarray, params0)
   state = tx.init(params)
-  for noise_t in noise[:2]:
+  for t, noise_t in enumerate(noise[:3]):
+    if t == 2:
+      # Change alpha at run time, before the first sync.
+      state.hyperparams["slow_step_size"] = jnp.asarray(0.25)
+    # The same step as the plain lookahead's, from the same params and state.
+    before = (params, state.inner_state)
+    expected = plain_step(*before, noise_t)
     params, state = step(params, state, noise_t)
-  # Change alpha at run time, before the first sync.
-  state.hyperparams["slow_step_size"] = jnp.asarray(0.25)
-  params, state = step(params, state, noise[2])
+    assert_step_within_ulps((params, state.inner_state), expected, before,
+                            ONE_STEP_ULPS, f"step {t + 1}")
   fast = _adam_fast_weights(params0, noise, 3)
   expected = jax.tree.map(lambda s, f: s + 0.25 * (f - s), params0, fast)
   chex.assert_trees_all_close(lo.slow_params(state), expected, rtol=1e-6,
                               atol=1e-7)
-  assert_tree_bitwise(params, lo.slow_params(state))
-  # Same trajectory as a lookahead built with alpha = 0.25.
-  plain = run_library(lo.lookahead(optax.adam(1e-2), 3, 0.25), params0,
-                      noise[:3])
-  assert_tree_bitwise(params, plain[-1][0])
+  assert_tree_bitwise(params, lo.slow_params(state))  # one program
 
 
 def test_inject_hyperparams_traced_sync_period():
   tx = optax.inject_hyperparams(lo.lookahead)(
       optax.adam(1e-2), sync_period=3, slow_step_size=0.5)
   params0, noise = make_problem(8, num_steps=6)
-  got = run_library(tx, params0, noise)
-  static = run_library(lo.lookahead(optax.adam(1e-2), 3, 0.5), params0, noise)
-  for t in range(6):
-    assert_tree_bitwise(got[t][0], static[t][0], f"step {t + 1}")
-    assert_tree_bitwise(lo.slow_params(got[t][1]),
-                               lo.slow_params(static[t][1]))
-  # Change k at run time (no retrace): with k = 2 the 8th step syncs.
   step = jax.jit(make_step(tx))
-  params, state = got[-1]
+  static_step = jax.jit(make_step(lo.lookahead(optax.adam(1e-2), 3, 0.5)))
+  params = jax.tree.map(jnp.asarray, params0)
+  state = tx.init(params)
+  for t, noise_t in enumerate(noise):
+    # The static lookahead's step from the same params and state; it syncs
+    # on the same steps, 3 and 6.
+    before = (params, state.inner_state)
+    expected = static_step(*before, noise_t)
+    params, state = step(params, state, noise_t)
+    assert_step_within_ulps((params, state.inner_state), expected, before,
+                            ONE_STEP_ULPS, f"step {t + 1}")
+    if (t + 1) % 3 == 0:
+      assert_tree_bitwise(params, lo.slow_params(state), f"step {t + 1}")
+  # The whole run against the static one's: their roundings add up over the
+  # steps, far below what a sync on another step moves (about 1e-2).
+  static = run_library(lo.lookahead(optax.adam(1e-2), 3, 0.5), params0, noise)
+  chex.assert_trees_all_close((params, lo.slow_params(state)),
+                              (static[-1][0], lo.slow_params(static[-1][1])),
+                              rtol=1e-5, atol=1e-6)
+  # Change k at run time (no retrace): with k = 2 the 8th step syncs.
   state.hyperparams["sync_period"] = jnp.asarray(2, jnp.int32)
   params7, state7 = step(params, state, noise[0])
   assert not np.array_equal(bits(params7["w"]),

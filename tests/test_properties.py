@@ -31,6 +31,7 @@ import pytest
 import lookahead_optax as lo
 from tests._helpers import assert_tree_bitwise
 from tests._helpers import assert_tree_within_ulps
+from tests._helpers import trajectory
 from tests._helpers import ulp as _ulp
 from tests._helpers import x64_if
 
@@ -59,9 +60,21 @@ INNERS = {
 SHAPES = ((), (1,), (3,), (2, 3))
 
 
+OUTERS = {
+    "sgd": lambda: optax.sgd(0.6),
+    "nesterov": lambda: optax.sgd(0.7, momentum=0.9, nesterov=True),
+    "adam": lambda: optax.adam(0.05),
+}
+
+
 @st.composite
-def problems(draw, alpha=None, inner_state=None):
-  """A random problem: tree, dtype, k, alpha, inner, modes, seed, cycles."""
+def problems(draw, alpha=None, inner_state=None, outer=False):
+  """A random problem: tree, dtype, k, alpha, inner, modes, seed, cycles.
+
+  With `outer`, an outer transformation (or None) is drawn too; with one,
+  `alpha` is unused and the policy is "keep" or "reset" (pullback needs
+  `alpha`).
+  """
   n_leaves = draw(st.integers(1, 3))
   shapes = [draw(st.sampled_from(SHAPES)) for _ in range(n_leaves)]
   container = draw(st.sampled_from(("dict", "list", "nested")))
@@ -83,6 +96,8 @@ def problems(draw, alpha=None, inner_state=None):
                    else inner_state),
       sync=draw(st.sampled_from(SYNC_MODES)),
       on_nonfinite=draw(st.sampled_from(NONFINITE)),
+      outer=draw(st.sampled_from((None,) + tuple(sorted(OUTERS))))
+      if outer else None,
   )
 
 
@@ -97,6 +112,12 @@ def _arrays(rng, shape_tree, dtype, scale=1.0):
 
 
 def _make_tx(problem, alpha=None):
+  if problem.get("outer") is not None:
+    inner_state = "reset" if problem["inner_state"] == "reset" else "keep"
+    return lo.lookahead(
+        INNERS[problem["inner"]](), problem["k"],
+        outer=OUTERS[problem["outer"]](), inner_state=inner_state,
+        sync=problem["sync"], on_nonfinite=problem["on_nonfinite"])
   return lo.lookahead(
       INNERS[problem["inner"]](), problem["k"],
       problem["alpha"] if alpha is None else alpha,
@@ -113,24 +134,13 @@ def _trajectory(problem, alpha=None, tx=None, jit=False):
            for _ in range(n_steps)]
   if tx is None:
     tx = _make_tx(problem, alpha)
-
-  def step(g, state, params):
-    updates, state = tx.update(g, state, params)
-    return optax.apply_updates(params, updates), state
-
-  if jit:
-    step = jax.jit(step)
-  state = tx.init(params)
-  params_seq, states = [params], [state]
-  for g in grads:
-    params, state = step(g, state, params)
-    params_seq.append(params)
-    states.append(state)
-  return params_seq, states, grads
+  history = trajectory(tx, params, grads, jit=jit)
+  return ([params] + [p for p, _ in history],
+          [tx.init(params)] + [s for _, s in history], grads)
 
 
 @FEW_SETTINGS
-@hypothesis.given(problems(), st.data())
+@hypothesis.given(problems(outer=True), st.data())
 def test_rollback_returns_to_slow_weights_on_a_nonfinite_step(problem, data):
   # A NaN in one gradient element at a random step (a sync step or not):
   # that step lands the params on the slow weights bitwise and moves no slow
@@ -193,13 +203,13 @@ def _check_params_equal_slow_after_each_sync(problem, jit):
 
 
 @SETTINGS
-@hypothesis.given(problems())
+@hypothesis.given(problems(outer=True))
 def test_params_equal_slow_weights_after_each_sync(problem):
   _check_params_equal_slow_after_each_sync(problem, jit=False)
 
 
 @FEW_SETTINGS
-@hypothesis.given(problems())
+@hypothesis.given(problems(outer=True))
 def test_params_equal_slow_weights_after_each_sync_jit(problem):
   _check_params_equal_slow_after_each_sync(problem, jit=True)
 
@@ -402,3 +412,30 @@ def test_long_run_50000_steps_no_drift(sync, dtype, slow_dtype):
   # below half an ulp), so only check that training got most of the way.
   error = np.abs(np.asarray(p, np.float32) - np.asarray(target))
   assert error.mean() < 0.2 * np.abs(np.asarray(target)).mean()
+
+
+@SETTINGS
+@hypothesis.given(problems(), st.floats(0.05, 1.0))
+def test_outer_sgd_equals_the_interpolation(problem, a):
+  # `outer=optax.sgd(a)` is `slow_step_size=a` up to rounding: the outer
+  # step moves the slow weights by -a (slow - fast) instead of blending.
+  policy = "keep" if problem["inner_state"] == "pullback" else (
+      problem["inner_state"])
+  problem = dict(problem, inner_state=policy, on_nonfinite="propagate")
+  with x64_if(problem["dtype"]):
+    blended, _, _ = _trajectory(problem, alpha=a)
+    outer = lo.lookahead(INNERS[problem["inner"]](), problem["k"],
+                         outer=optax.sgd(a), inner_state=policy,
+                         sync=problem["sync"])
+    stepped, _, _ = _trajectory(problem, tx=outer)
+    eps = float(jnp.finfo(problem["dtype"]).eps)
+    for t in range(len(blended)):
+      syncs = t // problem["k"]
+      for x, y in zip(jax.tree.leaves(stepped[t]), jax.tree.leaves(blended[t])):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        # Each sync rounds a few times in either form; the inner steps after
+        # it carry the difference along (Lipschitz, small steps here).
+        tol = 8 * (syncs + 1) * eps * (1.0 + np.abs(y).max(initial=0.0)) * (
+            1 + t)
+        np.testing.assert_allclose(x, y, rtol=0, atol=tol,
+                                   err_msg=f"step {t}")
