@@ -169,7 +169,7 @@ def test_markdown_table():
 
 def test_muon_rows_count_flops_against_muon():
   from benchmarks import muon  # pylint: disable=g-import-not-at-top
-  rows = muon.run(matrices=2, size=48, rounds=1, syncs=("loop",),
+  rows = muon.run(matrices=2, size=128, rounds=1, syncs=("loop",),
                   min_block_s=0.0, log=lambda m: None)
   assert [r["option"] for r in rows] == ["muon"] + [o for o, _ in muon.OPTIONS]
   assert rows[0]["flops_ratio"] == 1.0

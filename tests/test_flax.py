@@ -224,9 +224,16 @@ def _pure(state):
   return nnx.to_pure_dict(state)
 
 
+def _values(tree):
+  """`tree` with each NNX variable replaced by its value (any Flax >= 0.12.2)."""
+  return jax.tree.map(
+      lambda x: x.get_value() if isinstance(x, nnx.Variable) else x, tree,
+      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def _functional_opt_state(optimizer, like):
   """The `nnx.Optimizer`'s state as the optax state `like` (plain dicts)."""
-  leaves = jax.tree.leaves(nnx.as_pure(optimizer.opt_state))
+  leaves = jax.tree.leaves(_values(optimizer.opt_state))
   assert [np.shape(a) for a in leaves] == [
       np.shape(a) for a in jax.tree.leaves(like)]
   return jax.tree.unflatten(jax.tree.structure(like), leaves)

@@ -39,8 +39,8 @@ MOST = 1.05
 
 
 def _params():
-  params = {f"w{i}": jnp.full((96, 96), 0.01 * (i + 1)) for i in range(4)}
-  params["b"] = jnp.ones(96)
+  params = {f"w{i}": jnp.full((192, 192), 0.01 * (i + 1)) for i in range(4)}
+  params["b"] = jnp.ones(192)
   return params
 
 
