@@ -49,6 +49,7 @@ if ARGS is not None:
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import functools
+import pathlib
 import time
 
 import jax
@@ -59,11 +60,15 @@ from pydoc_data import topics
 
 import lookahead_optax as lo
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import communication  # counts bytes in the compiled HLO
+
 AXIS = "replicas"
 CONTEXT = 8  # characters the model sees
 BATCH = 32  # windows per replica and step
 EVAL_EVERY = 10
 EVAL_WINDOWS = 4096
+K = 20  # the sync period of the streaming and compressed runs
 
 
 def load_text(valid_fraction=0.1):
@@ -87,23 +92,31 @@ def windows(ids, starts):
   return ids[starts[..., None] + offsets], ids[starts + CONTEXT]
 
 
-def init_params(key, vocab, embed=24, hidden=256):
-  k1, k2, k3 = jax.random.split(key, 3)
-  n_in = CONTEXT * embed
-  return {
-      "embed": jax.random.normal(k1, (vocab, embed)) * 0.5,
-      "w0": jax.random.normal(k2, (n_in, hidden)) * np.sqrt(2.0 / n_in),
-      "b0": jnp.zeros(hidden),
-      "w1": jax.random.normal(k3, (hidden, vocab)) * np.sqrt(1.0 / hidden),
-      "b1": jnp.zeros(vocab),
-  }
+def init_params(key, vocab, embed=16, layers=4):
+  """An MLP on the concatenated embeddings, the output tied to them.
+
+  Its four hidden matrices (128 x 128) are the same size and hold 94% of
+  the params, so four fragments of Streaming DiLoCo split it evenly.
+  """
+  width = CONTEXT * embed
+  keys = jax.random.split(key, layers + 2)
+  params = {"embed": jax.random.normal(keys[0], (vocab, embed)) * 0.5,
+            "out": jax.random.normal(keys[1], (width, embed))
+                   * np.sqrt(1.0 / width),
+            "bias": jnp.zeros(vocab)}
+  for i in range(layers):
+    params[f"w{i}"] = (jax.random.normal(keys[i + 2], (width, width))
+                       * np.sqrt(1.0 / width))
+    params[f"b{i}"] = jnp.zeros(width)
+  return params
 
 
 def predict(params, contexts):
-  """Logits of the next character: embed, concatenate, one hidden layer."""
+  """Logits of the next character: embed, concatenate, residual layers."""
   x = params["embed"][contexts].reshape(contexts.shape[:-1] + (-1,))
-  x = jax.nn.relu(x @ params["w0"] + params["b0"])
-  return x @ params["w1"] + params["b1"]
+  for i in range(sum(k.startswith("w") for k in params)):
+    x = x + jax.nn.relu(x @ params[f"w{i}"] + params[f"b{i}"])
+  return (x @ params["out"]) @ params["embed"].T + params["bias"]
 
 
 def loss_fn(params, x, y):
@@ -131,7 +144,21 @@ def make_step(tx, data_parallel):
   return step
 
 
-def run(name, tx, sync_period, data, steps, n_dev, seed=0):
+def step_bytes(step, params, state, x, y):
+  """Bytes one replica sends: (per sync period, largest single step).
+
+  Read from the compiled HLO of the step (`benchmarks/communication.py`):
+  a data-parallel step's all-reduce, or each fragment's collectives, which
+  sit in that fragment's sync conditional.
+  """
+  text = step.lower(params, state, x, y).compile().as_text()
+  per_sync, every_step = communication.bytes_by_conditional(text)
+  if every_step:  # data parallel
+    return every_step, every_step
+  return sum(per_sync), max(per_sync)
+
+
+def run(name, tx, sync_period, data, steps, n_dev, fragments=1, seed=0):
   """Trains on `n_dev` replicas; returns the validation curve and the bytes.
 
   `sync_period` is None for data parallelism (an all-reduce every step).
@@ -139,8 +166,6 @@ def run(name, tx, sync_period, data, steps, n_dev, seed=0):
   train_ids, (x_valid, y_valid), vocab = data
   step = make_step(tx, data_parallel=sync_period is None)
   params = init_params(jax.random.PRNGKey(seed), vocab)
-  param_bytes = sum(a.size * a.dtype.itemsize
-                    for a in jax.tree.leaves(params))
   replicated = jax.tree.map(
       lambda a: jnp.broadcast_to(a, (n_dev,) + a.shape), params)
   state = jax.pmap(tx.init)(replicated)
@@ -149,6 +174,8 @@ def run(name, tx, sync_period, data, steps, n_dev, seed=0):
   # Each replica draws its own batches (i.i.d. from the training text).
   starts = np.random.default_rng(seed + 1).integers(
       0, len(train_ids) - CONTEXT, size=(steps, n_dev, BATCH))
+  per_period, peak = step_bytes(step, params, state,
+                                *windows(train_ids, starts[0]))
 
   shared = lambda params, state: jax.tree.map(
       lambda a: a[0], params if sync_period is None else lo.slow_params(
@@ -167,66 +194,91 @@ def run(name, tx, sync_period, data, steps, n_dev, seed=0):
   seconds = time.time() - start
 
   steps_done = np.array([s for s, _ in curve])
-  syncs = steps_done if sync_period is None else steps_done // sync_period
+  # The syncs done by each point: fragment syncs, sync_period / fragments
+  # steps apart, each a fragment's share of the period's bytes.
+  interval = 1 if sync_period is None else sync_period // fragments
+  sent = steps_done // interval * (per_period / (1 if sync_period is None
+                                                 else fragments))
   slow_agree = sync_period is None or all(
       bool(jnp.all(a == a[0])) for a in jax.tree.leaves(
           lo.slow_params(state)))
-  return dict(name=name, steps=steps_done, bytes=syncs * param_bytes,
+  return dict(name=name, steps=steps_done, bytes=sent, peak=peak,
               loss=np.array([l for _, l in curve]), final_loss=curve[-1][1],
-              total_bytes=int(syncs[-1] * param_bytes),
-              param_bytes=param_bytes, seconds=seconds, agree=slow_agree)
+              total_bytes=int(sent[-1]), seconds=seconds, agree=slow_agree)
+
+
+def runs(adamw):
+  """(name, tx, sync_period, fragments) of every run."""
+  diloco = lambda k, **kw: lo.diloco(adamw, k, AXIS, **kw)  # pylint: disable=unnecessary-lambda-assignment
+  return [
+      ("data-parallel AdamW", adamw, None, 1),
+      ("DiLoCo, k = 10", diloco(10), 10, 1),
+      ("DiLoCo, k = 50", diloco(50), 50, 1),
+      (f"DiLoCo, k = {K}", diloco(K), K, 1),
+      (f"streaming, k = {K}, P = 4", diloco(K, fragments=4), K, 4),
+      (f"int8, k = {K}", diloco(K, communication_dtype=jnp.int8), K, 1),
+      (f"int4, k = {K}", diloco(K, communication_dtype="int4"), K, 1),
+      (f"int4 + feedback, k = {K}",
+       diloco(K, communication_dtype="int4", error_feedback=True), K, 1),
+  ]
+
+
+def report(rows, reference):
+  """The table, and each run against float32 DiLoCo at the same k."""
+  base = rows[0]
+  _common.print_table(
+      [("run", "<26"), ("valid loss", ">11.4f"), ("vs DiLoCo", ">10"),
+       ("MB sent", ">9.2f"), ("peak KB/step", ">13.1f"), ("s", ">6.1f")],
+      [(r["name"], r["final_loss"],
+        f"{100 * (r['final_loss'] / reference['final_loss'] - 1):+.2f}%"
+        if r["name"].endswith(f"k = {K}") or ", k = " + str(K) in r["name"]
+        else "", r["total_bytes"] / 1e6, r["peak"] / 1e3, r["seconds"])
+       for r in rows])
+  for r in rows[1:]:
+    print(f"{r['name']}: {base['total_bytes'] / max(r['total_bytes'], 1):.0f}x"
+          f" fewer bytes than data-parallel AdamW, peak step "
+          f"{r['peak'] / reference['peak']:.3f}x DiLoCo's")
+
+
+def plot(rows, out):
+  """Validation loss against total bytes, and against peak bytes per step."""
+  fig, (ax_total, ax_peak) = plt.subplots(1, 2, figsize=(11, 4))
+  for i, r in enumerate(rows):
+    color = plt.cm.tab10(i)
+    sent = r["bytes"] > 0  # log axis: from the first message on
+    ax_total.plot(r["bytes"][sent], r["loss"][sent], "-" if i < 4 else "--",
+                  color=color, label=r["name"])
+    ax_peak.plot([r["peak"]], [r["final_loss"]], "o", color=color,
+                 label=r["name"])
+  for ax in (ax_total, ax_peak):
+    ax.set_xscale("log")
+    ax.set_ylabel("validation loss (nats/char)")
+    ax.grid(alpha=0.3, which="both")
+  ax_total.set_xlabel("bytes sent per replica (total)")
+  ax_total.set_title("communication, total")
+  ax_total.legend(fontsize=7)
+  ax_peak.set_xlabel("largest bytes sent in one step, per replica")
+  ax_peak.set_title(f"final loss against peak bandwidth")
+  fig.tight_layout()
+  _common.save_figure(fig, out, "diloco.png")
 
 
 def main(args):
   n_dev = jax.local_device_count()
-  steps = args.steps or (52 if args.smoke else 1500)
+  steps = args.steps or (2 * K + 12 if args.smoke else 1500)
   train_ids, valid_ids, vocab = load_text()
   valid_starts = np.random.default_rng(0).integers(
       0, len(valid_ids) - CONTEXT, EVAL_WINDOWS)
   data = (train_ids, windows(valid_ids, valid_starts), vocab)
   adamw = optax.adamw(3e-3, weight_decay=1e-4)
-  outer = lambda: optax.sgd(0.7, momentum=0.9, nesterov=True)
-  runs = [("data-parallel AdamW", adamw, None)] + [
-      (f"DiLoCo, k = {k}",
-       lo.lookahead(adamw, k, outer=outer(), axis_name=AXIS), k)
-      for k in (10, 50)]
-  rows = [run(name, tx, k, data, steps, n_dev) for name, tx, k in runs]
-
+  rows = [run(name, tx, k, data, steps, n_dev, fragments=p)
+          for name, tx, k, p in runs(adamw)]
+  n_params = sum(a.size for a in jax.tree.leaves(
+      init_params(jax.random.PRNGKey(0), vocab)))
   print(f"char MLP LM on pydoc topics, {n_dev} replicas of batch {BATCH}, "
-        f"{steps} steps, {rows[0]['param_bytes']:,} parameter bytes")
-  _common.print_table(
-      [("run", "<22"), ("valid loss", ">11.4f"), ("MB all-reduced", ">15.2f"),
-       ("less traffic", ">13.0f"), ("s", ">6.1f")],
-      [(r["name"], r["final_loss"], r["total_bytes"] / 1e6,
-        rows[0]["total_bytes"] / max(r["total_bytes"], 1), r["seconds"])
-       for r in rows])
-  for r in rows[1:]:
-    if not r["total_bytes"]:
-      print(f"{r['name']}: no sync in {steps} steps")
-      continue
-    print(f"{r['name']}: {rows[0]['total_bytes'] / r['total_bytes']:.0f}x "
-          f"fewer bytes than data-parallel AdamW, validation loss "
-          f"{r['final_loss']:.4f} vs {rows[0]['final_loss']:.4f}")
-
-  styles = ["-", "--", "-."]
-  colors = ["tab:gray", "tab:blue", "tab:orange"]
-  fig, (ax_steps, ax_bytes) = plt.subplots(1, 2, figsize=(10, 3.8))
-  for r, ls, c in zip(rows, styles, colors):
-    ax_steps.plot(r["steps"], r["loss"], ls, color=c, label=r["name"])
-    sent = r["bytes"] > 0  # log axis: from the first message on
-    ax_bytes.plot(r["bytes"][sent], r["loss"][sent], ls, color=c,
-                  label=r["name"])
-  for ax in (ax_steps, ax_bytes):
-    ax.set_ylabel("validation loss (nats/char)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-  ax_steps.set_xlabel("step")
-  ax_steps.set_title(f"{n_dev} replicas, batch {BATCH} each")
-  ax_bytes.set_xscale("log")
-  ax_bytes.set_xlabel("bytes all-reduced per replica")
-  ax_bytes.set_title("communication")
-  fig.tight_layout()
-  _common.save_figure(fig, args.out, "diloco.png")
+        f"{steps} steps, {n_params:,} params")
+  report(rows, rows[3])
+  plot(rows, args.out)
   if not all(r["agree"] for r in rows):
     print("the replicas' slow weights differ", file=sys.stderr)
     sys.exit(1)

@@ -23,6 +23,7 @@ from lookahead_optax._sparse_grad import sparse_value_and_grad
 from lookahead_optax._state import eval_params
 from lookahead_optax._state import slow_params
 from lookahead_optax._types import CycleRows
+from lookahead_optax._types import StreamingState
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = (
     "LookaheadState",
     "PullbackState",
     "SparseRows",
+    "StreamingState",
     "check_replicas_agree",
     "check_state_structure",
     "diloco",

@@ -12,11 +12,13 @@ from lookahead_optax import _formulation
 from lookahead_optax import _policies
 from lookahead_optax import _rows
 from lookahead_optax import _step
+from lookahead_optax import _streaming
 from lookahead_optax import _sync
 from lookahead_optax._types import LookaheadState
 from lookahead_optax._types import PullbackState
+from lookahead_optax._types import StreamingState
 
-__all__ = ("LookaheadState", "PullbackState", "lookahead")
+__all__ = ("LookaheadState", "PullbackState", "StreamingState", "lookahead")
 
 _DEFAULT_SLOW_STEP_SIZE = 0.5
 
@@ -33,6 +35,11 @@ def lookahead(
     on_nonfinite: str = "propagate",
     slow_dtype: Optional[Any] = None,
     rows_per_step: Optional[Any] = None,
+    fragments: Optional[Any] = None,
+    communication_dtype: Optional[Any] = None,
+    error_feedback: bool = False,
+    overlap: bool = False,
+    mix: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Lookahead: k steps forward with `inner`, then one step back.
 
@@ -152,6 +159,42 @@ def lookahead(
       weights). Needs a concrete `sync_period` and the default options
       (no `outer`, `axis_name`, `inner_state="keep"`,
       `on_nonfinite="propagate"`).
+    fragments: Streaming DiLoCo (with `axis_name` only): None (one
+      fragment), an int P, or a pytree prefix of the params (matched by
+      path, like `rows_per_step`) whose leaves are fragment numbers 0 to
+      P - 1. Fragment f syncs after the steps t with `t % sync_period ==
+      ((f + 1) * sync_period // P) % sync_period`, so each fragment syncs
+      every `sync_period` steps and one fragment every `sync_period / P`
+      steps, and a step's collective carries one fragment. At its sync only
+      the fragment's pseudo-gradient is averaged and `outer` steps on that
+      fragment alone, with its own state (`StreamingState`); the other
+      fragments take the inner update. An int splits the leaves by size:
+      largest leaf first, each to the fragment with the fewest values so far
+      (ties: the lower fragment number). A leaf is never split, so a
+      stacked (scanned) layer of shape `(L, ...)` is one leaf in one
+      fragment; pass a prefix tree or unstack it to split layers.
+      `sync_period` must be a Python int, a multiple of P.
+    communication_dtype: with `axis_name`, how the pseudo-gradient travels:
+      None (float32, one all-reduce), `jnp.bfloat16`, `jnp.float8_e4m3fn`,
+      `jnp.int8` or `"int4"` (two values per byte). The low-precision
+      formats carry a float32 scale per block of 256 values; the mean is
+      taken in float32 from the decoded values (all-to-all, decode and sum,
+      encode, all-gather), so it is bitwise the same on every replica.
+      See docs/diloco.md for the bytes.
+    error_feedback: with a low-precision `communication_dtype`: each
+      replica keeps what encoding dropped of its pseudo-gradient (and of
+      its shard of the mean) in one params-sized float32 buffer
+      (`StreamingState.residuals`) and adds it to its next pseudo-gradient
+      of that fragment.
+    overlap: with `axis_name`: the pseudo-gradient of a fragment that syncs
+      at step t is taken from the params as they enter step t, so its
+      collective depends on nothing the step computes (it can overlap the
+      forward and backward pass where the backend schedules it so). Needs
+      `sync_period >= 2`.
+    mix: with `axis_name`, in [0, 1], default 0: after a fragment's outer
+      step its params become `mix * fast + (1 - mix) * slow`, with `fast`
+      the fast weights after this step's inner update; 0 lands them on the
+      new slow weights (bitwise, as without it).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -169,7 +212,13 @@ def lookahead(
       params or updates whose structure, shapes or dtypes differ from the
       state (with `slow_dtype`, only whether a params leaf is floating is
       checked: the state does not record the params' float width), or with
-      `touched_rows` for leaves that no `lazy` handles.
+      `touched_rows` for leaves that no `lazy` handles; for the streaming
+      arguments (`fragments`, `communication_dtype`, `error_feedback`,
+      `overlap`, `mix`): given without `axis_name`, `sync_period` not a
+      multiple of the number of fragments, a fragment with no leaves, `mix`
+      outside [0, 1], an unsupported `communication_dtype`, `error_feedback`
+      without one, `overlap=True` with `sync_period=1`, or with
+      `inner_state="pullback"` (a `TypeError` for a wrong type).
 
   Example:
     >>> import jax.numpy as jnp
@@ -194,6 +243,10 @@ def lookahead(
 
     Douillard et al., [DiLoCo: Distributed Low-Communication Training of
     Language Models](https://arxiv.org/abs/2311.08105), 2023.
+
+    Douillard et al., [Streaming DiLoCo with overlapping communication:
+    Towards a Distributed Free Lunch](https://arxiv.org/abs/2501.18512),
+    2025.
   """
   _checks.check_transformation("inner", inner)
   if _arguments.is_multisteps(inner):
@@ -216,6 +269,10 @@ def lookahead(
         f"(it sizes the id buffer), got {sync_period!r}.")
   _arguments.check_rows_per_step_options(
       rows_per_step, outer, axis_name, inner_state, on_nonfinite)
+  streaming = _streaming.check_args(
+      axis_name=axis_name, sync_period=sync_period, inner_state=inner_state,
+      fragments=fragments, communication_dtype=communication_dtype,
+      error_feedback=error_feedback, overlap=overlap, mix=mix)
   if outer is None and slow_step_size is None:
     slow_step_size = _DEFAULT_SLOW_STEP_SIZE
   opts = _step.Options(
@@ -226,7 +283,8 @@ def lookahead(
       sync=sync,
       counts_syncs=outer is None and callable(slow_step_size),
       sparse_options=_arguments.sparse_options_conflict(
-          outer, axis_name, inner_state, on_nonfinite))
+          outer, axis_name, inner_state, on_nonfinite),
+      streaming=streaming)
 
   def init_fn(params):
     return _init(opts, rows_per_step, params)
@@ -255,7 +313,10 @@ def _init(opts: _step.Options, rows_per_step: Any,
     return jnp.array(p, dtype=dtype, copy=True)
 
   slow = jax.tree.map(slow_copy, params)
-  if opts.outer is not None:
+  if opts.streaming is not None:
+    outer_state = _streaming.init_state(opts.streaming, opts.outer,
+                                        opts.counts_syncs, slow)
+  elif opts.outer is not None:
     outer_state = opts.outer.init(_sync.in_compute_dtype(slow))
   elif opts.counts_syncs:
     outer_state = optax.ScaleByScheduleState(jnp.zeros([], jnp.int32))

@@ -40,14 +40,15 @@ class ParamShaped:
         lambda _, x, *ys: fn(x, *ys), [True] * self._num_params,
         self._params, state, *others, probe=self._probe)
 
-  def map_per_param(self, fn: Any, per_param: list, state: Any) -> Any:
-    """`fn(a, x)` on each parameter-shaped leaf `x`, `a` from its param.
+  def map_per_param(self, fn: Any, per_param: list, state: Any,
+                    *others: Any) -> Any:
+    """`fn(a, x, *ys)` on each parameter-shaped leaf `x`, `a` from its param.
 
     `per_param` holds one entry per params leaf; None leaves the leaves of
     that param as they are.
     """
     return _tree.map_param_shaped(fn, per_param, self._params, state,
-                                  probe=self._probe)
+                                  *others, probe=self._probe)
 
 
 def reset(param_shaped: ParamShaped, state: Any, init: Any) -> Any:
@@ -130,6 +131,14 @@ def reset_where(flag: jax.Array, param_shaped: ParamShaped, state: Any,
   return param_shaped.map(
       lambda x, i: jnp.where(flag, jnp.asarray(i, dtype=x.dtype), x),
       state, init)
+
+
+def reset_where_per_param(flags: list, param_shaped: ParamShaped,
+                          state: Any, init: Any) -> Any:
+  """Each param's leaves back to `init`'s values where its flag is set."""
+  return param_shaped.map_per_param(
+      lambda flag, x, i: jnp.where(flag, jnp.asarray(i, dtype=x.dtype), x),
+      flags, state, init)
 
 
 def rollback(bad: jax.Array, params: Any, inner_updates: Any, slow: Any,

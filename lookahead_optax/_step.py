@@ -9,6 +9,8 @@
    weights, the store of the slow weights, and the inner-state policy
    (`fused_sync` for `"select"` and `"cond"`, and for `"loop"` whose outer
    step is not looped; `looped_outer_sync` for the looped outer step);
+   with streaming options (`fragments`, `communication_dtype`, ...), the
+   fragments' syncs of `streaming_sync` (see `_streaming`) instead;
 3. the rollback of a non-finite step (`_policies.rollback`, then
    `rolled_back_slow`);
 4. the row-sparse tables (`sparse_tables`, see `_rows`);
@@ -30,6 +32,7 @@ from lookahead_optax import _policies
 from lookahead_optax import _rows
 from lookahead_optax import _sparse
 from lookahead_optax import _steering
+from lookahead_optax import _streaming
 from lookahead_optax import _sync
 from lookahead_optax._types import LookaheadState
 from lookahead_optax._types import PullbackState
@@ -49,6 +52,7 @@ class Options(NamedTuple):
   sync: str  # as asked for: "auto", "select", "cond" or "loop"
   counts_syncs: bool
   sparse_options: Optional[str]
+  streaming: Any = None  # `_streaming.StreamingOptions`, or None
   # Resolved when the step is traced (`resolve`):
   formulation: str = ""  # "select", "cond" or "loop"
   recompute: bool = False  # may the loops compute the inner update again?
@@ -341,6 +345,19 @@ def looped_outer_sync(opts: Options, s: Step, state: LookaheadState) -> Out:
              s.synced)
 
 
+def streaming_sync(opts: Options, s: Step, state: LookaheadState,
+                   step: jax.Array) -> Out:
+  """The fragments' syncs (`_streaming`), and the inner state's policy."""
+  updates, slow, outer_state, flags = _streaming.sync(
+      opts, s.params, s.inner_updates, state.slow_params, state.outer_state,
+      step)
+  inner_state = s.new_inner
+  if opts.inner_state == "reset":
+    inner_state = _policies.reset_where_per_param(
+        flags, s.param_shaped, inner_state, s.inner_init)
+  return Out(updates, slow, outer_state, inner_state, None)
+
+
 def rollback_updates(s: Step, state: LookaheadState, updates: Any,
                      inner_state: Any) -> tuple[Any, Any]:
   """Where the step is rolled back, the updates back to the slow weights."""
@@ -367,8 +384,11 @@ def update(opts: Options, grads: Any, state: Any, params: Any,
     state = state._replace(
         cycle_rows=_rows.restore_cycle_rows(state.cycle_rows))
   opts, s, step = begin(opts, grads, state, params, extra_args)
-  sync = looped_outer_sync if outer_in_loop(opts, s, state) else fused_sync
-  out = sync(opts, s, state)
+  if opts.streaming is not None:
+    out = streaming_sync(opts, s, state, step)
+  else:
+    sync = looped_outer_sync if outer_in_loop(opts, s, state) else fused_sync
+    out = sync(opts, s, state)
   if s.bad is not None:
     out = out._replace(slow=rolled_back_slow(s, state, out.updates, out.slow))
   cycle_rows = state.cycle_rows

@@ -245,3 +245,73 @@ def run_ranger(
     params_hist.append(tree_copy(params))
     slow_hist.append(tree_copy(slow))
   return params_hist, slow_hist
+
+
+def streaming_sync_slots(num_fragments: int, sync_period: int) -> List[int]:
+  """Streaming DiLoCo: `t % sync_period` at fragment f's sync, per f."""
+  return [((f + 1) * sync_period // num_fragments) % sync_period
+          for f in range(num_fragments)]
+
+
+def run_streaming_diloco(
+    inner: Any,
+    params0: Tree,
+    grad_fn: Callable[[int, int, Tree], Tree],
+    replicas: int,
+    sync_period: int,
+    fragment_of: Dict[str, int],
+    num_steps: int,
+    outer_lr: float,
+    outer_momentum: float,
+    overlap: bool = False,
+    mix: float = 0.0,
+    alpha: Union[float, None] = None,
+) -> Dict[str, Any]:
+  """Streaming DiLoCo (Douillard et al. 2025) over simulated replicas.
+
+  Every replica runs `inner` on its own gradients `grad_fn(t, replica,
+  params)` with its own state. Fragment f (the keys with `fragment_of[key]
+  == f`) syncs after the 1-based step t when `t % sync_period` is its slot
+  (`streaming_sync_slots`): the replicas' pseudo-gradients `slow - source`
+  of its keys are averaged (source: the fast weights after step t, or with
+  `overlap` the params entering step t), the fragment's own Nesterov
+  momentum `b <- mu b + d; slow <- slow - lr (mu b + d)` moves (or with
+  `alpha`, the interpolation `slow <- slow - alpha d`), and every replica's
+  params of those keys become `mix * fast + (1 - mix) * slow`.
+
+  Returns:
+    A dict: `params` (a list per replica), `slow`, `momentum` (per key),
+    `slow_history` (the slow weights after every step) and `syncs` (the
+    list of (t, f) syncs done).
+  """
+  num = max(fragment_of.values()) + 1
+  slots = streaming_sync_slots(num, sync_period)
+  params = [tree_copy(params0) for _ in range(replicas)]
+  states = [inner.init(params0) for _ in range(replicas)]
+  slow = tree_copy(params0)
+  momentum = _zeros(params0)
+  slow_history, syncs = [], []
+  for t in range(1, num_steps + 1):
+    entering = [tree_copy(p) for p in params]
+    for r in range(replicas):
+      updates, states[r] = inner.update(grad_fn(t - 1, r, params[r]),
+                                        states[r], params[r])
+      params[r] = tree_map(lambda p, u: p + u, params[r], updates)
+    for f in range(num):
+      if t % sync_period != slots[f]:
+        continue
+      syncs.append((t, f))
+      source = entering if overlap else params
+      for key in [k for k in params0 if fragment_of[k] == f]:
+        d = np.mean([slow[key] - s[key] for s in source], axis=0)
+        if alpha is None:
+          momentum[key] = outer_momentum * momentum[key] + d
+          slow[key] = slow[key] - outer_lr * (outer_momentum * momentum[key]
+                                              + d)
+        else:
+          slow[key] = slow[key] - alpha * d
+        for p in params:
+          p[key] = mix * p[key] + (1 - mix) * slow[key]
+    slow_history.append(tree_copy(slow))
+  return dict(params=params, slow=slow, momentum=momentum,
+              slow_history=slow_history, syncs=syncs)

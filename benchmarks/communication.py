@@ -1,0 +1,250 @@
+"""Bytes that DiLoCo's collectives carry, from the compiled HLO of a step.
+
+For `lo.diloco(adamw, k, axis_name)` on 8 replicas (`jax.pmap` over 8 host
+CPU devices), each option of Streaming DiLoCo (`fragments`,
+`communication_dtype`, `error_feedback`) is compiled and its HLO read: every
+collective (all-reduce, all-to-all, all-gather, ...) with the bytes of its
+operands (one replica's), grouped by the conditional of the entry
+computation it sits in. Each fragment's sync is one conditional, taken on
+that fragment's sync steps only, so:
+
+* bytes of the largest single step: the most any one conditional carries;
+* bytes per `sync_period` steps: the sum over the conditionals (each is
+  taken once per period);
+* a step that syncs nothing communicates nothing: no collective sits
+  outside a conditional (checked).
+
+This is a static count of one compiled program, not a timing. Run
+``python -m benchmarks.communication`` (``--out docs/benchmarks.md`` splices
+the table into the report).
+"""
+
+import argparse
+import os
+import re
+import sys
+from typing import Any, Optional, Sequence
+
+if __name__ == "__main__" and "jax" not in sys.modules:
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lookahead_optax as lo
+
+AXIS = "replicas"
+REPLICAS = 8
+SYNC_PERIOD = 8
+START = "<!-- communication table: start -->"
+END = "<!-- communication table: end -->"
+
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
+_CALLS = re.compile(
+    r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)"
+    r"=%?([\w.\-]+)")
+_CALL_LISTS = re.compile(
+    r"\b(?:branch_computations|called_computations|calls)=\{([^}]*)\}")
+COLLECTIVE = re.compile(
+    r"\s(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all|"
+    r"collective-broadcast|ragged-all-to-all)(-start)?\(")
+_TYPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
+
+
+def parse_hlo(text: str) -> tuple[dict, str]:
+  """The computations of an HLO module: `({name: lines}, entry name)`."""
+  computations, entry, name = {}, None, None
+  for line in text.splitlines():
+    match = _HEADER.match(line)
+    if match and name is None:
+      name = match.group(2)
+      computations[name] = []
+      if match.group(1):
+        entry = name
+    elif line.strip() == "}" and name is not None:
+      name = None
+    elif name is not None:
+      computations[name].append(line)
+  assert entry is not None, text[:2000]
+  return computations, entry
+
+
+def callees(lines: list) -> set:
+  """The computations that the instructions `lines` call."""
+  out = set()
+  for line in lines:
+    out.update(_CALLS.findall(line))
+    for names in _CALL_LISTS.findall(line):
+      out.update(n.strip().lstrip("%") for n in names.split(",") if n.strip())
+  return out
+
+
+def reachable(computations: dict, start: str, skip: Any = ()) -> set:
+  """The computations reachable from `start` (not entering `skip`)."""
+  seen, todo = set(), [start]
+  while todo:
+    name = todo.pop()
+    if name in seen or name in skip:
+      continue
+    seen.add(name)
+    todo.extend(callees(computations[name]))
+  return seen
+
+
+def collectives(computations: dict, names: Any) -> list:
+  """`(op, computation)` for each collective op in the computations `names`."""
+  return [(m.group(1), name) for name in sorted(names)
+          for line in computations[name] for m in COLLECTIVE.finditer(line)]
+
+
+def _width(kind: str) -> int:
+  """Bytes per element of an HLO element type (`f32`, `bf16`, `u8`, ...)."""
+  if kind == "pred" or kind.startswith("f8"):
+    return 1
+  return int(kind.lstrip("bfsu")) // 8
+
+
+def _type_bytes(text: str) -> int:
+  """The bytes of the array types written in `text`."""
+  return sum(_width(kind) * int(np.prod([int(d) for d in dims.split(",") if d]))
+             for kind, dims in _TYPE.findall(text))
+
+
+def _group_size(line: str) -> int:
+  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)
+  if iota:
+    return int(iota.group(2))
+  groups = re.search(r"replica_groups=\{\{([^}]*)\}", line)
+  return len(groups.group(1).split(",")) if groups else 1
+
+
+def operand_bytes(line: str) -> int:
+  """The operand bytes (one replica's) of one collective instruction."""
+  op = COLLECTIVE.search(line).group(1)
+  result = _type_bytes(line.split("=", 1)[1].split(op, 1)[0])
+  if op == "all-gather":
+    return result // _group_size(line)
+  if op == "reduce-scatter":
+    return result * _group_size(line)
+  return result
+
+
+def bytes_by_conditional(text: str) -> tuple[list, int]:
+  """Collective bytes per conditional of the entry, and outside them.
+
+  Returns `(per_conditional, outside)`: for each conditional instruction of
+  the entry computation, the bytes of the collectives its branches reach
+  (the larger branch), and the bytes of collectives reached otherwise.
+  """
+  computations, entry = parse_hlo(text)
+
+  def bytes_in(names):
+    return sum(operand_bytes(line) for name in names
+               for line in computations[name] if COLLECTIVE.search(line))
+
+  per_cond, branches = [], set()
+  for line in computations[entry]:
+    if " conditional(" not in line:
+      continue
+    names = sorted(callees([line]))
+    branches.update(names)
+    per_cond.append(max(bytes_in(reachable(computations, n)) for n in names))
+  outside = bytes_in(reachable(computations, entry, skip=branches))
+  return per_cond, outside
+
+
+def model_params(width: int = 128, blocks: int = 4) -> dict:
+  """`blocks` equal matrices: a model whose leaves split evenly."""
+  keys = jax.random.split(jax.random.key(0), blocks)
+  return {f"w{i}": jax.random.normal(k, (width, width)) / width**0.5
+          for i, k in enumerate(keys)}
+
+
+def compiled_step_text(tx: Any, params: dict) -> str:
+  """The compiled HLO of a pmapped DiLoCo step on `REPLICAS` devices."""
+  stacked = jax.tree.map(lambda a: jnp.stack([a] * REPLICAS), params)
+  devices = jax.devices()[:REPLICAS]
+  state = jax.pmap(tx.init, devices=devices)(stacked)
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  return jax.pmap(step, axis_name=AXIS, devices=devices,
+                  donate_argnums=(0, 1)).lower(
+                      stacked, state, stacked).compile().as_text()
+
+
+CONFIGS = (
+    ("DiLoCo, float32", dict()),
+    ("streaming, P = 2", dict(fragments=2)),
+    ("streaming, P = 4", dict(fragments=4)),
+    ("bfloat16", dict(communication_dtype=jnp.bfloat16)),
+    ("float8 e4m3", dict(communication_dtype=jnp.float8_e4m3fn)),
+    ("int8", dict(communication_dtype=jnp.int8)),
+    ("int4", dict(communication_dtype="int4")),
+    ("int4 + error feedback", dict(communication_dtype="int4",
+                                   error_feedback=True)),
+    ("P = 4, int4 + error feedback", dict(fragments=4,
+                                          communication_dtype="int4",
+                                          error_feedback=True)),
+)
+
+
+def run(params: Optional[dict] = None) -> list:
+  """Rows: name, bytes of the largest step, per period, outside syncs."""
+  params = model_params() if params is None else params
+  rows = []
+  for name, kwargs in CONFIGS:
+    tx = lo.diloco(optax.adamw(1e-3), SYNC_PERIOD, AXIS, **kwargs)
+    per_cond, outside = bytes_by_conditional(compiled_step_text(tx, params))
+    rows.append(dict(name=name, peak=max(per_cond), period=sum(per_cond),
+                     outside=outside, conditionals=len(per_cond)))
+  return rows
+
+
+def markdown(rows: list, params: dict) -> str:
+  """The table, relative to DiLoCo's float32 sync."""
+  base = rows[0]["peak"]
+  n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+  lines = [f"{len(params)} float32 matrices, {n:,} params, {REPLICAS} "
+           f"replicas (`jax.pmap`), `sync_period = {SYNC_PERIOD}`; bytes are "
+           "one replica's operands of the step's collectives, from the "
+           "compiled HLO (`python -m benchmarks.communication`).", "",
+           "| option | largest step | vs DiLoCo | per `sync_period` steps "
+           "| vs DiLoCo | on other steps |", "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['name']} | {r['peak']:,} B | {r['peak'] / base:.3f}x"
+                 f" | {r['period']:,} B | {r['period'] / base:.3f}x | "
+                 f"{r['outside']} B |")
+  return "\n".join(lines)
+
+
+def splice(path: str, text: str) -> None:
+  """Replaces the table between the markers in `path`."""
+  with open(path, encoding="utf-8") as f:
+    doc = f.read()
+  head, rest = doc.split(START, 1)
+  _, tail = rest.split(END, 1)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(head + START + "\n" + text + "\n" + END + tail)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", help="a markdown file with the markers")
+  args = parser.parse_args(argv)
+  params = model_params()
+  text = markdown(run(params), params)
+  print(text)
+  if args.out:
+    splice(args.out, text)
+  return text
+
+
+if __name__ == "__main__":
+  main()

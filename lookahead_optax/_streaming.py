@@ -1,0 +1,366 @@
+"""Streaming DiLoCo: fragments that sync at staggered steps, compressed means.
+
+With `axis_name` and any of `fragments`, `communication_dtype`,
+`error_feedback`, `overlap` or `mix`, the sync of `lookahead` runs here
+instead of in `_step.fused_sync`:
+
+* the params leaves are split into P fragments (`leaf_fragments`);
+  fragment f syncs after the inner steps t with
+  `t % sync_period == ((f + 1) * sync_period // P) % sync_period`
+  (`sync_slots`), so one fragment syncs every `sync_period / P` steps;
+* at its sync, fragment f's pseudo-gradient alone is averaged over the axis
+  (`_compress.mean`: float32, or encoded with a float32 mean) in a
+  `jax.lax.cond` of its own, and the outer step is `outer` applied to that
+  fragment alone, with the fragment's own outer state (`StreamingState`);
+* the params of the fragment then become
+  $\\text{mix} \\cdot (\\theta + u) + (1 - \\text{mix}) \\phi'$, where
+  $\\theta + u$ are the fast weights after this step's inner update $u$ and
+  $\\phi'$ the new slow weights (`mix = 0`: they land on $\\phi'$, bitwise
+  where the landing is exact). With `overlap`, the pseudo-gradient is taken
+  from the params $\\theta$ as they enter the step, so the collective depends
+  on nothing the step computes.
+
+References:
+  Douillard et al., [Streaming DiLoCo with overlapping communication:
+  Towards a Distributed Free Lunch](https://arxiv.org/abs/2501.18512), 2025.
+"""
+
+import numbers
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lookahead_optax import _checks
+from lookahead_optax import _compress
+from lookahead_optax import _sync
+from lookahead_optax import _tree
+from lookahead_optax._types import StreamingState
+
+
+class StreamingOptions(NamedTuple):
+  """The streaming arguments of `lookahead`, checked (static)."""
+
+  fragments: Any  # an int P, or a prefix tree of fragment numbers
+  num_fragments: int
+  fmt: Optional[str]  # a name in `_compress.FORMATS`, None for float32
+  error_feedback: bool
+  overlap: bool
+  mix: Any  # a float in [0, 1] (or a traced scalar)
+
+
+_ARGUMENTS = ("fragments", "communication_dtype", "error_feedback", "overlap",
+              "mix")
+
+
+def _check_bool(name: str, value: Any) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+  return bool(value)
+
+
+def _is_fragment_number(x: Any) -> bool:
+  return (isinstance(x, (numbers.Integral, np.integer))
+          and not isinstance(x, (bool, np.bool_)))
+
+
+def _count_fragments(fragments: Any) -> int:
+  """P for an int or a prefix tree of fragment numbers (checked)."""
+  if fragments is None:
+    return 1
+  if _is_fragment_number(fragments):
+    if int(fragments) < 1:
+      raise ValueError(
+          f"`fragments` must be an integer >= 1, got {fragments!r}.")
+    return int(fragments)
+  leaves = jax.tree.leaves(fragments)
+  bad = [x for x in leaves if not _is_fragment_number(x) or int(x) < 0]
+  if not leaves or bad:
+    raise TypeError(
+        "`fragments` must be None, an integer >= 1, or a pytree (a prefix of "
+        "the params) whose leaves are fragment numbers, integers >= 0; got "
+        f"{bad[0] if bad else fragments!r}.")
+  count = max(int(x) for x in leaves) + 1
+  empty = sorted(set(range(count)) - {int(x) for x in leaves})
+  if empty:
+    raise ValueError(
+        f"`fragments` numbers fragments 0 to {count - 1}, but fragment "
+        f"{empty[0]} has no leaves: number them 0, 1, ..., P - 1.")
+  return count
+
+
+def check_args(*, axis_name: Any, sync_period: Any, inner_state: str,
+               fragments: Any, communication_dtype: Any, error_feedback: Any,
+               overlap: Any, mix: Any) -> Optional[StreamingOptions]:
+  """The checked streaming options, or None when none is given.
+
+  Raises:
+    TypeError, ValueError: naming the argument.
+  """
+  error_feedback = _check_bool("error_feedback", error_feedback)
+  overlap = _check_bool("overlap", overlap)
+  given = [name for name, value in zip(
+      _ARGUMENTS, (fragments, communication_dtype, error_feedback, overlap,
+                   mix)) if value is not None and value is not False]
+  if not given:
+    return None
+  if axis_name is None:
+    raise ValueError(
+        f"`{given[0]}` needs `axis_name`: it is an option of DiLoCo, whose "
+        "replicas average their pseudo-gradients over a mapped axis.")
+  num = _count_fragments(fragments)
+  fmt = _compress.format_name(communication_dtype)
+  if mix is not None:
+    _checks.check_unit_interval("mix", mix, allow_schedule=False)
+  if error_feedback and fmt is None:
+    raise ValueError(
+        "`error_feedback=True` needs a low-precision `communication_dtype` "
+        "(in float32 nothing is dropped to feed back).")
+  if (num > 1 or overlap) and not isinstance(sync_period, numbers.Integral):
+    raise TypeError(
+        "`sync_period` must be a Python int with `fragments` or `overlap` "
+        f"(it sets the schedule), got {sync_period!r}.")
+  if num > 1 and int(sync_period) % num:
+    raise ValueError(
+        f"`sync_period` must be a multiple of the number of fragments P = "
+        f"{num} (each fragment syncs every `sync_period` steps, one every "
+        f"`sync_period / P`), got {sync_period!r}.")
+  if overlap and int(sync_period) == 1:
+    raise ValueError(
+        "`overlap=True` needs `sync_period` >= 2: it takes the pseudo-"
+        "gradient from the params before a step's inner update, and with "
+        "`sync_period=1` that is the slow weights themselves.")
+  if inner_state == "pullback":
+    raise ValueError(
+        f"`inner_state='pullback'` cannot combine with `{given[0]}`; use "
+        "'keep' or 'reset' (reset per fragment at its sync).")
+  return StreamingOptions(fragments, num, fmt, error_feedback, overlap,
+                          0.0 if mix is None else mix)
+
+
+def sync_slots(num_fragments: int, sync_period: int) -> list:
+  """`step % sync_period` at fragment f's sync, for each f."""
+  return [((f + 1) * sync_period // num_fragments) % sync_period
+          for f in range(num_fragments)]
+
+
+def _balanced(sizes: list, num: int) -> list:
+  """Leaves to `num` fragments, largest first to the least loaded one.
+
+  Ties go to the earlier leaf and the lower fragment number, so the split
+  depends on the params' shapes alone (the same on every replica).
+  """
+  loads, out = [0] * num, [0] * len(sizes)
+  for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+    f = min(range(num), key=lambda f: (loads[f], f))
+    out[i] = f
+    loads[f] += sizes[i]
+  return out
+
+
+def _from_prefix(fragments: Any, params: Any) -> list:
+  """Each params leaf's fragment number, from a prefix tree (by path)."""
+  named = jax.tree_util.tree_flatten_with_path(fragments)[0]
+  out = []
+  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    path = tuple(path)
+    hits = [int(f) for p, f in named if path[:len(p)] == tuple(p)]
+    if not hits:
+      raise ValueError(
+          f"`fragments` gives no fragment for params leaf "
+          f"{_tree.path_str(path)}: it must be a prefix of the params.")
+    out.append(hits[-1])
+  param_paths = [tuple(p) for p, _ in
+                 jax.tree_util.tree_flatten_with_path(params)[0]]
+  for p, _ in named:
+    if not any(q[:len(p)] == tuple(p) for q in param_paths):
+      raise ValueError(
+          f"`fragments` names {_tree.path_str(p)}, which is no params leaf "
+          "or prefix of one.")
+  return out
+
+
+def leaf_fragments(sopts: StreamingOptions, params: Any) -> list:
+  """The fragment number of each params leaf (`jax.tree.leaves` order).
+
+  Raises:
+    ValueError: when a fragment gets no leaf.
+  """
+  leaves = jax.tree.leaves(params)
+  if _is_fragment_number(sopts.fragments) or sopts.fragments is None:
+    if len(leaves) < sopts.num_fragments:
+      raise ValueError(
+          f"`fragments={sopts.num_fragments}`, but the params have "
+          f"{len(leaves)} leaves: each fragment needs at least one.")
+    return _balanced([int(np.prod(jnp.shape(x))) for x in leaves],
+                     sopts.num_fragments)
+  out = _from_prefix(sopts.fragments, params)
+  empty = sorted(set(range(sopts.num_fragments)) - set(out))
+  if empty:
+    raise ValueError(f"`fragments`: fragment {empty[0]} has no params leaf.")
+  return out
+
+
+def _masked(treedef: Any, leaves: list, keep: list) -> Any:
+  """The tree with `optax.MaskedNode()` at the leaves not in `keep`."""
+  keep = set(keep)
+  return jax.tree.unflatten(treedef, [
+      x if i in keep else optax.MaskedNode() for i, x in enumerate(leaves)])
+
+
+def init_state(sopts: StreamingOptions, outer: Any, counts_syncs: bool,
+               slow: Any) -> StreamingState:
+  """One outer state per fragment, and the error-feedback buffers."""
+  slow_c = _sync.in_compute_dtype(slow)
+  leaves, treedef = jax.tree.flatten(slow_c)
+  frag = leaf_fragments(sopts, slow)
+  states = []
+  for f in range(sopts.num_fragments):
+    if outer is not None:
+      mine = [i for i, g in enumerate(frag) if g == f]
+      states.append(outer.init(_masked(treedef, leaves, mine)))
+    elif counts_syncs:
+      states.append(optax.ScaleByScheduleState(jnp.zeros([], jnp.int32)))
+    else:
+      states.append(optax.EmptyState())
+  residuals = (jax.tree.map(jnp.zeros_like, slow_c)
+               if sopts.error_feedback else None)
+  return StreamingState(tuple(states), residuals)
+
+
+class Fragment(NamedTuple):
+  """What one fragment's sync needs (static)."""
+
+  leaves: list  # the indices of its params leaves
+  treedef: Any  # the params' tree structure
+  num_leaves: int
+
+
+def outer_step(opts: Any, frag: Fragment, slow: list, source: list,
+               outer_state: Any, residual: Optional[list]
+               ) -> tuple[list, Any, Optional[list]]:
+  """One fragment's sync: mean pseudo-gradient, then the outer step.
+
+  `source` holds the fast weights (or, with `overlap`, the params entering
+  the step). Returns the new slow weights (their dtypes), the fragment's new
+  outer state and its new error-feedback buffers.
+  """
+  sopts = opts.streaming
+  slow_c = [s.astype(_sync.compute_dtype(s)) for s in slow]
+  delta = [s - x.astype(s.dtype) for s, x in zip(slow_c, source)]
+  if residual is not None:
+    delta = [d + r for d, r in zip(delta, residual)]
+  mean, dropped = _compress.mean(delta, opts.axis_name, sopts.fmt)
+  if opts.outer is None:
+    count = outer_state.count if opts.counts_syncs else None
+    alpha = jnp.asarray(opts.slow_step_size(count) if opts.counts_syncs
+                        else opts.slow_step_size)
+    targets = [_sync.interpolate(s, s - m, alpha.astype(s.dtype))
+               for s, m in zip(slow_c, mean)]
+    if opts.counts_syncs:
+      outer_state = optax.ScaleByScheduleState(optax.safe_increment(count))
+  else:
+    def tree(values):
+      full = [None] * frag.num_leaves
+      for i, v in zip(frag.leaves, values):
+        full[i] = v
+      return _masked(frag.treedef, full, frag.leaves)
+    o, outer_state = opts.outer.update(tree(mean), outer_state, tree(slow_c))
+    o = [x for x in jax.tree.leaves(o)]
+    targets = [s + jnp.asarray(u).astype(s.dtype) for s, u in zip(slow_c, o)]
+  stored = [t.astype(jnp.result_type(s)) for t, s in zip(targets, slow)]
+  return stored, outer_state, dropped if residual is not None else None
+
+
+def landing(p: jax.Array, u: jax.Array, slow_new: jax.Array, old_slow: Any,
+            mix: Any) -> jax.Array:
+  """The update to $\\text{mix} (p + u) + (1 - \\text{mix}) \\phi'$."""
+  cdtype = _sync.compute_dtype(old_slow)
+  target = slow_new.astype(cdtype)
+  if not (isinstance(mix, numbers.Real) and mix == 0):
+    fast = _sync.fast_weights(p, u, cdtype)
+    mix = jnp.asarray(mix, cdtype)
+    target = mix * fast + (1 - mix) * target
+  return _sync.landing_update(p, u, target, old_slow)
+
+
+class Leaves(NamedTuple):
+  """The per-leaf lists of one step (`jax.tree.leaves` order of the params)."""
+
+  params: list
+  inner_updates: list
+  slow: list
+  residuals: Optional[list]
+
+
+def fragment_sync(opts: Any, frag: Fragment, flag: jax.Array, x: Leaves,
+                  outer_state: Any) -> tuple[Leaves, Any]:
+  """Fragment `frag`'s sync where `flag`, in a `jax.lax.cond` of its own.
+
+  Returns the fragment's leaves (the updates in `inner_updates`) and its
+  outer state; where `flag` is False they are as the inner step left them.
+  """
+  sopts = opts.streaming
+  pick = lambda leaves: [leaves[i] for i in frag.leaves]  # pylint: disable=unnecessary-lambda-assignment
+  p, u, slow = pick(x.params), pick(x.inner_updates), pick(x.slow)
+  res = None if x.residuals is None else pick(x.residuals)
+  source = p if sopts.overlap else [
+      _sync.fast_weights(a, b, _sync.compute_dtype(s))
+      for a, b, s in zip(p, u, slow)]
+
+  def synced(operands):
+    return outer_step(opts, frag, *operands)
+
+  def skipped(operands):
+    slow_f, _, outer_f, res_f = operands
+    return slow_f, outer_f, res_f
+
+  new_slow, outer_state, res = jax.lax.cond(
+      flag, synced, skipped, (slow, source, outer_state, res))
+  updates = [jnp.where(flag, landing(a, b, n, s, sopts.mix), b)
+             for a, b, n, s in zip(p, u, new_slow, slow)]
+  return Leaves(p, updates, new_slow, res), outer_state
+
+
+def sync(opts: Any, params: Any, inner_updates: Any, slow: Any, state: Any,
+         step: jax.Array) -> tuple[Any, Any, Any, list]:
+  """The fragments' syncs of this step (`fragment_sync` for each).
+
+  Returns the updates, the slow weights, the `StreamingState` and, per
+  params leaf (flattened with `optax.MaskedNode` holes, None there), the
+  flag of its fragment's sync (for the inner-state policy).
+  """
+  p_leaves, treedef = jax.tree.flatten(params)
+  x = Leaves(p_leaves, treedef.flatten_up_to(inner_updates),
+             treedef.flatten_up_to(slow),
+             None if state.residuals is None
+             else treedef.flatten_up_to(state.residuals))
+  out = Leaves(*(None if v is None else list(v) for v in x))
+  frag_of = leaf_fragments(opts.streaming, params)
+  outer_states, flags = list(state.outer_states), [None] * len(p_leaves)
+  slots = sync_slots(opts.streaming.num_fragments, opts.sync_period)
+  for f, slot in enumerate(slots):
+    frag = Fragment([i for i, g in enumerate(frag_of) if g == f], treedef,
+                    len(p_leaves))
+    flag = step % opts.sync_period == slot
+    done, outer_states[f] = fragment_sync(opts, frag, flag, x,
+                                          outer_states[f])
+    for j, i in enumerate(frag.leaves):
+      flags[i] = flag
+      for field in ("inner_updates", "slow", "residuals"):
+        if getattr(out, field) is not None:
+          getattr(out, field)[i] = getattr(done, field)[j]
+  unflat = lambda leaves: jax.tree.unflatten(treedef, leaves)  # pylint: disable=unnecessary-lambda-assignment
+  residuals = None if out.residuals is None else unflat(out.residuals)
+  return (unflat(out.inner_updates), unflat(out.slow),
+          StreamingState(tuple(outer_states), residuals),
+          _with_holes(flags, params))
+
+
+def _with_holes(per_leaf: list, params: Any) -> list:
+  """`per_leaf` with None at the params' `optax.MaskedNode` holes."""
+  it = iter(per_leaf)
+  return [None if _tree.is_masked_node(x) else next(it)
+          for x in jax.tree.leaves(params, is_leaf=_tree.is_masked_node)]

@@ -1,0 +1,548 @@
+"""Streaming DiLoCo: fragments, compressed means, error feedback, overlap.
+
+The reference is `reference.run_streaming_diloco`, a NumPy simulation of 8
+replicas (each with its own NumPy Adam state) written from the paper; the
+library runs under `jax.pmap` on the 8 host CPU devices of conftest.py.
+"""
+
+import re
+
+import jax
+import jax.extend.core as jex_core
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import lookahead_optax as lo
+from benchmarks import communication
+from tests import reference
+from tests._helpers import assert_bitwise
+from tests._helpers import assert_tree_bitwise
+
+N = 8  # replicas
+AXIS = "r"
+LR, MU = 0.7, 0.9
+SHAPES = {"a": (4, 3), "b": (6,), "c": (2, 3), "d": (5,), "e": (3,)}
+# The balanced split (largest leaf first, to the least loaded fragment):
+# sizes a 12, b 6, c 6, d 5, e 3.
+SPLITS = {1: dict(a=0, b=0, c=0, d=0, e=0),
+          2: dict(a=0, b=1, c=1, d=0, e=1),
+          4: dict(a=0, b=1, c=2, d=3, e=3)}
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < N, reason="needs 8 devices (see conftest.py)")
+
+
+def problem(steps, seed=0):
+  """Params, and per replica a quadratic pull towards its own target."""
+  rng = np.random.default_rng(seed)
+  params0 = {k: rng.uniform(0.5, 1.5, s).astype(np.float32)
+             for k, s in SHAPES.items()}
+  curv = {k: rng.uniform(0.5, 2.0, (N,) + s).astype(np.float32)
+          for k, s in SHAPES.items()}
+  target = {k: rng.normal(0, 1, (N,) + s).astype(np.float32)
+            for k, s in SHAPES.items()}
+  noise = {k: rng.normal(0, 0.3, (steps, N) + s).astype(np.float32)
+           for k, s in SHAPES.items()}
+  return params0, curv, target, noise
+
+
+def grad(p, c, t, z):
+  return c * (p - t) + z
+
+
+def inner_tx():
+  return optax.adam(0.05, b1=0.8, b2=0.95)
+
+
+def replicate(tree):
+  return jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a),
+                                                 (N,) + np.shape(a)), tree)
+
+
+def pmap_step(tx):
+  def step(params, state, c, t, z):
+    grads = jax.tree.map(grad, params, c, t, z)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return jax.pmap(step, axis_name=AXIS, donate_argnums=(0, 1))
+
+
+def run(tx, steps, seed=0, start=None):
+  """`(params, state)` after every step, as NumPy copies."""
+  params0, curv, target, noise = problem(steps, seed)
+  step = pmap_step(tx)
+  if start is None:
+    params = replicate(params0)
+    state = jax.pmap(tx.init)(params)
+    first = 0
+  else:
+    (params, state), first = start
+  history = []
+  for t in range(first, steps):
+    z = {k: v[t] for k, v in noise.items()}
+    params, state = step(params, state, curv, target, z)
+    history.append(jax.tree.map(np.array, (params, state)))
+  return history
+
+
+def simulate(steps, fragment_of, *, sync_period=4, seed=0, **kwargs):
+  params0, curv, target, noise = problem(steps, seed)
+
+  def grad_fn(t, r, p):
+    return {k: grad(p[k], curv[k][r], target[k][r], noise[k][t, r])
+            for k in p}
+
+  return reference.run_streaming_diloco(
+      reference.Adam(0.05, b1=0.8, b2=0.95), params0, grad_fn, N,
+      sync_period, fragment_of, steps, LR, MU, **kwargs)
+
+
+def assert_same_on_all_replicas(tree, msg=""):
+  for k, a in tree.items():
+    assert_bitwise(a, np.broadcast_to(a[0], a.shape), f"{msg} {k}")
+
+
+def first_replica(tree):
+  return {k: v[0] for k, v in tree.items()}
+
+
+# ---------------------------------------------------------------------------
+# The schedule and the split.
+# ---------------------------------------------------------------------------
+
+
+def test_sync_slots_follow_the_formula():
+  from lookahead_optax import _streaming  # pylint: disable=import-outside-toplevel
+  assert _streaming.sync_slots(1, 4) == [0]
+  assert _streaming.sync_slots(2, 4) == [2, 0]
+  assert _streaming.sync_slots(4, 8) == [2, 4, 6, 0]
+  assert _streaming.sync_slots(3, 6) == [2, 4, 0]
+  for p, k in [(1, 4), (2, 4), (4, 8), (3, 6), (8, 8)]:
+    assert (_streaming.sync_slots(p, k)
+            == reference.streaming_sync_slots(p, k))
+
+
+@pytest.mark.parametrize("num", [2, 4])
+def test_each_leaf_syncs_at_its_fragments_steps(num):
+  """Which leaf's slow weights move at which step: the split and schedule."""
+  k, steps = 8 if num == 4 else 4, 8 if num == 4 else 8
+  history = run(lo.diloco(inner_tx(), k, AXIS, fragments=num), steps)
+  slots = reference.streaming_sync_slots(num, k)
+  before = problem(steps)[0]
+  for t, (_, state) in enumerate(history, start=1):
+    slow = first_replica(state.slow_params)
+    for key, f in SPLITS[num].items():
+      moved = not np.array_equal(slow[key], before[key])
+      assert moved == (t % k == slots[f]), (t, key)
+    before = slow
+  assert len(state.outer_state.outer_states) == num
+
+
+# ---------------------------------------------------------------------------
+# Against the NumPy simulation of 8 replicas.
+# ---------------------------------------------------------------------------
+
+CASES = {
+    "P1": dict(fragments=1),
+    "P2": dict(fragments=2),
+    "P4": dict(fragments=4),
+    "P2-overlap": dict(fragments=2, overlap=True),
+    "P4-overlap-mix": dict(fragments=4, overlap=True, mix=0.3),
+    "P2-mix": dict(fragments=2, mix=0.6),
+    "P1-overlap": dict(fragments=1, overlap=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_simulation_of_8_replicas(case):
+  kwargs = CASES[case]
+  num, steps = kwargs["fragments"], 12
+  history = run(lo.diloco(inner_tx(), 4, AXIS, **kwargs), steps)
+  ref = simulate(steps, SPLITS[num], overlap=kwargs.get("overlap", False),
+                 mix=kwargs.get("mix", 0.0))
+  assert len(ref["syncs"]) == 3 * num
+  for t, (params, state) in enumerate(history):
+    assert_same_on_all_replicas(state.slow_params, f"step {t + 1}")
+    for key in SHAPES:
+      np.testing.assert_allclose(state.slow_params[key][0],
+                                 ref["slow_history"][t][key], rtol=0,
+                                 atol=2e-6, err_msg=f"{key} step {t + 1}")
+  for r in range(N):
+    for key in SHAPES:
+      np.testing.assert_allclose(params[key][r], ref["params"][r][key],
+                                 rtol=0, atol=2e-6, err_msg=f"{key} {r}")
+  momenta = state.outer_state.outer_states
+  for key, f in SPLITS[num].items():
+    np.testing.assert_allclose(momenta[f][0].trace[key][0],
+                               ref["momentum"][key], rtol=0, atol=2e-6)
+  # The replicas drift apart between syncs, and the options change the run.
+  spread = max(np.max(np.abs(h[0][k] - h[0][k][0])) for h in history
+               for k in SHAPES)
+  assert spread > 1e-2
+  plain = simulate(steps, SPLITS[1])
+  assert max(np.max(np.abs(ref["slow"][k] - plain["slow"][k]))
+             for k in SHAPES) > 1e-3 or case == "P1"
+
+
+def test_interpolation_outer_per_fragment_schedule():
+  """No `outer`: each fragment's sync count drives its own alpha."""
+  alphas = lambda n: 0.3 + 0.2 * n  # pylint: disable=unnecessary-lambda-assignment
+  tx = lo.lookahead(inner_tx(), 4, slow_step_size=alphas, axis_name=AXIS,
+                    fragments=2)
+  history = run(tx, 9)
+  _, state = history[-1]
+  counts = [int(s.count[0]) for s in state.outer_state.outer_states]
+  assert counts == [2, 2]  # fragment 0 synced at 2 and 6, 1 at 4 and 8
+  params0, curv, target, noise = problem(9)
+  # By hand: the simulation with alpha 0.3 for the first sync of each
+  # fragment and 0.5 for the second.
+  ref = reference.run_streaming_diloco(
+      reference.Adam(0.05, b1=0.8, b2=0.95), params0,
+      lambda t, r, p: {k: grad(p[k], curv[k][r], target[k][r],
+                               noise[k][t, r]) for k in p},
+      N, 4, SPLITS[2], 4, LR, MU, alpha=0.3)
+  for t in range(4):
+    for key in SHAPES:
+      np.testing.assert_allclose(history[t][1].slow_params[key][0],
+                                 ref["slow_history"][t][key], atol=2e-6)
+
+
+def test_one_fragment_in_float32_is_todays_diloco():
+  steps = 9
+  streaming = run(lo.diloco(inner_tx(), 3, AXIS, fragments=1), steps)[-1]
+  today = run(lo.diloco(inner_tx(), 3, AXIS), steps)[-1]
+  for key in SHAPES:  # two programs: to float32 rounding
+    np.testing.assert_allclose(streaming[0][key], today[0][key], atol=1e-6)
+    np.testing.assert_allclose(streaming[1].outer_state.outer_states[0][0]
+                               .trace[key], today[1].outer_state[0].trace[key],
+                               atol=1e-6)
+  assert isinstance(streaming[1].outer_state, lo.StreamingState)
+  assert streaming[1].outer_state.residuals is None
+
+
+def test_reset_resets_only_the_syncing_fragment():
+  tx = lo.diloco(inner_tx(), 4, AXIS, fragments=2, inner_state="reset")
+  history = run(tx, 4)
+  adam = lambda t: history[t][1].inner_state[0]  # pylint: disable=unnecessary-lambda-assignment
+  for key, f in SPLITS[2].items():
+    # Fragment 0 syncs after step 2, fragment 1 after step 4.
+    zero_after = 2 if f == 0 else 4
+    for t in (2, 4):
+      mu = adam(t - 1).mu[key]
+      assert np.all(mu == 0) == (t == zero_after), (key, t)
+  np.testing.assert_array_equal(adam(3).count, np.full(N, 4, np.int32))
+
+
+# ---------------------------------------------------------------------------
+# Compressed communication.
+# ---------------------------------------------------------------------------
+
+# Per encoding, the largest error of one value over the block's max |x|
+# (rounding to nearest), for one pass; the mean passes twice.
+QUANTUM = {jnp.bfloat16: 2.0**-9, jnp.float8_e4m3fn: 2.0**-4,
+           jnp.int8: 0.5 / 127, "int4": 0.5 / 7}
+
+
+@pytest.fixture(scope="module")
+def float32_run():
+  return run(lo.diloco(inner_tx(), 4, AXIS, fragments=2), 4)
+
+
+@pytest.mark.parametrize("dtype", list(QUANTUM), ids=str)
+def test_compressed_mean_is_one_value_within_quantization(dtype, float32_run):
+  history = run(lo.diloco(inner_tx(), 4, AXIS, fragments=2,
+                          communication_dtype=dtype), 4)
+  for t, (_, state) in enumerate(history):
+    assert_same_on_all_replicas(state.slow_params, f"step {t + 1}")
+  # After each fragment's first sync: the slow weights moved by
+  # lr (1 + mu) times the mean pseudo-gradient, whose error is at most two
+  # quanta of the largest |delta| of the fragment.
+  params0 = problem(4)[0]
+  slow = first_replica(history[-1][1].slow_params)
+  exact = first_replica(float32_run[-1][1].slow_params)
+  for f in (0, 1):
+    keys = [k for k, g in SPLITS[2].items() if g == f]
+    amax = max(np.max(np.abs(exact[k] - params0[k])) for k in keys) / (
+        LR * (1 + MU))
+    bound = LR * (1 + MU) * 2 * QUANTUM[dtype] * amax * 1.01 + 1e-6
+    error = max(np.max(np.abs(slow[k] - exact[k])) for k in keys)
+    assert 0 < error <= bound, (f, error, bound)
+
+
+def test_error_feedback_stays_closer_to_float32_over_20_cycles():
+  steps = 40
+  exact = run(lo.diloco(inner_tx(), 2, AXIS), steps)
+  plain = run(lo.diloco(inner_tx(), 2, AXIS, communication_dtype="int4"),
+              steps)
+  fed = run(lo.diloco(inner_tx(), 2, AXIS, communication_dtype="int4",
+                      error_feedback=True), steps)
+
+  def distance(history):
+    return np.mean([
+        sum(np.sum((h[1].slow_params[k][0] - e[1].slow_params[k][0]) ** 2)
+            for k in SHAPES) ** 0.5 for h, e in zip(history, exact)])
+
+  assert distance(fed) < 0.6 * distance(plain), (distance(fed),
+                                                 distance(plain))
+  residuals = fed[-1][1].outer_state.residuals
+  assert set(residuals) == set(SHAPES)
+  assert residuals["a"].shape == (N, 4, 3)
+  # Each replica keeps its own residual.
+  assert np.max(np.abs(residuals["a"] - residuals["a"][0])) > 0
+
+
+def test_codecs_round_trip():
+  from lookahead_optax import _compress  # pylint: disable=import-outside-toplevel
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 256)),
+                  jnp.float32).at[1].set(0.0)
+  for fmt in _compress.FORMATS:
+    e = _compress.encode(x, fmt)
+    y = _compress.decode(e, fmt)
+    assert y.dtype == jnp.float32 and y.shape == x.shape
+    np.testing.assert_array_equal(y[1], 0.0)  # an all-zero block
+    amax = np.max(np.abs(np.asarray(x)), axis=1, keepdims=True)
+    q = {"bfloat16": 2.0**-8, "float8_e4m3fn": 2.0**-4, "int8": 0.5 / 127,
+         "int4": 0.5 / 7}[fmt]
+    assert np.all(np.abs(np.asarray(y - x)) <= q * amax + 1e-30), fmt
+  packed = _compress.encode(x, "int4").values
+  assert packed.dtype == jnp.uint8 and packed.shape == (3, 128)
+  grid = jnp.arange(-7.0, 8.0)
+  block = jnp.tile(grid, 256 // 15 + 1)[:256].at[0].set(7.0)[None]
+  back = _compress.decode(_compress.encode(block, "int4"), "int4")
+  assert_bitwise(np.asarray(back), np.asarray(block))
+
+
+# ---------------------------------------------------------------------------
+# The compiled step: bytes and where the collectives sit.
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def byte_rows():
+  return {r["name"]: r for r in communication.run()}
+
+
+def test_hlo_bytes_meet_the_targets(byte_rows):
+  base = byte_rows["DiLoCo, float32"]
+  assert base["peak"] == 4 * 4 * 128 * 128  # the whole model in float32
+  for r in byte_rows.values():
+    assert r["outside"] == 0, r  # a step that syncs nothing sends nothing
+  p4 = byte_rows["streaming, P = 4"]
+  assert p4["conditionals"] == 4
+  assert p4["peak"] <= 0.27 * base["peak"]
+  assert p4["period"] == base["period"]
+  for name, most in [("int8", 0.3), ("int4", 0.16), ("bfloat16", 0.6),
+                     ("float8 e4m3", 0.3)]:
+    assert byte_rows[name]["period"] <= most * base["period"], name
+  # int4 really carries half a byte per value: values (1 + 1/8) / 2 bytes,
+  # and a float32 scale per 256 values.
+  n = 4 * 128 * 128
+  assert byte_rows["int4"]["period"] == (n // 2 + n // 256 * 4) * 9 // 8
+
+
+def test_non_overlapping_syncs_stay_in_their_conditionals():
+  tx = lo.diloco(inner_tx(), 4, communication.AXIS, fragments=4,
+                 communication_dtype=jnp.int8)
+  text = communication.compiled_step_text(tx, communication.model_params(
+      64, 4))
+  computations, entry = communication.parse_hlo(text)
+  per_cond, outside = communication.bytes_by_conditional(text)
+  assert len(per_cond) == 4 and outside == 0
+  ops = sorted({op for op, _ in communication.collectives(
+      computations, computations)})
+  assert ops == ["all-gather", "all-to-all"]
+  del entry
+
+
+def _batch_reaches_collective(jaxpr, tainted):
+  """Whether a collective's operands depend on the `tainted` variables."""
+  found = []
+  collectives = {"psum", "pmean", "all_to_all", "all_gather", "ppermute",
+                 "psum_scatter", "reduce_scatter", "all_gather_invariant"}
+
+  def visit(jaxpr, tainted):
+    tainted = set(tainted)
+    for eqn in jaxpr.eqns:
+      ins = [v for v in eqn.invars if not isinstance(v, jex_core.Literal)]
+      hit = any(v in tainted for v in ins)
+      if eqn.primitive.name in collectives:
+        found.append(hit)
+      subs = [p for p in eqn.params.values()
+              if isinstance(p, (jex_core.ClosedJaxpr, jex_core.Jaxpr))]
+      branches = eqn.params.get("branches", ())
+      for sub in list(subs) + list(branches):
+        inner = sub.jaxpr if isinstance(sub, jex_core.ClosedJaxpr) else sub
+        args = eqn.invars[1:] if branches else eqn.invars
+        visit(inner, [iv for iv, v in zip(inner.invars, args)
+                      if not isinstance(v, jex_core.Literal) and v in tainted])
+      if hit:
+        tainted.update(eqn.outvars)
+
+  visit(jaxpr, tainted)
+  return found
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_overlap_collective_does_not_depend_on_the_batch(overlap):
+  """The jaxpr of a whole step (loss, grad, update): with `overlap` the
+  collectives' operands depend on params and state alone, not the batch."""
+  tx = lo.diloco(inner_tx(), 4, AXIS, fragments=2, overlap=overlap,
+                 communication_dtype=jnp.int8)
+  params = {k: jnp.ones(s) for k, s in SHAPES.items()}
+  state = tx.init(params)
+
+  def step(params, state, x, y):
+    grads = jax.grad(lambda p: sum(jnp.sum((p[k] * x[k] - y[k]) ** 2)
+                                   for k in p))(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  closed = jax.make_jaxpr(step, axis_env=[(AXIS, N)])(params, state, params,
+                                                      params)
+  jaxpr = closed.jaxpr
+  n_state = len(jax.tree.leaves((params, state)))
+  batch = jaxpr.invars[n_state:]
+  found = _batch_reaches_collective(jaxpr, batch)
+  assert len(found) >= 2 * 2  # two fragments, all-to-all and all-gather
+  if overlap:
+    assert not any(found), found
+  else:
+    assert all(found), found  # the checker sees the dependence
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint, shard_map.
+# ---------------------------------------------------------------------------
+
+
+def test_orbax_resume_mid_cycle_is_bitwise(tmp_path):
+  tx = lo.diloco(inner_tx(), 4, AXIS, fragments=2,
+                 communication_dtype=jnp.int8, error_feedback=True)
+  full = run(tx, 7)
+  params, state = full[2]  # after step 3: fragment 0 synced, 1 not yet
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", (params, state))
+  checkpointer.wait_until_finished()
+  target = jax.tree.map(np.zeros_like, (params, state))
+  restored = ocp.StandardCheckpointer().restore(tmp_path / "ckpt", target)
+  restored = jax.tree.map(jnp.asarray, restored)
+  assert isinstance(restored[1].outer_state, lo.StreamingState)
+  resumed = run(tx, 7, start=(restored, 3))
+  assert_tree_bitwise(resumed[-1], full[-1])
+  assert np.max(np.abs(state.outer_state.residuals["a"])) > 0
+
+
+def test_shard_map_matches_pmap():
+  tx = lo.diloco(inner_tx(), 4, AXIS, fragments=2, communication_dtype="int4",
+                 error_feedback=True, overlap=True)
+  steps = 6
+  expected = run(tx, steps)[-1]
+  params0, curv, target, noise = problem(steps)
+  mesh = jax.make_mesh((N,), (AXIS,))
+  spec = P(AXIS)
+  shard = lambda tree: jax.device_put(tree, NamedSharding(mesh, spec))  # pylint: disable=unnecessary-lambda-assignment
+  params = shard(replicate(params0))
+  state = shard(jax.pmap(tx.init)(replicate(params0)))
+  curv, target = shard(curv), shard(target)
+
+  def block(params, state, c, t, z):
+    squeeze = lambda tree: jax.tree.map(lambda a: a[0], tree)  # pylint: disable=unnecessary-lambda-assignment
+    p, s, c, t, z = squeeze((params, state, c, t, z))
+    updates, s = tx.update(jax.tree.map(grad, p, c, t, z), s, p)
+    out = (optax.apply_updates(p, updates), s)
+    return jax.tree.map(lambda a: a[None], out)
+
+  step = jax.jit(jax.shard_map(block, mesh=mesh, in_specs=spec,
+                               out_specs=spec))
+  for t in range(steps):
+    params, state = step(params, state, curv, target,
+                         shard({k: v[t] for k, v in noise.items()}))
+  for key in SHAPES:
+    assert_same_on_all_replicas({key: np.asarray(state.slow_params[key])})
+    np.testing.assert_allclose(state.slow_params[key], expected[1]
+                               .slow_params[key], atol=1e-5)
+    np.testing.assert_allclose(params[key], expected[0][key], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Bad input, at construction.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,value", [
+    ("fragments", 2), ("communication_dtype", jnp.int8),
+    ("error_feedback", True), ("overlap", True), ("mix", 0.5)])
+def test_streaming_options_need_axis_name(name, value):
+  with pytest.raises(ValueError, match=rf"`{name}` needs `axis_name`"):
+    lo.lookahead(optax.sgd(0.1), 4, **{name: value})
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(fragments=3), ValueError,
+     r"`sync_period` must be a multiple of the number of fragments P = 3"),
+    (dict(fragments=0), ValueError, r"`fragments` must be an integer >= 1"),
+    (dict(fragments=-2), ValueError, r"`fragments` must be an integer >= 1"),
+    (dict(fragments=2.0), TypeError, r"`fragments` must be None, an integer"),
+    (dict(fragments=True), TypeError, r"`fragments` must be None, an integer"),
+    (dict(fragments={"a": 0, "b": 2}), ValueError,
+     r"fragment 1 has no leaves"),
+    (dict(fragments={"a": -1}), TypeError, r"fragment numbers, integers >= 0"),
+    (dict(mix=1.5), ValueError, r"`mix` must be a float in \[0, 1\]"),
+    (dict(mix=-0.1), ValueError, r"`mix` must be a float in \[0, 1\]"),
+    (dict(mix=float("nan")), ValueError, r"`mix` must be a float in \[0, 1\]"),
+    (dict(mix="0.5"), TypeError, r"`mix` must be a float in \[0, 1\]"),
+    (dict(communication_dtype=jnp.float16), ValueError,
+     r"`communication_dtype` must be None \(float32\), jnp.bfloat16, "
+     r"jnp.float8_e4m3fn, jnp.int8 or 'int4', got"),
+    (dict(communication_dtype="int3"), ValueError,
+     r"`communication_dtype` must be None"),
+    (dict(error_feedback=True), ValueError,
+     r"`error_feedback=True` needs a low-precision `communication_dtype`"),
+    (dict(error_feedback=1), TypeError, r"`error_feedback` must be True or "
+     r"False, got 1"),
+    (dict(overlap="yes"), TypeError, r"`overlap` must be True or False"),
+    (dict(fragments=2, inner_state="pullback"), ValueError,
+     r"`inner_state='pullback'` cannot combine with `fragments`"),
+])
+def test_bad_streaming_arguments(kwargs, error, message):
+  with pytest.raises(error, match=message):
+    lo.lookahead(optax.sgd(0.1), 4, axis_name=AXIS, **kwargs)
+
+
+def test_overlap_needs_two_steps_per_sync():
+  with pytest.raises(ValueError, match=r"`overlap=True` needs `sync_period` "
+                     r">= 2"):
+    lo.diloco(optax.sgd(0.1), 1, AXIS, overlap=True)
+
+
+def test_fragments_need_a_python_int_sync_period():
+  with pytest.raises(TypeError, match=r"`sync_period` must be a Python int "
+                     r"with `fragments` or `overlap`"):
+    lo.diloco(optax.sgd(0.1), jnp.array(4), AXIS, fragments=2)
+
+
+def test_fragment_without_leaves_at_init():
+  tx = lo.diloco(optax.sgd(0.1), 8, AXIS, fragments=8)
+  with pytest.raises(ValueError, match=re.escape(
+      "`fragments=8`, but the params have 5 leaves: each fragment needs at "
+      "least one.")):
+    tx.init({k: jnp.ones(s) for k, s in SHAPES.items()})
+  tx = lo.diloco(optax.sgd(0.1), 4, AXIS, fragments={"a": 0, "z": 1})
+  with pytest.raises(ValueError, match=r"`fragments` gives no fragment for "
+                     r"params leaf \['b'\]"):
+    tx.init({k: jnp.ones(s) for k, s in SHAPES.items()})
+
+
+def test_fragments_as_a_prefix_tree():
+  fragments = {"a": 1, "b": 0, "c": 0, "d": 1, "e": 1}
+  history = run(lo.diloco(inner_tx(), 4, AXIS, fragments=fragments), 4)
+  ref = simulate(4, fragments)
+  for t in range(4):
+    for key in SHAPES:
+      np.testing.assert_allclose(history[t][1].slow_params[key][0],
+                                 ref["slow_history"][t][key], atol=2e-6)
