@@ -18,7 +18,10 @@ import sys
 import time
 from typing import Optional, Sequence
 
+import jax
+
 from benchmarks import common
+from benchmarks import communication
 from benchmarks import e2e
 from benchmarks import policies
 from benchmarks import step
@@ -442,6 +445,35 @@ sync is compiled"); the last column is what it picks on one CPU device.
 """
 
 
+_COMMUNICATION = """\
+## DiLoCo communication (bytes from the compiled HLO)
+
+The bytes each replica's collectives carry in a DiLoCo step
+(`benchmarks/communication.py`): each fragment's collectives sit in its sync
+conditional, so the largest step is the largest conditional and a
+`sync_period` holds each once; a step that syncs nothing sends nothing (no
+collective outside a conditional). Static counts, not timings; the
+float32 row is today's DiLoCo sync, one all-reduce of the whole model.
+"""
+_COMMUNICATION_NOT_RUN = (
+    "Not run here (it needs 8 devices): `python -m benchmarks.communication "
+    "--out docs/benchmarks.md` fills this table.")
+
+
+def communication_table(out: Optional[str]) -> Optional[str]:
+  """The table on 8 devices, else the one already in `out` (or None)."""
+  if jax.device_count() >= communication.REPLICAS:
+    params = communication.model_params()
+    return communication.markdown(communication.run(params), params)
+  if out and os.path.exists(out):
+    with open(out, encoding="utf-8") as f:
+      text = f.read()
+    if communication.START in text and communication.END in text:
+      return text.split(communication.START, 1)[1].split(
+          communication.END, 1)[0].strip()
+  return None
+
+
 def build_report(info: dict, sections: dict, quick: bool) -> str:
   parts = [_INTRO]
   load = info.get("load")
@@ -503,6 +535,9 @@ def build_report(info: dict, sections: dict, quick: bool) -> str:
                  + sections["muon"] + "\n")
   if sections.get("traffic"):
     parts.append(_TRAFFIC + "\n" + sections["traffic"] + "\n")
+  parts.append(_COMMUNICATION + "\n" + communication.START + "\n"
+               + sections.get("communication", _COMMUNICATION_NOT_RUN) + "\n"
+               + communication.END + "\n")
   parts.append("## Accelerator\n\n" + ACCELERATOR_START + "\n"
                + sections.get("accelerator", _NOT_TIMED) + "\n"
                + ACCELERATOR_END + "\n")
@@ -574,8 +609,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                       help="round-robin rounds for the step benchmark")
   parser.add_argument("--skip", default="",
                       help="comma-separated sections to skip: e2e, "
-                      "formulations, policies, muon, traffic, lazy, sparse, "
-                      "nodonate")
+                      "formulations, policies, muon, traffic, communication, "
+                      "lazy, sparse, nodonate")
   parser.add_argument("--accelerator", action="store_true",
                       help="only the options against Adam and Muon, for a "
                       "GPU/TPU; writes the Accelerator section of --out")
@@ -661,6 +696,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     sections["traffic"] = traffic.markdown(
         traffic.run(n=n, layers=1 if quick else 8, log=_log),
         common.fmt_params(n))
+
+  if "communication" not in skip:
+    table = communication_table(args.out)
+    if table:
+      sections["communication"] = table
 
   if "lazy" not in skip:
     try:

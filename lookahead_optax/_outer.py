@@ -126,12 +126,14 @@ def diloco(
     learning_rate: the outer learning rate $\eta$ (a float or a schedule of
       the number of outer steps).
     momentum: the outer Nesterov momentum $\mu$, in [0, 1).
-    **kwargs: passed on to `lookahead` (e.g. `inner_state`, `slow_dtype`);
-      not `outer` or `slow_step_size`.
+    **kwargs: passed on to `lookahead` (e.g. `inner_state`, `slow_dtype`,
+      and Streaming DiLoCo's `fragments`, `communication_dtype`,
+      `error_feedback`, `overlap`, `mix`); not `outer` or `slow_step_size`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
-    `LookaheadState`; `outer_state` holds the momentum buffer.
+    `LookaheadState`; `outer_state` holds the momentum buffer (with the
+    streaming arguments, a `StreamingState` with one per fragment).
 
   Raises:
     TypeError: if `momentum` or `learning_rate` is not a real number, or
@@ -158,6 +160,21 @@ def diloco(
     The fast weights went 4 -> 2 -> 1 and 4 -> 3 -> 2.5, so
     $\Delta = (3 + 1.5) / 2 = 2.25$, $b = 2.25$ and
     $\phi = 4 - 0.7 (0.9 \cdot 2.25 + 2.25) = 1.0075$, on both replicas.
+
+    Streaming: two fragments (`{"a": 0, "b": 1}`) of a 4-step cycle sync
+    after steps 2 and 4; fragment `a` moved at step 2, `b` not yet:
+
+    >>> tx = lo.diloco(optax.sgd(0.5), 4, "r", fragments={"a": 0, "b": 1})
+    >>> def step(p, s, target):
+    ...   u, s = tx.update(jax.tree.map(lambda x: x - target, p), s, p)
+    ...   return optax.apply_updates(p, u), s
+    >>> step = jax.pmap(step, axis_name="r", devices=jax.devices()[:2])
+    >>> params = {"a": jnp.full((2, 1), 4.0), "b": jnp.full((2, 1), 4.0)}
+    >>> state = jax.pmap(tx.init, devices=jax.devices()[:2])(params)
+    >>> for _ in range(2):
+    ...   params, state = step(params, state, targets)
+    >>> print(params["a"][:, 0], params["b"][:, 0])
+    [1.0075 1.0075] [1.  2.5]
 
   References:
     Douillard et al., [DiLoCo: Distributed Low-Communication Training of

@@ -50,8 +50,16 @@ def init_params():
           "b": rng.uniform(1.0, 2.0, size=(3,)).astype(np.float32)}
 
 
-def train(mesh, steps=STEPS):
+# Streaming DiLoCo's compressed mean (all-to-all, then all-gather) with
+# error feedback and overlap, across the processes too.
+STREAMING = dict(communication_dtype="int8", error_feedback=True,
+                 overlap=True)
+
+
+def train(mesh, steps=STEPS, streaming=False):
   """DiLoCo over the "data" axis of `mesh` with `jax.shard_map`.
+
+  With `streaming`, the pseudo-gradient travels as int8 (`STREAMING`).
 
   Every array carries a leading replica axis of size 8, split over the mesh;
   each process builds only the blocks its own devices hold.
@@ -71,7 +79,8 @@ def train(mesh, steps=STEPS):
 
   tx = lo.lookahead(
       optax.adamw(0.03, b1=0.8, b2=0.95, weight_decay=0.05), SYNC_PERIOD,
-      outer=optax.sgd(0.7, momentum=0.9, nesterov=True), axis_name="data")
+      outer=optax.sgd(0.7, momentum=0.9, nesterov=True), axis_name="data",
+      **(STREAMING if streaming else {}))
   sharding = NamedSharding(mesh, P("data"))
 
   def to_global(host_array):
@@ -110,7 +119,9 @@ def train(mesh, steps=STEPS):
 
   gather = lambda tree: jax.tree.map(
       np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-  momentum = state.outer_state[0].trace
+  outer_state = (state.outer_state.outer_states[0] if streaming
+                 else state.outer_state)
+  momentum = outer_state[0].trace
   return (gather(params), gather(lo.slow_params(state)), gather(momentum),
           gather(state.step))
 
@@ -124,10 +135,13 @@ def main(argv=None):
   args = worker.parse_args(argv, __doc__.splitlines()[0])
   jax = worker.start_jax(args)
   try:
-    params, slow, momentum, step = train(worker.data_mesh(jax))
-    worker.save(jax, args, step,
-                {"params": params, "slow": slow, "momentum": momentum},
-                f"{STEPS} DiLoCo steps")
+    mesh = worker.data_mesh(jax)
+    params, slow, momentum, step = train(mesh)
+    results = {"params": params, "slow": slow, "momentum": momentum}
+    params, slow, momentum, _ = train(mesh, streaming=True)
+    results.update({"streaming_params": params, "streaming_slow": slow,
+                    "streaming_momentum": momentum})
+    worker.save(jax, args, step, results, f"{STEPS} DiLoCo steps")
   finally:
     jax.distributed.shutdown()
 

@@ -23,6 +23,9 @@ import optax
 import pytest
 
 import lookahead_optax as lo
+from benchmarks.communication import collectives
+from benchmarks.communication import parse_hlo
+from benchmarks.communication import reachable
 from tests import _multiprocess
 from tests._helpers import assert_bitwise
 
@@ -369,61 +372,6 @@ def test_landing_not_exact_when_a_weight_moves_by_more_than_2x():
 # The compiled step: the only collective sits in the sync branch.
 # ---------------------------------------------------------------------------
 
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
-_CALLS = re.compile(
-    r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)"
-    r"=%?([\w.\-]+)")
-_CALL_LISTS = re.compile(
-    r"\b(?:branch_computations|called_computations|calls)=\{([^}]*)\}")
-_COLLECTIVE = re.compile(
-    r"\s(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all|"
-    r"collective-broadcast|ragged-all-to-all)(-start)?\(")
-
-
-def parse_hlo(text):
-  """The computations of an HLO module: `({name: lines}, entry name)`."""
-  computations, entry, name = {}, None, None
-  for line in text.splitlines():
-    match = _HEADER.match(line)
-    if match and name is None:
-      name = match.group(2)
-      computations[name] = []
-      if match.group(1):
-        entry = name
-    elif line.strip() == "}" and name is not None:
-      name = None
-    elif name is not None:
-      computations[name].append(line)
-  assert entry is not None, text[:2000]
-  return computations, entry
-
-
-def callees(lines):
-  out = set()
-  for line in lines:
-    out.update(_CALLS.findall(line))
-    for names in _CALL_LISTS.findall(line):
-      out.update(n.strip().lstrip("%") for n in names.split(",") if n.strip())
-  return out
-
-
-def reachable(computations, start, skip=()):
-  seen, todo = set(), [start]
-  while todo:
-    name = todo.pop()
-    if name in seen or name in skip:
-      continue
-    seen.add(name)
-    todo.extend(callees(computations[name]))
-  return seen
-
-
-def collectives(computations, names):
-  """`(op, computation)` for each collective op in the computations `names`."""
-  return [(m.group(1), name) for name in sorted(names)
-          for line in computations[name] for m in _COLLECTIVE.finditer(line)]
-
-
 def sync_branches(computations, entry):
   """The (false, true) branch computations of the entry's one conditional."""
   conds = [l for l in computations[entry] if " conditional(" in l]
@@ -690,6 +638,26 @@ def test_two_processes_match_one_process(multiprocess_results):
   # 7 = 2 * 3 + 1: the replicas took one step of their own from the slow
   # weights, on different data.
   assert np.max(np.abs(first["params/w"] - first["params/w"][0])) > 1e-3
+
+
+def test_two_processes_streaming_int8_match_one_process(multiprocess_results):
+  """int8 pseudo-gradients (all-to-all and all-gather across processes)."""
+  first, _ = multiprocess_results
+  for key in ("streaming_slow/w", "streaming_slow/b"):
+    assert_same_on_all_replicas(first[key], key)
+  mesh = jax.make_mesh((N,), (AXIS,), axis_types=(AxisType.Auto,))
+  params, slow, momentum, _ = worker.train(mesh, streaming=True)
+  for k in params:
+    # The collectives move int8 and float32 scales, summed in float32 on
+    # one replica per shard: the same values across processes, to rounding.
+    np.testing.assert_allclose(first[f"streaming_slow/{k}"], slow[k],
+                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(first[f"streaming_momentum/{k}"],
+                               momentum[k], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(first[f"streaming_params/{k}"], params[k],
+                               rtol=0, atol=1e-6)
+  # And int8 is not float32: the slow weights differ from the plain run's.
+  assert np.max(np.abs(first["streaming_slow/w"] - first["slow/w"])) > 1e-5
 
 
 def test_check_replicas_agree_names_the_leaf_and_replica():

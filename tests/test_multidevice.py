@@ -5,7 +5,6 @@ tests run anywhere (CI has no accelerator).
 """
 
 import functools
-import re
 
 import jax
 from jax.sharding import AxisType
@@ -17,18 +16,15 @@ import optax
 import pytest
 
 import lookahead_optax as lo
+from benchmarks.communication import COLLECTIVE
 from tests._helpers import assert_bitwise
 from tests._helpers import assert_tree_bitwise
 from tests._helpers import assert_tree_within_ulps_at_scale
 from tests._helpers import ulp
 
 N_DEVICES = 8
-# HLO instructions that move data between devices. Async pairs are counted
-# once, by their `-start` half.
-_COLLECTIVE = re.compile(
-    r"\b(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)"
-    r"(?:-start)?\("
-)
+# HLO instructions that move data between devices (`COLLECTIVE`). Async
+# pairs are counted once, by their `-start` half.
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -44,7 +40,7 @@ def _need_devices():
 def count_collectives(hlo_text):
   """{op: count} of the collective ops in compiled HLO text."""
   counts = {}
-  for match in _COLLECTIVE.finditer(hlo_text):
+  for match in COLLECTIVE.finditer(hlo_text):
     counts[match.group(1)] = counts.get(match.group(1), 0) + 1
   return counts
 
