@@ -195,11 +195,17 @@ CONFIGS = (
 )
 
 
-def run(params: Optional[dict] = None) -> list:
-  """Rows: name, bytes of the largest step, per period, outside syncs."""
+def run(params: Optional[dict] = None,
+        names: Optional[Sequence[str]] = None) -> list:
+  """Rows: name, bytes of the largest step, per period, outside syncs.
+
+  `names` picks some of `CONFIGS` (the first is the baseline of `markdown`).
+  """
   params = model_params() if params is None else params
   rows = []
   for name, kwargs in CONFIGS:
+    if names is not None and name not in names:
+      continue
     tx = lo.diloco(optax.adamw(1e-3), SYNC_PERIOD, AXIS, **kwargs)
     per_cond, outside = bytes_by_conditional(compiled_step_text(tx, params))
     rows.append(dict(name=name, peak=max(per_cond), period=sum(per_cond),

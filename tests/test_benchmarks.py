@@ -38,7 +38,8 @@ def quick_report(tmp_path_factory):
   md, png = out / "benchmarks.md", out / "img" / "step.png"
   png.parent.mkdir()
   report = bench_run.main([
-      "--quick", "--skip", "formulations,policies,muon,lazy,nodonate",
+      "--quick", "--skip",
+      "formulations,policies,muon,communication,lazy,nodonate",
       "--out", str(md), "--plot", str(png)])
   return report, md, png
 
@@ -62,6 +63,19 @@ def test_quick_run_draws_the_plot_and_links_it(quick_report):
   report, _, png = quick_report
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "![step time vs param count](img/step.png)" in report
+
+
+def test_report_keeps_the_communication_table_it_cannot_rebuild(
+    quick_report, tmp_path, monkeypatch):
+  report, _, _ = quick_report  # skipped: the placeholder, between markers
+  from benchmarks import communication  # pylint: disable=import-outside-toplevel
+  assert (communication.START + "\n" + bench_run._COMMUNICATION_NOT_RUN  # pylint: disable=protected-access
+          + "\n" + communication.END) in report
+  old = tmp_path / "old.md"
+  old.write_text(f"x\n{communication.START}\n| kept |\n{communication.END}\n")
+  monkeypatch.setattr(bench_run.jax, "device_count", lambda: 1)
+  assert bench_run.communication_table(str(old)) == "| kept |"
+  assert bench_run.communication_table(str(tmp_path / "none.md")) is None
 
 
 def test_plot_is_skipped_with_a_message_without_matplotlib(

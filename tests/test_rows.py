@@ -235,9 +235,10 @@ def test_pmap_data_parallel_combines_rows_by_all_gather():
   pstep = jax.pmap(step, axis_name="d")
   p = jax.tree.map(lambda x: jnp.stack([x] * devices), params0)
   s = jax.pmap(tx.init)(p)
-  # The reference: one device (eager, another program than the pmapped
+  # The reference: one device (jitted, another program than the pmapped
   # step), the 8 devices' rows concatenated.
   ref_tx = lo.lookahead(inner, K, 0.3, rows_per_step={"embed": devices * N})
+  ref_update = jax.jit(ref_tx.update)
   rp, rs = copy(params0), ref_tx.init(copy(params0))
   first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # pylint: disable=unnecessary-lambda-assignment
   for t in range(2 * K):
@@ -258,13 +259,13 @@ def test_pmap_data_parallel_combines_rows_by_all_gather():
     # One reference step from device 0's params and state, with the very
     # gradient it used (`pmean` may round the dense one): n = 2 as in the
     # eager test above.
-    u, same_s = ref_tx.update(used, before[1], before[0])
+    u, same_s = ref_update(used, before[1], before[0])
     _assert_step_within_ulps(
         first((p, s)), (optax.apply_updates(before[0], u), same_s), before,
         2, f"step {t + 1}")
     # The reference run on its own; an Adam step here moves a weight by ~0.1
     # (the runs drift apart by a few 1e-7 at most).
-    u, rs = ref_tx.update(g, rs, rp)
+    u, rs = ref_update(g, rs, rp)
     rp = optax.apply_updates(rp, u)
     np.testing.assert_allclose(table[0], rp["embed"], rtol=0, atol=1e-5)
   np.testing.assert_array_equal(

@@ -7,6 +7,8 @@ library runs under `jax.pmap` on the 8 host CPU devices of conftest.py.
 
 import re
 
+import hypothesis
+from hypothesis import strategies as st
 import jax
 import jax.extend.core as jex_core
 import jax.numpy as jnp
@@ -147,8 +149,7 @@ def test_each_leaf_syncs_at_its_fragments_steps(num):
 # Against the NumPy simulation of 8 replicas.
 # ---------------------------------------------------------------------------
 
-CASES = {
-    "P1": dict(fragments=1),
+CASES = {  # P = 1 alone: test_one_fragment_in_float32_is_todays_diloco
     "P2": dict(fragments=2),
     "P4": dict(fragments=4),
     "P2-overlap": dict(fragments=2, overlap=True),
@@ -186,7 +187,37 @@ def test_matches_simulation_of_8_replicas(case):
   assert spread > 1e-2
   plain = simulate(steps, SPLITS[1])
   assert max(np.max(np.abs(ref["slow"][k] - plain["slow"][k]))
-             for k in SHAPES) > 1e-3 or case == "P1"
+             for k in SHAPES) > 1e-3
+
+
+@hypothesis.settings(deadline=None, max_examples=5, derandomize=True,
+                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.given(num=st.sampled_from([1, 2, 4]), periods=st.integers(1, 2),
+                  overlap=st.booleans(), mix=st.sampled_from([0.0, 0.25, 1.0]),
+                  interpolate=st.booleans(), seed=st.integers(0, 3))
+def test_every_mode_matches_simulation(num, periods, overlap, mix,
+                                       interpolate, seed):
+  k = max(num * periods, 2 if overlap else 1)
+  steps = 2 * k + 1
+  kwargs = dict(fragments=num, overlap=overlap, mix=mix)
+  if interpolate:  # no `outer`: slow <- slow - 0.3 mean(delta)
+    tx = lo.lookahead(inner_tx(), k, slow_step_size=0.3, axis_name=AXIS,
+                      **kwargs)
+  else:
+    tx = lo.diloco(inner_tx(), k, AXIS, **kwargs)
+  history = run(tx, steps, seed=seed)
+  ref = simulate(steps, SPLITS[num], sync_period=k, seed=seed,
+                 overlap=overlap, mix=mix, alpha=0.3 if interpolate else None)
+  for t, (_, state) in enumerate(history):
+    assert_same_on_all_replicas(state.slow_params, f"step {t + 1}")
+    for key in SHAPES:
+      np.testing.assert_allclose(state.slow_params[key][0],
+                                 ref["slow_history"][t][key], rtol=0,
+                                 atol=3e-6, err_msg=f"{key} step {t + 1}")
+  for r in range(N):
+    for key in SHAPES:
+      np.testing.assert_allclose(history[-1][0][key][r],
+                                 ref["params"][r][key], rtol=0, atol=3e-6)
 
 
 def test_interpolation_outer_per_fragment_schedule():
@@ -322,9 +353,13 @@ def test_codecs_round_trip():
 # ---------------------------------------------------------------------------
 
 
+BYTE_CONFIGS = ("DiLoCo, float32", "streaming, P = 4", "bfloat16",
+                "float8 e4m3", "int8", "int4")
+
+
 @pytest.fixture(scope="module")
 def byte_rows():
-  return {r["name"]: r for r in communication.run()}
+  return {r["name"]: r for r in communication.run(names=BYTE_CONFIGS)}
 
 
 def test_hlo_bytes_meet_the_targets(byte_rows):
