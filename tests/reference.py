@@ -265,7 +265,7 @@ def run_streaming_diloco(
     outer_momentum: float,
     overlap: bool = False,
     mix: float = 0.0,
-    alpha: Union[float, None] = None,
+    alpha: Union[float, Callable[[int], float], None] = None,
 ) -> Dict[str, Any]:
   """Streaming DiLoCo (Douillard et al. 2025) over simulated replicas.
 
@@ -276,8 +276,9 @@ def run_streaming_diloco(
   of its keys are averaged (source: the fast weights after step t, or with
   `overlap` the params entering step t), the fragment's own Nesterov
   momentum `b <- mu b + d; slow <- slow - lr (mu b + d)` moves (or with
-  `alpha`, the interpolation `slow <- slow - alpha d`), and every replica's
-  params of those keys become `mix * fast + (1 - mix) * slow`.
+  `alpha`, the interpolation `slow <- slow - alpha d`; a callable `alpha`
+  gets the number of that fragment's syncs before this one), and every
+  replica's params of those keys become `mix * fast + (1 - mix) * slow`.
 
   Returns:
     A dict: `params` (a list per replica), `slow`, `momentum` (per key),
@@ -290,7 +291,7 @@ def run_streaming_diloco(
   states = [inner.init(params0) for _ in range(replicas)]
   slow = tree_copy(params0)
   momentum = _zeros(params0)
-  slow_history, syncs = [], []
+  slow_history, syncs, counts = [], [], [0] * num
   for t in range(1, num_steps + 1):
     entering = [tree_copy(p) for p in params]
     for r in range(replicas):
@@ -309,9 +310,11 @@ def run_streaming_diloco(
           slow[key] = slow[key] - outer_lr * (outer_momentum * momentum[key]
                                               + d)
         else:
-          slow[key] = slow[key] - alpha * d
+          a = alpha(counts[f]) if callable(alpha) else alpha
+          slow[key] = slow[key] - a * d
         for p in params:
           p[key] = mix * p[key] + (1 - mix) * slow[key]
+      counts[f] += 1
     slow_history.append(tree_copy(slow))
   return dict(params=params, slow=slow, momentum=momentum,
               slow_history=slow_history, syncs=syncs)

@@ -113,6 +113,21 @@ def first_replica(tree):
   return {k: v[0] for k, v in tree.items()}
 
 
+def assert_matches(history, ref, atol, params=True):
+  """Every step's slow weights (one value on all replicas), the params."""
+  for t, (_, state) in enumerate(history):
+    assert_same_on_all_replicas(state.slow_params, f"step {t + 1}")
+    for key in SHAPES:
+      np.testing.assert_allclose(state.slow_params[key][0],
+                                 ref["slow_history"][t][key], rtol=0,
+                                 atol=atol, err_msg=f"{key} step {t + 1}")
+  for r in range(N if params else 0):
+    for key in SHAPES:
+      np.testing.assert_allclose(history[-1][0][key][r],
+                                 ref["params"][r][key], rtol=0, atol=atol,
+                                 err_msg=f"{key} replica {r}")
+
+
 # ---------------------------------------------------------------------------
 # The schedule and the split.
 # ---------------------------------------------------------------------------
@@ -136,12 +151,25 @@ def test_each_leaf_syncs_at_its_fragments_steps(num):
   history = run(lo.diloco(inner_tx(), k, AXIS, fragments=num), steps)
   slots = reference.streaming_sync_slots(num, k)
   before = problem(steps)[0]
-  for t, (_, state) in enumerate(history, start=1):
+  entering = replicate(before)
+  for t, (params, state) in enumerate(history, start=1):
     slow = first_replica(state.slow_params)
     for key, f in SPLITS[num].items():
       moved = not np.array_equal(slow[key], before[key])
       assert moved == (t % k == slots[f]), (t, key)
-    before = slow
+      if moved:
+        # The fragment's params land on its slow weights, bitwise where
+        # `p + (slow - p)` is exact (p within a factor of 2 of slow).
+        ratio = np.asarray(entering[key]) / slow[key]
+        exact = (ratio >= 0.5) & (ratio <= 2)
+        assert exact.mean() > 0.8
+        assert_bitwise(params[key][exact],
+                       np.broadcast_to(slow[key], exact.shape)[exact])
+        np.testing.assert_allclose(params[key], np.broadcast_to(
+            slow[key], exact.shape), rtol=0, atol=1e-6)
+      else:  # the others' params went on apart
+        assert np.max(np.abs(params[key] - params[key][0])) > 0, (t, key)
+    before, entering = slow, params
   assert len(state.outer_state.outer_states) == num
 
 
@@ -167,16 +195,8 @@ def test_matches_simulation_of_8_replicas(case):
   ref = simulate(steps, SPLITS[num], overlap=kwargs.get("overlap", False),
                  mix=kwargs.get("mix", 0.0))
   assert len(ref["syncs"]) == 3 * num
-  for t, (params, state) in enumerate(history):
-    assert_same_on_all_replicas(state.slow_params, f"step {t + 1}")
-    for key in SHAPES:
-      np.testing.assert_allclose(state.slow_params[key][0],
-                                 ref["slow_history"][t][key], rtol=0,
-                                 atol=2e-6, err_msg=f"{key} step {t + 1}")
-  for r in range(N):
-    for key in SHAPES:
-      np.testing.assert_allclose(params[key][r], ref["params"][r][key],
-                                 rtol=0, atol=2e-6, err_msg=f"{key} {r}")
+  assert_matches(history, ref, 2e-6)
+  state = history[-1][1]
   momenta = state.outer_state.outer_states
   for key, f in SPLITS[num].items():
     np.testing.assert_allclose(momenta[f][0].trace[key][0],
@@ -208,39 +228,22 @@ def test_every_mode_matches_simulation(num, periods, overlap, mix,
   history = run(tx, steps, seed=seed)
   ref = simulate(steps, SPLITS[num], sync_period=k, seed=seed,
                  overlap=overlap, mix=mix, alpha=0.3 if interpolate else None)
-  for t, (_, state) in enumerate(history):
-    assert_same_on_all_replicas(state.slow_params, f"step {t + 1}")
-    for key in SHAPES:
-      np.testing.assert_allclose(state.slow_params[key][0],
-                                 ref["slow_history"][t][key], rtol=0,
-                                 atol=3e-6, err_msg=f"{key} step {t + 1}")
-  for r in range(N):
-    for key in SHAPES:
-      np.testing.assert_allclose(history[-1][0][key][r],
-                                 ref["params"][r][key], rtol=0, atol=3e-6)
+  assert_matches(history, ref, 3e-6)
 
 
 def test_interpolation_outer_per_fragment_schedule():
-  """No `outer`: each fragment's sync count drives its own alpha."""
+  """No `outer`: each fragment's own sync count drives its alpha."""
   alphas = lambda n: 0.3 + 0.2 * n  # pylint: disable=unnecessary-lambda-assignment
   tx = lo.lookahead(inner_tx(), 4, slow_step_size=alphas, axis_name=AXIS,
                     fragments=2)
   history = run(tx, 9)
-  _, state = history[-1]
-  counts = [int(s.count[0]) for s in state.outer_state.outer_states]
+  counts = [int(s.count[0]) for s in history[-1][1].outer_state.outer_states]
   assert counts == [2, 2]  # fragment 0 synced at 2 and 6, 1 at 4 and 8
-  params0, curv, target, noise = problem(9)
-  # By hand: the simulation with alpha 0.3 for the first sync of each
-  # fragment and 0.5 for the second.
-  ref = reference.run_streaming_diloco(
-      reference.Adam(0.05, b1=0.8, b2=0.95), params0,
-      lambda t, r, p: {k: grad(p[k], curv[k][r], target[k][r],
-                               noise[k][t, r]) for k in p},
-      N, 4, SPLITS[2], 4, LR, MU, alpha=0.3)
-  for t in range(4):
-    for key in SHAPES:
-      np.testing.assert_allclose(history[t][1].slow_params[key][0],
-                                 ref["slow_history"][t][key], atol=2e-6)
+  # 0.3 at each fragment's first sync, 0.5 at its second.
+  assert_matches(history, simulate(9, SPLITS[2], alpha=alphas), 2e-6)
+  wrong = simulate(9, SPLITS[2], alpha=0.3)  # a count shared or not moved
+  assert np.max(np.abs(history[-1][1].slow_params["a"][0]
+                       - wrong["slow"]["a"])) > 1e-3
 
 
 def test_one_fragment_in_float32_is_todays_diloco():
@@ -576,8 +579,4 @@ def test_fragment_without_leaves_at_init():
 def test_fragments_as_a_prefix_tree():
   fragments = {"a": 1, "b": 0, "c": 0, "d": 1, "e": 1}
   history = run(lo.diloco(inner_tx(), 4, AXIS, fragments=fragments), 4)
-  ref = simulate(4, fragments)
-  for t in range(4):
-    for key in SHAPES:
-      np.testing.assert_allclose(history[t][1].slow_params[key][0],
-                                 ref["slow_history"][t][key], atol=2e-6)
+  assert_matches(history, simulate(4, fragments), 2e-6)
