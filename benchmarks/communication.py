@@ -14,7 +14,9 @@ that fragment's sync steps only, so:
 * a step that syncs nothing communicates nothing: no collective sits
   outside a conditional (checked).
 
-This is a static count of one compiled program, not a timing. Run
+The byte counts are static counts of one compiled program; the step times
+(interleaved, as ratios to DiLoCo's) measure the compute that the options
+add. Run
 ``python -m benchmarks.communication`` (``--out docs/benchmarks.md`` splices
 the table into the report).
 """
@@ -22,7 +24,9 @@ the table into the report).
 import argparse
 import os
 import re
+import statistics
 import sys
+import time
 from typing import Any, Optional, Sequence
 
 if __name__ == "__main__" and "jax" not in sys.modules:
@@ -213,21 +217,88 @@ def run(params: Optional[dict] = None,
   return rows
 
 
-def markdown(rows: list, params: dict) -> str:
+def _pmapped(tx: Any, params: dict) -> tuple:
+  """A donated pmapped step of `tx` and its first (params, state, grads)."""
+  devices = jax.devices()[:REPLICAS]
+  stacked = jax.tree.map(lambda a: jnp.stack([a] * REPLICAS), params)
+  grads = jax.tree.map(lambda a: 1e-3 * jnp.ones_like(a), stacked)
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  fn = jax.pmap(step, axis_name=AXIS, devices=devices, donate_argnums=(0, 1))
+  return fn, (jax.tree.map(jnp.copy, stacked),
+              jax.pmap(tx.init, devices=devices)(stacked), grads)
+
+
+def step_times(params: dict, names: Sequence[str], rounds: int = 7,
+               blocks: int = 4) -> dict:
+  """Median step time of each config over DiLoCo's, timed round-robin.
+
+  A block is `blocks * SYNC_PERIOD` steps (every fragment syncs `blocks`
+  times); the ratio is the median of the per-round ratios.
+  """
+  configs = dict(CONFIGS)
+  runs = {}
+  for name in names:
+    fn, carry = _pmapped(lo.diloco(optax.adamw(1e-3), SYNC_PERIOD, AXIS,
+                                   **configs[name]), params)
+    for _ in range(SYNC_PERIOD):  # compile and warm up
+      carry = (*fn(*carry), carry[2])
+    runs[name] = [fn, carry]
+  times = {name: [] for name in names}
+  for r in range(rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      fn, carry = runs[name]
+      jax.block_until_ready(carry)
+      t0 = time.perf_counter()
+      for _ in range(blocks * SYNC_PERIOD):
+        carry = (*fn(*carry), carry[2])
+      jax.block_until_ready(carry)
+      times[name].append(time.perf_counter() - t0)
+      runs[name][1] = carry
+  base = names[0]
+  return {name: statistics.median(a / b for a, b in zip(times[name],
+                                                        times[base]))
+          for name in names}
+
+
+def markdown(rows: list, params: dict,
+             times: Optional[dict] = None) -> str:
   """The table, relative to DiLoCo's float32 sync."""
   base = rows[0]["peak"]
-  n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+  n = _size(params)
   lines = [f"{len(params)} float32 matrices, {n:,} params, {REPLICAS} "
            f"replicas (`jax.pmap`), `sync_period = {SYNC_PERIOD}`; bytes are "
            "one replica's operands of the step's collectives, from the "
            "compiled HLO (`python -m benchmarks.communication`).", "",
            "| option | largest step | vs DiLoCo | per `sync_period` steps "
-           "| vs DiLoCo | on other steps |", "|---|---|---|---|---|---|"]
+           "| vs DiLoCo | on other steps | step time vs DiLoCo |",
+           "|---|---|---|---|---|---|---|"]
   for r in rows:
+    ratio = (times or {}).get(r["name"])
     lines.append(f"| {r['name']} | {r['peak']:,} B | {r['peak'] / base:.3f}x"
                  f" | {r['period']:,} B | {r['period'] / base:.3f}x | "
-                 f"{r['outside']} B |")
+                 f"{r['outside']} B | "
+                 f"{'-' if ratio is None else f'{ratio:.2f}x'} |")
+  if times:
+    lines += ["", TIMING_NOTE.format(n=_size(TIMING_PARAMS()))]
   return "\n".join(lines)
+
+
+TIMING_PARAMS = lambda: model_params(512, 4)  # pylint: disable=unnecessary-lambda-assignment
+TIMING_NOTE = (
+    "Step time: `lo.diloco(adamw)` on {n:,} params (4 matrices of 512 x "
+    "512), 8 replicas as 8 host CPU devices sharing this machine's cores, "
+    "donated `jax.pmap` steps amortised over whole sync periods, median of "
+    "7 interleaved rounds. The collectives here are copies in one "
+    "process, so this is the cost of the extra compute (encoding, the "
+    "fragments' conditionals), not of a network.")
+
+
+def _size(params: dict) -> int:
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
 
 
 def splice(path: str, text: str) -> None:
@@ -243,9 +314,14 @@ def splice(path: str, text: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> str:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", help="a markdown file with the markers")
+  parser.add_argument("--no-timing", action="store_true",
+                      help="the byte counts only")
   args = parser.parse_args(argv)
   params = model_params()
-  text = markdown(run(params), params)
+  rows = run(params)
+  times = None if args.no_timing else step_times(
+      TIMING_PARAMS(), [r["name"] for r in rows])
+  text = markdown(rows, params, times)
   print(text)
   if args.out:
     splice(args.out, text)

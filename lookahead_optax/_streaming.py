@@ -238,18 +238,24 @@ class Fragment(NamedTuple):
   num_leaves: int
 
 
-def outer_step(opts: Any, frag: Fragment, slow: list, source: list,
-               outer_state: Any, residual: Optional[list]
-               ) -> tuple[list, Any, Optional[list]]:
+def outer_step(opts: Any, frag: Fragment, slow: list, params: list,
+               inner_updates: Optional[list], outer_state: Any,
+               residual: Optional[list]) -> tuple[list, Any, Optional[list]]:
   """One fragment's sync: mean pseudo-gradient, then the outer step.
 
-  `source` holds the fast weights (or, with `overlap`, the params entering
-  the step). Returns the new slow weights (their dtypes), the fragment's new
-  outer state and its new error-feedback buffers.
+  The pseudo-gradient is taken from the fast weights `params +
+  inner_updates`, or with `overlap` (`inner_updates` None) from the params
+  entering the step. Returns the new slow weights (their dtypes), the
+  fragment's new outer state and its new error-feedback buffers.
   """
   sopts = opts.streaming
   slow_c = [s.astype(_sync.compute_dtype(s)) for s in slow]
-  delta = [s - x.astype(s.dtype) for s, x in zip(slow_c, source)]
+  if inner_updates is None:
+    source = [p.astype(s.dtype) for p, s in zip(params, slow_c)]
+  else:
+    source = [_sync.fast_weights(p, u, s.dtype)
+              for p, u, s in zip(params, inner_updates, slow_c)]
+  delta = [s - x for s, x in zip(slow_c, source)]
   if residual is not None:
     delta = [d + r for d, r in zip(delta, residual)]
   mean, dropped = _compress.mean(delta, opts.axis_name, sopts.fmt)
@@ -306,21 +312,26 @@ def fragment_sync(opts: Any, frag: Fragment, flag: jax.Array, x: Leaves,
   pick = lambda leaves: [leaves[i] for i in frag.leaves]  # pylint: disable=unnecessary-lambda-assignment
   p, u, slow = pick(x.params), pick(x.inner_updates), pick(x.slow)
   res = None if x.residuals is None else pick(x.residuals)
-  source = p if sopts.overlap else [
-      _sync.fast_weights(a, b, _sync.compute_dtype(s))
-      for a, b, s in zip(p, u, slow)]
+  lands = lambda new_slow: [landing(a, b, n, s, sopts.mix)  # pylint: disable=unnecessary-lambda-assignment
+                            for a, b, n, s in zip(p, u, new_slow, slow)]
+  if sopts.overlap:
+    # The conditional gets no operand that this step computes, so that its
+    # collectives need not wait for the inner update; the landing follows.
+    new_slow, outer_state, res = jax.lax.cond(
+        flag, lambda ops: outer_step(opts, frag, *ops),
+        lambda ops: (ops[0], ops[3], ops[4]),
+        (slow, p, None, outer_state, res))
+    updates = [jnp.where(flag, a, b) for a, b in zip(lands(new_slow), u)]
+    return Leaves(p, updates, new_slow, res), outer_state
 
-  def synced(operands):
-    return outer_step(opts, frag, *operands)
+  def synced(ops):
+    new_slow, outer_f, res_f = outer_step(opts, frag, *ops)
+    return new_slow, lands(new_slow), outer_f, res_f
 
-  def skipped(operands):
-    slow_f, _, outer_f, res_f = operands
-    return slow_f, outer_f, res_f
-
-  new_slow, outer_state, res = jax.lax.cond(
-      flag, synced, skipped, (slow, source, outer_state, res))
-  updates = [jnp.where(flag, landing(a, b, n, s, sopts.mix), b)
-             for a, b, n, s in zip(p, u, new_slow, slow)]
+  # The landing in the branch: a step without this sync returns `u` as is.
+  new_slow, updates, outer_state, res = jax.lax.cond(
+      flag, synced, lambda ops: (ops[0], ops[2], ops[3], ops[4]),
+      (slow, p, u, outer_state, res))
   return Leaves(p, updates, new_slow, res), outer_state
 
 
