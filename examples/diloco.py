@@ -268,7 +268,7 @@ def plot(rows, out):
   ax_total.set_title("communication, total")
   ax_total.legend(fontsize=7)
   ax_peak.set_xlabel("largest bytes sent in one step, per replica")
-  ax_peak.set_title(f"final loss against peak bandwidth")
+  ax_peak.set_title("final loss against peak bandwidth")
   fig.tight_layout()
   _common.save_figure(fig, out, "diloco.png")
 

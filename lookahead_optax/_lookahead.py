@@ -13,6 +13,7 @@ from lookahead_optax import _policies
 from lookahead_optax import _rows
 from lookahead_optax import _step
 from lookahead_optax import _streaming
+from lookahead_optax import _streaming_args
 from lookahead_optax import _sync
 from lookahead_optax._types import LookaheadState
 from lookahead_optax._types import PullbackState
@@ -269,7 +270,7 @@ def lookahead(
         f"(it sizes the id buffer), got {sync_period!r}.")
   _arguments.check_rows_per_step_options(
       rows_per_step, outer, axis_name, inner_state, on_nonfinite)
-  streaming = _streaming.check_args(
+  streaming = _streaming_args.check_args(
       axis_name=axis_name, sync_period=sync_period, inner_state=inner_state,
       fragments=fragments, communication_dtype=communication_dtype,
       error_feedback=error_feedback, overlap=overlap, mix=mix)
