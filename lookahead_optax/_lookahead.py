@@ -99,7 +99,7 @@ def lookahead(
       replicas (DiLoCo). Each replica runs `inner` on its own gradients with
       its own inner state (do not average the gradients in your step); at a
       sync the pseudo-gradients are averaged over the axis (the step's only
-      collective, inside a `jax.lax.cond`, so the other `sync_period - 1`
+      collectives, inside a `jax.lax.cond`, so the other `sync_period - 1`
       steps communicate nothing) before the outer step, and the slow weights
       stay bitwise identical on every replica. The params land on them
       except where a weight moved by more than a factor of two in the cycle
