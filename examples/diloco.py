@@ -192,12 +192,11 @@ def run(name, tx, sync_period, data, steps, n_dev, fragments=1, seed=0):
   start = time.time()
   for t in range(steps):
     x, y = windows(train_ids, starts[t])
-    params, state = step(params, state, x, y)
+    # One step at a time: on 8 host CPU devices sharing few cores, steps
+    # queued on some devices can hold up the eighth thread a collective of
+    # another step waits for (XLA:CPU gives up after 40 s).
+    params, state = jax.block_until_ready(step(params, state, x, y))
     if (t + 1) % EVAL_EVERY == 0 or t + 1 == steps:
-      # The step done on every device before the evaluation takes one: on
-      # 8 host CPU devices sharing few cores, a collective of the next step
-      # waiting for its eighth thread behind it can stall.
-      jax.block_until_ready((params, state))
       loss = evaluate(shared(params, state), x_valid, y_valid)
       curve.append((t + 1, float(loss)))
     bar.update()
