@@ -99,20 +99,11 @@ class Out(NamedTuple):
   synced_inner: Any
 
 
-def alpha_of(opts: Options, outer_state: Any) -> Optional[jax.Array]:
-  """The interpolation step of this sync (None with `outer`)."""
-  if opts.outer is not None:
-    return None
-  if opts.counts_syncs:
-    return jnp.asarray(opts.slow_step_size(outer_state.count))
-  return jnp.asarray(opts.slow_step_size)
-
-
 def sync_fn(opts: Options, s: Step, params: Any):
   """The sync as a map of `SyncCarry`: outer step, landing, policy."""
 
   def apply(carry):
-    alpha = alpha_of(opts, carry.outer_state)
+    alpha = _sync.alpha_of(opts, carry.outer_state)
     targets, outer_state = _sync.slow_targets(
         params, carry.updates, carry.slow, carry.outer_state,
         outer=opts.outer, alpha=alpha, axis_name=opts.axis_name)
@@ -281,7 +272,7 @@ def sparse_tables(opts: Options, s: Step, state: LookaheadState, out: Out
   def leaves(tree):
     return jax.tree.leaves(tree, is_leaf=_rows.is_hole_or_rows)
   slot = state.step % opts.sync_period
-  alpha = alpha_of(opts, state.outer_state)
+  alpha = _sync.alpha_of(opts, state.outer_state)
   results = [None] * len(s.sparse)
   buffers = leaves(state.cycle_rows)
   for i, (p, u, slow) in enumerate(zip(leaves(s.params),
@@ -329,7 +320,7 @@ def fused_sync(opts: Options, s: Step, state: LookaheadState) -> Out:
     new_inner, synced = _policies.in_place(
         opts.inner_state, s.param_shaped, s.is_sync, s.bad,
         _steering.never(s.params, updates), s.new_inner, s.synced,
-        s.inner_init, alpha_of(opts, state.outer_state))
+        s.inner_init, _sync.alpha_of(opts, state.outer_state))
   return Out(updates, slow, carry.outer_state, new_inner, synced)
 
 

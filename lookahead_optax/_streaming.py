@@ -98,22 +98,21 @@ def outer_step(opts: Any, frag: Fragment, slow: list, params: list,
     delta = [d + r for d, r in zip(delta, residual)]
   mean, dropped = _compress.mean(delta, opts.axis_name, sopts.fmt)
   if opts.outer is None:
-    count = outer_state.count if opts.counts_syncs else None
-    alpha = jnp.asarray(opts.slow_step_size(count) if opts.counts_syncs
-                        else opts.slow_step_size)
+    alpha = _sync.alpha_of(opts, outer_state)
     targets = [_sync.interpolate(s, s - m, alpha.astype(s.dtype))
                for s, m in zip(slow_c, mean)]
     if opts.counts_syncs:
-      outer_state = optax.ScaleByScheduleState(optax.safe_increment(count))
+      outer_state = optax.ScaleByScheduleState(
+          optax.safe_increment(outer_state.count))
   else:
     def tree(values):
       full = [None] * frag.num_leaves
       for i, v in zip(frag.leaves, values):
         full[i] = v
       return _masked(frag.treedef, full, frag.leaves)
-    o, outer_state = opts.outer.update(tree(mean), outer_state, tree(slow_c))
-    o = [x for x in jax.tree.leaves(o)]
-    targets = [s + jnp.asarray(u).astype(s.dtype) for s, u in zip(slow_c, o)]
+    targets, outer_state = _sync.apply_outer(opts.outer, tree(mean),
+                                             outer_state, tree(slow_c))
+    targets = jax.tree.leaves(targets)
   stored = [t.astype(jnp.result_type(s)) for t, s in zip(targets, slow)]
   return stored, outer_state, dropped if residual is not None else None
 

@@ -141,23 +141,22 @@ def _balanced(sizes: list, num: int) -> list:
 
 def _from_prefix(fragments: Any, params: Any) -> list:
   """Each params leaf's fragment number, from a prefix tree (by path)."""
-  named = jax.tree_util.tree_flatten_with_path(fragments)[0]
+  per_param, unused = _tree.by_path_prefix(fragments, params)
+  flat = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=_tree.is_masked_node)[0]
   out = []
-  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-    path = tuple(path)
-    hits = [int(f) for p, f in named if path[:len(p)] == tuple(p)]
-    if not hits:
+  for (path, leaf), named in zip(flat, per_param):
+    if _tree.is_masked_node(leaf):
+      continue
+    if named is None:
       raise ValueError(
           f"`fragments` gives no fragment for params leaf "
           f"{_tree.path_str(path)}: it must be a prefix of the params.")
-    out.append(hits[-1])
-  param_paths = [tuple(p) for p, _ in
-                 jax.tree_util.tree_flatten_with_path(params)[0]]
-  for p, _ in named:
-    if not any(q[:len(p)] == tuple(p) for q in param_paths):
-      raise ValueError(
-          f"`fragments` names {_tree.path_str(p)}, which is no params leaf "
-          "or prefix of one.")
+    out.append(int(named[1]))
+  if unused:
+    raise ValueError(
+        f"`fragments` names {_tree.path_str(unused[0])}, which is no params "
+        "leaf or prefix of one.")
   return out
 
 

@@ -134,6 +134,28 @@ def slow_targets(params: Any, inner_updates: Any, slow: Any, outer_state: Any,
         lambda s, f: interpolate(s, f, alpha.astype(s.dtype)), slow_c, fast)
     return targets, outer_state
   delta = _pmean(jax.tree.map(jnp.subtract, slow_c, fast), axis_name)
+  return apply_outer(outer, delta, outer_state, slow_c)
+
+
+def alpha_of(opts: Any, outer_state: Any) -> Optional[jax.Array]:
+  """The interpolation step of a sync (None with `opts.outer`).
+
+  `opts` holds `lookahead`'s `outer`, `counts_syncs` and `slow_step_size`;
+  a schedule is evaluated on the sync count in `outer_state`.
+  """
+  if opts.outer is not None:
+    return None
+  if opts.counts_syncs:
+    return jnp.asarray(opts.slow_step_size(outer_state.count))
+  return jnp.asarray(opts.slow_step_size)
+
+
+def apply_outer(outer: optax.GradientTransformation, delta: Any,
+                outer_state: Any, slow_c: Any) -> tuple[Any, Any]:
+  """`outer`'s step on the pseudo-gradient: the targets and its new state.
+
+  `slow_c` are the slow weights in their compute dtypes (`outer`'s params).
+  """
   outer_updates, outer_state = outer.update(delta, outer_state, slow_c)
   targets = jax.tree.map(
       lambda s, o: s + jnp.asarray(o).astype(s.dtype), slow_c, outer_updates)
