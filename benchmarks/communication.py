@@ -170,17 +170,8 @@ def model_params(width: int = 128, blocks: int = 4) -> dict:
 
 def compiled_step_text(tx: Any, params: dict) -> str:
   """The compiled HLO of a pmapped DiLoCo step on `REPLICAS` devices."""
-  stacked = jax.tree.map(lambda a: jnp.stack([a] * REPLICAS), params)
-  devices = jax.devices()[:REPLICAS]
-  state = jax.pmap(tx.init, devices=devices)(stacked)
-
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  return jax.pmap(step, axis_name=AXIS, devices=devices,
-                  donate_argnums=(0, 1)).lower(
-                      stacked, state, stacked).compile().as_text()
+  fn, carry = _pmapped(tx, params)
+  return fn.lower(*carry).compile().as_text()
 
 
 CONFIGS = (

@@ -389,13 +389,12 @@ def test_non_overlapping_syncs_stay_in_their_conditionals():
                  communication_dtype=jnp.int8)
   text = communication.compiled_step_text(tx, communication.model_params(
       64, 4))
-  computations, entry = communication.parse_hlo(text)
+  computations, _ = communication.parse_hlo(text)
   per_cond, outside = communication.bytes_by_conditional(text)
   assert len(per_cond) == 4 and outside == 0
   ops = sorted({op for op, _ in communication.collectives(
       computations, computations)})
   assert ops == ["all-gather", "all-to-all"]
-  del entry
 
 
 def _batch_reaches_collective(jaxpr, tainted):
