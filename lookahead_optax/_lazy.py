@@ -54,27 +54,13 @@ def _user_stacklevel() -> int:
   return level
 
 
-def _traced_step_donates() -> bool:
-  """Whether the `jax.jit` being traced donates any argument (else True).
-
-  Read from JAX's tracing frame (`_trace_for_jit`'s `donated_invars`); when
-  it cannot be found (another JAX version, another tracer), assume it does.
-  The warning below is the only user of this guess.
-  """
-  frame = sys._getframe(1)  # pylint: disable=protected-access
-  while frame is not None:
-    if frame.f_code.co_name == "_trace_for_jit":
-      donated = frame.f_locals.get("donated_invars")
-      return donated is None or any(donated)
-    frame = frame.f_back
-  return True
-
-
 def _maybe_warn_cpu_copies(leaves: list) -> None:
   """Warns once when XLA:CPU will likely copy the moment tables every step.
 
-  Only for donated steps: without donation the copies are made anyway, and
-  the compiler option barely helps (488 -> 412 ms on a 1M-row table, against
+  Whether the step donates its state cannot be read through a public JAX
+  API, so the warning fires for every jitted dense step with a large table
+  and says that it matters for donated steps only (the compiler option
+  barely helps without donation: 488 -> 412 ms on a 1M-row table, against
   362 -> 44 ms donated).
   """
   if _warned_cpu_copies:
@@ -82,8 +68,6 @@ def _maybe_warn_cpu_copies(leaves: list) -> None:
   big = [x for x in leaves
          if _checks.is_traced(x) and np.size(x) >= _COPY_WARNING_MIN_SIZE]
   if not big or _REGION_ANALYSIS in os.environ.get("XLA_FLAGS", ""):
-    return
-  if not _traced_step_donates():
     return
   try:
     if jax.default_backend() != "cpu":
@@ -93,14 +77,17 @@ def _maybe_warn_cpu_copies(leaves: list) -> None:
   _warned_cpu_copies.append(True)
   warnings.warn(
       "lazy: XLA:CPU copies the inner state's tables at every step of a "
-      "jitted lazy update with dense gradients (often 4-5x a dense adam "
-      "step), unless the step is compiled with region analysis: "
+      "jitted lazy update with dense gradients that donates its state "
+      "(often 4-5x a dense adam step), unless the step is compiled with "
+      "region analysis: "
       "`jax.jit(step, donate_argnums=..., compiler_options="
       "{'xla_cpu_copy_insertion_use_region_analysis': True})` or "
       "XLA_FLAGS=--xla_cpu_copy_insertion_use_region_analysis=true. Faster "
       "still: row-sparse gradients (`lo.sparse_value_and_grad`), whose cost "
-      "follows the rows looked up. See docs/lazy.md. (Shown once; if you "
-      "already pass the compiler option, ignore it with "
+      "follows the rows looked up. See docs/lazy.md. (Shown once, for any "
+      "jitted step with a large table: JAX has no public way to tell whether "
+      "a step donates. If yours does not, or already passes the compiler "
+      "option, ignore it with "
       "`warnings.filterwarnings('ignore', message='lazy: XLA:CPU')`.)",
       RuntimeWarning, stacklevel=_user_stacklevel())
 

@@ -1065,7 +1065,7 @@ def test_cpu_copy_warning_once_for_large_dense_tables(monkeypatch):
     tx.update(params, state, params)  # Eager: no copies, no warning.
     sparse = lo.SparseRows(jnp.array([1]), jnp.ones((1, D)))
     jax.jit(tx.update)(sparse, state, params)  # Sparse path: no warning.
-  # Only donated steps warn (test_sparse_usage.py): donate a copy of the state.
+  # A jitted dense step warns (test_sparse_usage.py); donate a copy of the state.
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # pylint: disable=unnecessary-lambda-assignment
   with pytest.warns(RuntimeWarning, match=r"lazy: XLA:CPU copies the inner "
                     r"state's tables .*xla_cpu_copy_insertion_use_region_"
