@@ -106,8 +106,18 @@ def stored_slow(p: jax.Array, update: jax.Array, target: jax.Array,
   if sdtype == pdtype:
     return landed
   target = target.astype(sdtype)
-  return jnp.where(landed == target.astype(pdtype), target,
+  return jnp.where(same_value_and_sign(landed, target.astype(pdtype)), target,
                    landed.astype(sdtype))
+
+
+def same_value_and_sign(a: jax.Array, b: jax.Array) -> jax.Array:
+  """`a == b`, except that `0.0` and `-0.0` differ (as their bits do).
+
+  A target that rounds to `-0.0` in the params' dtype must not be stored
+  where the params landed on `+0.0` (`x + (-x)` is `+0.0`): its rounding
+  would then differ from the params in the sign bit.
+  """
+  return (a == b) & (jnp.signbit(a) == jnp.signbit(b))
 
 
 def _pmean(tree: Any, axis_name: Optional[str]) -> Any:
