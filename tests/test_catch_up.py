@@ -431,3 +431,98 @@ def test_error_needs_params_and_its_own_state():
   with pytest.raises(ValueError, match="needs a state from the `init`"):
     tx.update(jnp.ones((3, 2)), plain, jnp.ones((3, 2)))
 
+
+
+# Containers and transforms.
+
+
+class _Embed:
+  """A tiny model: an embedding row per id through a fixed readout."""
+
+  @staticmethod
+  def loss(params, ids):
+    return jnp.mean((params["embed"][ids] @ params["w"] - 1.0) ** 2)
+
+
+_IDS = [jnp.array([1, 4, 4]), jnp.array([0, 1, 7]), jnp.array([2, 2, 9]),
+        jnp.array([4, 9, 1])]
+
+
+def _make_adamw():
+  return lo.lookahead(lo.lazy(optax.adamw(0.1, b1=B1, b2=B2, weight_decay=WD),
+                              catch_up=True), 2, 0.3,
+                      rows_per_step={"embed": 3})
+
+
+def _plain_run():
+  params = {"embed": jnp.linspace(-1, 1, V * D).reshape(V, D),
+            "w": jnp.array([0.5, -0.25, 1.0])}
+  tx = _make_adamw()
+  state = tx.init(params)
+  for ids in _IDS:
+    grads = lo.sparse_value_and_grad(_Embed.loss)(params, ids)[1]
+    u, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, u)
+  return params, state
+
+
+def test_nnx_optimizer_matches_plain_updates():
+  nnx = pytest.importorskip("flax.nnx")
+
+  class Model(nnx.Module):
+
+    def __init__(self):
+      self.embed = nnx.Param(jnp.linspace(-1, 1, V * D).reshape(V, D))
+      self.w = nnx.Param(jnp.array([0.5, -0.25, 1.0]))
+
+  model = Model()
+  optimizer = nnx.Optimizer(model, _make_adamw(), wrt=nnx.Param)
+  for ids in _IDS:
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(p, ids=ids, graphdef=graphdef):
+      m = nnx.merge(graphdef, p)
+      return _Embed.loss({"embed": m.embed[...], "w": m.w[...]}, ids)
+    optimizer.update(model, lo.sparse_value_and_grad(loss)(params)[1])
+  want, _ = _plain_run()
+  got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  assert_tree_bitwise(got, want)
+
+
+def test_linen_train_state_matches_plain_updates():
+  train_state = pytest.importorskip("flax.training.train_state")
+  params = {"embed": jnp.linspace(-1, 1, V * D).reshape(V, D),
+            "w": jnp.array([0.5, -0.25, 1.0])}
+  state = train_state.TrainState.create(apply_fn=None, params=params,
+                                        tx=_make_adamw())
+  for ids in _IDS:
+    grads = lo.sparse_value_and_grad(_Embed.loss)(state.params, ids)[1]
+    state = state.apply_gradients(grads=grads)
+  want, want_state = _plain_run()
+  assert_tree_bitwise(state.params, want)
+  assert_tree_bitwise(state.opt_state.inner_state.catch_up,
+                      want_state.inner_state.catch_up)
+
+
+def test_pmap_matches_one_device():
+  n = jax.local_device_count()
+  tx = lo.lazy(optax.adamw(LR, b1=B1, b2=B2, weight_decay=WD), catch_up=True)
+  params = jnp.stack([jnp.full((V, D), 1.0 + d) for d in range(n)])
+  state = jax.pmap(tx.init)(params)
+  step = jax.pmap(tx.update)
+  for t in range(3):
+    grads = jnp.zeros((n, V, D)).at[:, (t * 3) % V].set(1.0).at[:, 2].set(
+        0.5 * (t != 1))
+    u, state = step(grads, state, params)
+    params = params + u
+  single = jax.jit(tx.update)
+  p, s = jnp.full((V, D), 1.0 + n - 1), tx.init(jnp.full((V, D), 1.0 + n - 1))
+  for t in range(3):
+    grads = jnp.zeros((V, D)).at[(t * 3) % V].set(1.0).at[2].set(
+        0.5 * (t != 1))
+    u, s = single(grads, s, p)
+    p = p + u
+  np.testing.assert_allclose(np.asarray(params[n - 1]), np.asarray(p),
+                             rtol=1e-6)
+  assert_tree_bitwise(jax.tree.map(lambda x: x[n - 1], state.catch_up),
+                      s.catch_up)
