@@ -188,18 +188,30 @@ def _verify(paths: list, flags: list, probe: tuple) -> list:
   return out
 
 
-def _table_sized_leaves(inner: Any, params: Any, probe_params: Any,
-                        flags: list, paths: list) -> None:
+def _table_sized_leaves(inner: Any, params: Any, flags: list,
+                        paths: list) -> None:
   """Rejects a state leaf that follows the table size but is not per row."""
+
+  def shrink(flag, p):
+    if _tree.is_masked_node(p):
+      return p
+    shape = tuple(jnp.shape(p))
+    if flag:
+      shape = (len(_PROBE_PARAMS),) + shape[1:]
+    return jax.ShapeDtypeStruct(shape, jnp.result_type(p))
+
+  leaves, treedef = jax.tree.flatten(params, is_leaf=_tree.is_masked_node)
   real = jax.eval_shape(inner.init, params)
-  small = jax.eval_shape(inner.init, probe_params)
+  small = jax.eval_shape(inner.init, jax.tree.unflatten(
+      treedef, [shrink(f, p) for f, p in zip(flags, leaves)]))
   real_leaves, real_def = jax.tree.flatten(real, is_leaf=_tree.is_masked_node)
   small_leaves, small_def = jax.tree.flatten(small,
                                              is_leaf=_tree.is_masked_node)
   shaped = {id(x) for rows in _state_leaves(flags, params, real)
             for (x,) in rows}
   bad = real_def != small_def or any(
-      id(a) not in shaped and jnp.shape(a) != jnp.shape(b)
+      not _tree.is_masked_node(a) and id(a) not in shaped
+      and jnp.shape(a) != jnp.shape(b)
       for a, b in zip(real_leaves, small_leaves))
   if bad:
     where = next((paths[i] for i, f in enumerate(flags) if f), "<root>")
@@ -214,12 +226,13 @@ def _analyse(inner: Any, params: Any, flags: list) -> list:
       params, is_leaf=_tree.is_masked_node)[0]]
   with jax.ensure_compile_time_eval():
     leaves, treedef = jax.tree.flatten(params, is_leaf=_tree.is_masked_node)
+    # The other leaves only need to be there: at most 2 along each axis.
     base = jax.tree.unflatten(treedef, [
         p if _tree.is_masked_node(p) else
         _probe_rows(_PROBE_PARAMS, p) if flag else
-        jnp.zeros(jnp.shape(p), jnp.result_type(p))
+        jnp.zeros(tuple(min(n, 2) for n in jnp.shape(p)), jnp.result_type(p))
         for flag, p in zip(flags, leaves)])
-    _table_sized_leaves(inner, params, base, flags, paths)
+    _table_sized_leaves(inner, params, flags, paths)
     state = inner.init(base)
     try:
       probe = _probe(inner, base, state, flags, slice(None), {})

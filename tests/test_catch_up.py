@@ -526,3 +526,20 @@ def test_pmap_matches_one_device():
                              rtol=1e-6)
   assert_tree_bitwise(jax.tree.map(lambda x: x[n - 1], state.catch_up),
                       s.catch_up)
+
+
+def test_leaves_outside_the_mask_any_size_and_any_state():
+  # A big dense leaf next to the table (probed at 2 x 2 at init), with
+  # adafactor's factored moments outside the mask (optax.partition).
+  params = {"embed": jnp.ones((V, D)), "dense": jnp.ones((300, 200))}
+  inner = optax.partition(
+      {"e": optax.adamw(LR, b1=B1, b2=B2, weight_decay=WD),
+       "d": optax.adafactor(1e-3)},
+      {"embed": "e", "dense": "d"})
+  tx = lo.lazy(inner, mask={"embed": True, "dense": False}, catch_up=True)
+  state = tx.init(params)
+  grads = {"embed": jnp.zeros((V, D)).at[3].set(1.0),
+           "dense": jnp.ones((300, 200))}
+  _, state = jax.jit(tx.update)(grads, state, params)
+  assert int(state.catch_up.last_step["embed"][3]) == 1
+  assert isinstance(state.catch_up.last_step["dense"], optax.MaskedNode)
