@@ -137,17 +137,38 @@ def _first(x: jax.Array, row: int) -> jax.Array:
   return jnp.reshape(x[row], (-1,))[0]
 
 
-def _reject(where: str, what: str) -> ValueError:
+def describe(state: Any) -> str:
+  """The inner optimizer, named by the types of its state's nodes."""
+  names = []
+
+  def visit(x):
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+      if type(x).__name__ not in names:
+        names.append(type(x).__name__)
+      for child in x:
+        visit(child)
+    elif isinstance(x, (tuple, list)):
+      for child in x:
+        visit(child)
+    elif isinstance(x, dict):
+      for child in x.values():
+        visit(child)
+
+  visit(state)
+  return "`inner` (state " + (", ".join(names) or type(state).__name__) + ")"
+
+
+def _reject(where: str, what: str, name: str = "`inner`") -> ValueError:
   return ValueError(
-      f"`catch_up=True` cannot catch up `inner` on the table {where}: {what}. "
+      f"`catch_up=True` cannot catch up {name} on the table {where}: {what}. "
       "Catching up needs an inner optimizer whose zero-gradient step scales "
       "each parameter-shaped state leaf by a constant factor and the params "
       "by a factor (decoupled weight decay), e.g. optax.adam, adamw, sgd "
-      "with momentum, rmsprop, lion, radam, adagrad-free chains of them. "
-      "Use `catch_up=False` for it (or put this table outside the mask).")
+      "with momentum, rmsprop, lion, radam and chains of them. Use "
+      "`catch_up=False` for it (or put this table outside the mask).")
 
 
-def _verify(paths: list, flags: list, probe: tuple) -> list:
+def _verify(paths: list, flags: list, probe: tuple, name: str) -> list:
   """Checks one probe step; per masked leaf (factors, decay, drift row)."""
   probe_params, probe_state, updates, new_state = probe
   state_rows = _state_leaves(flags, probe_params, probe_state, new_state)
@@ -170,7 +191,7 @@ def _verify(paths: list, flags: list, probe: tuple) -> list:
             "a zero-gradient step does not multiply a parameter-shaped "
             "state leaf by one constant factor (it depends on the params, "
             "moves additively or differs between elements; e.g. weight "
-            "decay applied before a momentum, or Adafactor)"))
+            "decay applied before a momentum, or Adafactor)"), name)
       factors.append(f)
     u = np.asarray(upd_leaves[i], np.float64)
     decay = u[0].ravel()[0]
@@ -178,7 +199,7 @@ def _verify(paths: list, flags: list, probe: tuple) -> list:
             and np.allclose(u[2], -1.75 * decay, rtol=_RTOL, atol=0)):
       raise _reject(where, (
           "with a zero gradient and a zero state its update is not a "
-          "constant multiple of the params (decoupled weight decay)"))
+          "constant multiple of the params (decoupled weight decay)"), name)
     drift = u[1].ravel()[0]
     linear = (len(factors) == 1 and np.isfinite(drift)
               and np.all(u[1] == drift)
@@ -189,7 +210,7 @@ def _verify(paths: list, flags: list, probe: tuple) -> list:
 
 
 def _table_sized_leaves(inner: Any, params: Any, flags: list,
-                        paths: list) -> None:
+                        paths: list, name: str) -> None:
   """Rejects a state leaf that follows the table size but is not per row."""
 
   def shrink(flag, p):
@@ -217,7 +238,7 @@ def _table_sized_leaves(inner: Any, params: Any, flags: list,
     where = next((paths[i] for i, f in enumerate(flags) if f), "<root>")
     raise _reject(where, (
         "its state has leaves that depend on the table size but are not "
-        "parameter-shaped (e.g. Adafactor's factored moments)"))
+        "parameter-shaped (e.g. Adafactor's factored moments)"), name)
 
 
 def _analyse(inner: Any, params: Any, flags: list) -> list:
@@ -232,19 +253,20 @@ def _analyse(inner: Any, params: Any, flags: list) -> list:
         _probe_rows(_PROBE_PARAMS, p) if flag else
         jnp.zeros(tuple(min(n, 2) for n in jnp.shape(p)), jnp.result_type(p))
         for flag, p in zip(flags, leaves)])
-    _table_sized_leaves(inner, params, flags, paths)
     state = inner.init(base)
+    name = describe(state)
+    _table_sized_leaves(inner, params, flags, paths, name)
     try:
       probe = _probe(inner, base, state, flags, slice(None), {})
-      first = _verify(paths, flags, probe)
+      first = _verify(paths, flags, probe, name)
       probe = _probe(inner, base, probe[3], flags, slice(None), {})
-      second = _verify(paths, flags, probe)
+      second = _verify(paths, flags, probe, name)
     except ValueError:
       raise
     except Exception as e:  # pylint: disable=broad-except
       where = next((paths[i] for i, f in enumerate(flags) if f), "<root>")
-      raise _reject(where, f"a zero-gradient step on its rows fails ({e})"
-                    ) from e
+      raise _reject(where, f"a zero-gradient step on its rows fails ({e})",
+                    name) from e
   out = []
   for i, (a, b) in enumerate(zip(first, second)):
     if a is None:
@@ -253,7 +275,7 @@ def _analyse(inner: Any, params: Any, flags: list) -> list:
     if not np.allclose(a[0], b[0], rtol=_RTOL, atol=0):
       raise _reject(paths[i], (
           "the factor a zero-gradient step multiplies its state by changes "
-          "from step to step (e.g. Adafactor's decay schedule)"))
+          "from step to step (e.g. Adafactor's decay schedule)"), name)
     out.append(a[1] and b[1])
   return out
 
