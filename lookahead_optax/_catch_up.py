@@ -50,6 +50,21 @@ class CatchUpState(NamedTuple):
       vector of one integer per row (dtype of `count`), the value of `count`
       after the row's last update (0: not updated since `init`);
       `optax.MaskedNode()` at the other leaves.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import lookahead_optax as lo
+    >>> params = {"embed": jnp.zeros((4, 2)), "bias": jnp.zeros((2,))}
+    >>> tx = lo.lazy(optax.adamw(1e-3), catch_up=True)
+    >>> state = tx.init(params)
+    >>> grads = {"embed": lo.SparseRows(jnp.array([2]), jnp.ones((1, 2))),
+    ...          "bias": jnp.ones((2,))}
+    >>> _, state = tx.update(grads, state, params)
+    >>> print(state.catch_up.count, state.catch_up.last_step["embed"])
+    1 [0 0 1 0]
+    >>> state.catch_up.last_step["bias"]  # not a masked table
+    MaskedNode()
   """
 
   count: jax.Array
