@@ -24,6 +24,11 @@ update) with a 1M-row hashed-bigram input table, sparse path
 (`lo.sparse_value_and_grad` + `lo.lazy`) against the dense path (`jax.grad`
 + `optax.adam`), with XLA's memory figures for each.
 
+Catching up idle rows (`lo.lazy(adam, catch_up=True)`, section `catch_up`):
+its step against `lazy(adam)` at V = 1M (interleaved, median of per-round
+ratios), and at V = 4M against V = 1M (flat in V?), with XLA's temp bytes
+and the bytes of its per-row steps (one int32 per row).
+
 Run ``python -m benchmarks.sparse`` (``--quick`` for small sizes; the full
 run holds up to ~7 GiB at V = 16M).
 """
@@ -53,6 +58,7 @@ ADAM = "adam (dense)"
 LAZY = "lazy(adam), SparseRows"
 LOOKAHEAD = "lookahead(lazy(adam)), SparseRows"
 SPARSE_VARIANTS = (LAZY, LOOKAHEAD)
+CATCH_UP = "lazy(adam, catch_up=True), SparseRows"
 
 
 def _lookahead_rows_kwargs(num_ids: int) -> dict:
@@ -68,6 +74,8 @@ def make_tx(name: str, num_ids: int = NUM_IDS) -> optax.GradientTransformation:
     return adam
   if name == LAZY:
     return lo.lazy(adam)
+  if name == CATCH_UP:
+    return lo.lazy(adam, catch_up=True)
   if name == LOOKAHEAD:
     return lo.lookahead(lo.lazy(adam), sync_period=SYNC_PERIOD,
                         slow_step_size=0.5, **_lookahead_rows_kwargs(num_ids))
@@ -251,6 +259,35 @@ def run_e2e(table_rows: int, *, rounds: int, min_block_s: float,
   return rows
 
 
+def run_catch_up(base_rows: int, big_rows: int, *, rounds: int,
+                 min_block_s: float, log=None) -> list:
+  """`catch_up=True` against `lazy(adam)` at `base_rows`, then at
+  `big_rows` against itself at `base_rows` (both interleaved)."""
+  timings = common.interleaved(
+      [make_variant(n, base_rows, NUM_IDS) for n in (LAZY, CATCH_UP)],
+      rounds=rounds, steps_per_block=SYNC_PERIOD * 2,
+      warmup_steps=SYNC_PERIOD, baseline=LAZY, min_block_s=min_block_s)
+  rows = [{"name": t.name, "rows": base_rows, "median_ms": t.median_s * 1e3,
+           "ratio": t.ratio, "vs": LAZY, "temp": t.memory.get("temp"),
+           "state_bytes": t.state_bytes} for t in timings]
+  base = f"{CATCH_UP} V={base_rows}"
+  timings = common.interleaved(
+      [make_variant(CATCH_UP, base_rows, NUM_IDS, base),
+       make_variant(CATCH_UP, big_rows, NUM_IDS)],
+      rounds=rounds, steps_per_block=SYNC_PERIOD * 2,
+      warmup_steps=SYNC_PERIOD, baseline=base, min_block_s=min_block_s)
+  t = timings[1]
+  rows.append({"name": t.name, "rows": big_rows,
+               "median_ms": t.median_s * 1e3, "ratio": t.ratio,
+               "vs": f"itself at V = {_fmt_rows(base_rows)}",
+               "temp": t.memory.get("temp"), "state_bytes": t.state_bytes})
+  if log:
+    for r in rows:
+      log(f"  {r['name']} V={r['rows']}: {r['median_ms']:.3f} ms, "
+          f"x{r['ratio']:.3f} {r['vs']}")
+  return rows
+
+
 def run(quick: bool = False, *, rounds: Optional[int] = None, log=None,
         sections: tuple = ("dense", "v", "ids", "e2e")) -> dict:
   """Runs the measurements; returns a dict of row lists (and skips)."""
@@ -284,6 +321,9 @@ def run(quick: bool = False, *, rounds: Optional[int] = None, log=None,
     out["ids_kept"] = run_scaling_in_ids_kept(
         base, id_counts, variants, rounds=rounds, min_block_s=min_block_s,
         log=log)
+  if "catch_up" in sections:
+    out["catch_up"] = run_catch_up(base, sizes[0], rounds=rounds,
+                                   min_block_s=min_block_s, log=log)
   if "e2e" in sections:
     out["e2e"] = run_e2e(base, rounds=max(3, rounds // 2),
                          min_block_s=min_block_s, log=log)
@@ -327,6 +367,14 @@ def markdown(out: dict) -> str:
             f"{r['median_ms']:.3f}", f"{r['us_per_id']:.3f}",
             common.fmt_mb(r["temp"]), common.fmt_faults(r.get("faults"))]
            for r in out[key]]))
+  if out.get("catch_up"):
+    parts.append(common.markdown_table(
+        ["step", "table", "ids/step", "step (ms)", "ratio", "to",
+         "temp (MB)", "params+state (MB)"],
+        [[r["name"], f"{_fmt_rows(r['rows'])} x {DIM}", NUM_IDS,
+          f"{r['median_ms']:.3f}", f"{r['ratio']:.3f}x", r["vs"],
+          common.fmt_mb(r["temp"]), common.fmt_mb(r["state_bytes"])]
+         for r in out["catch_up"]]))
   if out.get("e2e"):
     parts.append(common.markdown_table(
         ["language-model train step", "input table", "step (ms)",
@@ -345,8 +393,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="small sizes")
   parser.add_argument("--rounds", type=int, default=None)
-  parser.add_argument("--sections", default="dense,v,ids,ids_kept,e2e",
-                      help="comma-separated: dense, v, ids, ids_kept, e2e")
+  parser.add_argument(
+      "--sections", default="dense,v,ids,ids_kept,catch_up,e2e",
+      help="comma-separated: dense, v, ids, ids_kept, catch_up, e2e")
   args = parser.parse_args()
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   out = run(quick=args.quick, rounds=args.rounds, log=log,

@@ -4,6 +4,7 @@ Import the public names from here; the underscored modules are private and may
 change without notice (don't import `lookahead_optax._*`).
 """
 
+from lookahead_optax._catch_up import CatchUpState
 from lookahead_optax._checkpoint import check_state_structure
 from lookahead_optax._checkpoint import migrate_optax_state
 from lookahead_optax._flax import eval_model
@@ -28,6 +29,7 @@ from lookahead_optax._types import StreamingState
 __version__ = "0.1.0"
 
 __all__ = (
+    "CatchUpState",
     "CycleRows",
     "LazyState",
     "LookaheadState",

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lookahead_optax import _catch_up
 from lookahead_optax import _checks
 from lookahead_optax import _lazy_args
 from lookahead_optax import _sparse
@@ -25,9 +26,12 @@ class LazyState(NamedTuple):
       only in the steps where the row is touched; its other leaves (e.g. step
       counts) advance at every step. Its structure and shapes are those of
       `inner.init(params)`, whether the gradients are dense or `SparseRows`.
+    catch_up: None, or with `catch_up=True` a `CatchUpState`: the step
+      count and the step of each row's last update, per masked table.
   """
 
   inner_state: optax.OptState
+  catch_up: Optional[_catch_up.CatchUpState] = None
 
 
 _COPY_WARNING_MIN_SIZE = 1 << 20
@@ -92,15 +96,40 @@ def _maybe_warn_cpu_copies(leaves: list) -> None:
       RuntimeWarning, stacklevel=_user_stacklevel())
 
 
-def _update_rows(inner: Any, grad_leaves: list, inner_state: Any,
-                 params: Any, flags: list, ids: list, extra_args: dict
-                 ) -> tuple[Any, Any, Any, list]:
+def _run_inner(inner: Any, grads: Any, state: LazyState, inner_state: Any,
+               params: Any, extra_args: dict, touched: list,
+               catch_up: Any) -> tuple[Any, Any, Any]:
+  """`inner.update`; with `catch_up` (an analyser) the touched rows first
+  take the zero-gradient steps they missed (`_catch_up.update`).
+
+  Returns:
+    (updates, new inner state, new `CatchUpState` or None).
+  """
+  if catch_up is None:
+    return (*inner.update(grads, inner_state, params, **extra_args), None)
+  return _catch_up.update(inner, catch_up, grads, inner_state, params,
+                          extra_args, state.catch_up, touched)
+
+
+def _touched(sparse: list, rows: list) -> list:
+  """Per leaf: `("rows", unique ids)`, `("mask", rows)` or None."""
+  return [("rows", s.ids) if s is not None else
+          ("mask", r) if r is not None else None
+          for s, r in zip(sparse, rows)]
+
+
+def _update_rows(inner: Any, grad_leaves: list, state: LazyState,
+                 params: Any, flags: list, ids: list, extra_args: dict,
+                 rows: list, catch_up: Any
+                 ) -> tuple[Any, Any, Any, list, Any]:
   """Runs `inner` on the gathered rows of the `SparseRows` leaves.
 
   Returns:
     (updates, new inner state) on the rows, the params with the rows
-    gathered, and per leaf the deduplicated `SparseRows` (None if dense).
+    gathered, per leaf the deduplicated `SparseRows` (None if dense), and
+    the new `CatchUpState` (None without `catch_up`).
   """
+  inner_state = state.inner_state
   param_leaves, param_def = jax.tree.flatten(
       params, is_leaf=_tree.is_masked_node)
   sparse = _lazy_args.sparse_leaves(grad_leaves, param_leaves, flags, ids,
@@ -114,9 +143,10 @@ def _update_rows(inner: Any, grad_leaves: list, inner_state: Any,
   row_state = _tree.map_param_shaped(
       lambda i, x: _sparse.gather_rows(x, i), sparse_ids, params, inner_state)
   _lazy_args.check_row_state(inner, row_state, row_params)
-  inner_updates, new_inner = inner.update(
-      row_grads, row_state, row_params, **extra_args)
-  return inner_updates, new_inner, row_params, sparse
+  inner_updates, new_inner, new_catch_up = _run_inner(
+      inner, row_grads, state, row_state, row_params, extra_args,
+      _touched(sparse, rows), catch_up)
+  return inner_updates, new_inner, row_params, sparse, new_catch_up
 
 
 def _check_state(state: Any) -> None:
@@ -204,6 +234,7 @@ def lazy(
     mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
     *,
     freeze_state: bool = True,
+    catch_up: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Lazy updates: only the rows of a table touched in a step move.
 
@@ -246,6 +277,36 @@ def lazy(
     masked (the Keras LazyOptimizer variant);
   * leaves outside the mask get exactly what `inner` gives.
 
+  With `catch_up=True` an idle row is brought, when it is touched again, to
+  what the dense optimizer (whose gradient rows are zero while the row is
+  idle) would have left, before `inner` runs on it: `lazy` keeps the step
+  of each row's last update (`CatchUpState`, one integer per row of each
+  masked table) and, for a row idle $\\Delta$ steps,
+
+  * multiplies each parameter-shaped state leaf by $f^\\Delta$, where $f$ is
+    what one zero-gradient step of `inner` multiplies it by (Adam's and
+    AdamW's $\\beta_1$, $\\beta_2$, a momentum's decay, RMSProp's decay,
+    Lion's $\\beta_2$; read by running such a step on two probe rows);
+  * multiplies the row's params by $d^\\Delta$, $d = 1 - \\eta_t \\lambda$,
+    the decoupled weight decay of `inner` (`optax.add_decayed_weights`, as in
+    `optax.adamw`), exact at a constant learning rate; under a schedule the
+    decay of the current step $t$ stands for the idle steps $s$, a relative
+    error of at most $\\exp(\\lambda \\sum_s |\\eta_s - \\eta_t| /
+    (1 - \\lambda \\max \\eta)) - 1$;
+  * adds the idle updates of a momentum to the params where the
+    zero-gradient update is linear in a single state leaf (SGD with
+    momentum, `optax.trace`): $c\\,s\\,(d^\\Delta - f^\\Delta)/(d - f)$.
+
+  Not caught up: the zero-gradient update of Adam-like and sign-based
+  optimizers, nonlinear in the state. Dense Adam keeps moving an idle row
+  by $\\eta \\hat m / (\\sqrt{\\hat v} + \\epsilon)$ with $m$ decaying as
+  $\\beta_1^k$ and $\\sqrt v$ as $\\beta_2^{k/2}$: in all at most
+  $\\eta\\,|\\hat m| / \\sqrt{\\hat v}\\,/(1 - \\beta_1/\\sqrt{\\beta_2})$ (about
+  10 steps' worth at the default betas); Lion keeps moving it by $\\eta$
+  per idle step until its momentum's sign flips, which it never does at a
+  zero gradient. The caught-up move of the params is part of the returned
+  update. See docs/lazy.md.
+
   Transformations that need the whole gradient, such as
   `optax.clip_by_global_norm`, go inside `lazy` (in `inner`): on a
   `SparseRows` they see the deduplicated rows, whose norm is the norm of the
@@ -282,13 +343,30 @@ def lazy(
       leaf with ndim >= 2.
     freeze_state: whether the rows of the inner state's parameter-shaped
       leaves are kept unchanged when the row is untouched (default True).
+    catch_up: whether a row touched after idle steps first takes the
+      zero-gradient steps of the dense optimizer it missed (see above;
+      default False, today's LazyAdam semantics). Needs
+      `freeze_state=True` and `params` in `update`. `inner` qualifies
+      when one zero-gradient step multiplies each parameter-shaped state
+      leaf by a constant factor and the params by one (checked at `init`
+      on probe rows over two steps): `adam`, `adamw`, `nadam`, `radam`,
+      `sgd` (momentum, Nesterov), `rmsprop`, `lion`, `adagrad`, `yogi`,
+      `adadelta` and chains of them with `add_decayed_weights` after the
+      moments; `adafactor`, `amsgrad`, `adamax`, `adabelief`, `sm3` and
+      weight decay before a momentum are rejected. Optimizers that couple
+      the rows of a table (`lamb`, `lars`: a trust ratio over the table)
+      are not lazy-friendly with or without it. The step counter is int32
+      (int64 with `jax_enable_x64`): an eager update past $2^{31} - 1$
+      steps raises; a jitted one makes the caught-up rows NaN, never a
+      wrong factor. The gap is a float32 exponent (exact to $2^{24}$
+      steps, and $f^\\Delta$ is 0 or 1 to float32 long before that).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `LazyState`.
 
   Raises:
-    TypeError: if `inner` is not a gradient transformation, `freeze_state` is
-      not a bool, a mask leaf is not a static bool, the ids of
+    TypeError: if `inner` is not a gradient transformation, `freeze_state` or
+      `catch_up` is not a bool, a mask leaf is not a static bool, the ids of
       `touched_rows` or of a `SparseRows` are not integers, or a params leaf
       is a `SparseRows`.
     ValueError: naming the leaf path, if the mask does not match the params'
@@ -298,7 +376,10 @@ def lazy(
       concrete) with ids out of range, a `SparseRows` is at a leaf outside
       the mask or at a scalar, has rows of another shape than the table's or
       (when concrete) ids out of range, comes without `params` or with
-      `freeze_state=False`, or `inner` contains a `lookahead` (at `init`).
+      `freeze_state=False`, or `inner` contains a `lookahead` (at `init`);
+      `catch_up=True` with `freeze_state=False` (here), with an `inner`
+      that cannot be caught up (at `init`, naming the table and why), or
+      without `params` or past its counter's limit (at `update`).
 
   Example:
     >>> import jax.numpy as jnp
@@ -333,6 +414,24 @@ def lazy(
      [ 0.  0.]
      [-2. -2.]]
 
+    With `catch_up=True`, row 1, idle for two steps, first takes the two
+    zero-gradient steps of momentum SGD it missed (momentum 1 -> 0.25, the
+    params move by -0.5 - 0.25), then its own step:
+
+    >>> tx = lo.lazy(optax.sgd(1.0, momentum=0.5), catch_up=True)
+    >>> table = jnp.zeros((2, 1))
+    >>> state = tx.init(table)
+    >>> updates, state = tx.update(jnp.ones((2, 1)), state, table)
+    >>> table = optax.apply_updates(table, updates)
+    >>> for _ in range(2):
+    ...   updates, state = tx.update(jnp.array([[1.0], [0.0]]), state, table)
+    ...   table = optax.apply_updates(table, updates)
+    >>> updates, state = tx.update(jnp.array([[0.0], [2.0]]), state, table)
+    >>> print(optax.apply_updates(table, updates)[1], state.inner_state[0].trace[1])
+    [-3.875] [2.125]
+    >>> print(state.catch_up.count, state.catch_up.last_step)
+    4 [3 4]
+
   References:
     Kingma, Ba, [Adam: A Method for Stochastic Optimization](
     https://arxiv.org/abs/1412.6980), 2015 (LazyAdam applies it to the
@@ -343,14 +442,19 @@ def lazy(
     raise TypeError(
         f"`freeze_state` must be a bool, got {freeze_state!r}.")
   freeze_state = bool(freeze_state)
+  catch_up = _catch_up.check_argument(catch_up, freeze_state)
   inner = optax.with_extra_args_support(inner)
+  analyse = _catch_up.analyser(inner) if catch_up else None
 
   def init_fn(params):
-    _lazy_args.resolve_mask(mask, params)
+    flags = _lazy_args.resolve_mask(mask, params)
     _lazy_args.check_sparse_free("params", params)
     inner_state = inner.init(params)
     _lazy_args.check_no_lookahead_inside(inner_state)
-    return LazyState(inner_state=inner_state)
+    if not catch_up:
+      return LazyState(inner_state=inner_state)
+    analyse(params, flags)
+    return LazyState(inner_state, _catch_up.init_state(params, flags))
 
   def update_fn(updates, state, params=None, **extra_args):
     _check_state(state)
@@ -360,22 +464,23 @@ def lazy(
     like = updates if params is None else params
     flags = _lazy_args.resolve_mask(mask, like)
     ids = _touched_ids(extra_args, like, flags)
+    rows = _touched_rows(flags, grad_leaves, ids)
     if has_sparse:
       _check_sparse_freezes(freeze_state)
-      inner_updates, new_inner, row_params, sparse = _update_rows(
-          inner, grad_leaves, state.inner_state, params, flags, ids,
-          extra_args)
+      inner_updates, new_inner, row_params, sparse, new_catch_up = (
+          _update_rows(inner, grad_leaves, state, params, flags, ids,
+                       extra_args, rows, analyse))
     else:
-      inner_updates, new_inner = inner.update(
-          updates, state.inner_state, params, **extra_args)
       row_params, sparse = like, [None] * len(flags)
+      inner_updates, new_inner, new_catch_up = _run_inner(
+          inner, updates, state, state.inner_state, params, extra_args,
+          _touched(sparse, rows), analyse)
     if freeze_state:
       _maybe_warn_cpu_copies(_dense_tables(flags, grad_leaves))
-    rows = _touched_rows(flags, grad_leaves, ids)
     new_updates = _masked_updates(inner_updates, sparse, rows)
     if has_sparse or freeze_state:
       new_inner = _merge_inner_state(rows, sparse, freeze_state, row_params,
                                      new_inner, state.inner_state)
-    return new_updates, LazyState(inner_state=new_inner)
+    return new_updates, LazyState(new_inner, new_catch_up)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
