@@ -90,17 +90,21 @@ def landing_update(p: jax.Array, u: jax.Array, target: jax.Array,
   return jnp.asarray(target - p).astype(jnp.result_type(u))
 
 
-def stored_slow(p: jax.Array, update: jax.Array, target: jax.Array,
+def stored_slow(p: jax.Array, update: Optional[jax.Array], target: jax.Array,
                 slow: jax.Array, *, keep_target: bool) -> jax.Array:
   """The slow weights to store, given the `update` the step returns.
+
+  Every path that moves the slow weights stores them here (`store`, the
+  rollback, the row-sparse tables, Streaming DiLoCo's fragments).
 
   They are `p + update` with the arithmetic of `optax.apply_updates`, so the
   params land on them bitwise; only where that addition rounds (a weight that
   moved by more than a factor of two in the cycle) do they differ from
   `target`, by one rounding at the scale of the fast weights. With
   `keep_target` (replicas that must agree bitwise, see `axis_name`) they are
-  `target` itself. Slow weights in another dtype (`slow_dtype`) keep the
-  precise target unless the params did not land on it.
+  `target` itself (`update` is then not read and may be None). Slow
+  weights in another dtype (`slow_dtype`) keep the precise target unless the
+  params did not land on it.
   """
   sdtype = jnp.result_type(slow)
   if keep_target:
@@ -179,11 +183,7 @@ def tree_select(flag: jax.Array, on_true: Any, on_false: Any) -> Any:
 
 def store(params: Any, updates: Any, targets: Any, slow: Any, *,
           keep_target: bool) -> Any:
-  """The slow weights to store (`stored_slow`, leaf by leaf).
-
-  Every path that moves the slow weights stores them here, from the updates
-  the step returns.
-  """
+  """The slow weights to store (`stored_slow`, leaf by leaf)."""
   return jax.tree.map(
       lambda p, u, t, s: stored_slow(p, u, t, s, keep_target=keep_target),
       params, updates, targets, slow)
