@@ -13,7 +13,6 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from lookahead_optax import _steering
 from lookahead_optax import _tree
 
 INNER_STATE_POLICIES = ("keep", "reset", "pullback")
@@ -103,20 +102,6 @@ def is_nonfinite(params: Any, inner_updates: Any) -> jax.Array:
   return jnp.any(jnp.stack(flags))
 
 
-def nonfinite_step(inner: Any, grads: Any, state: Any, params: Any,
-                   extra_args: dict) -> jax.Array:
-  """Whether `inner`'s step from `state` is not finite (see `is_nonfinite`).
-
-  The step is computed here for the check alone (the caller computes it
-  again, `_steering.after` the check): XLA then fuses each leaf's inner update into
-  the reduction that reads it, instead of keeping every leaf's update in a
-  temporary buffer until the whole tree is checked (a fresh, page-faulted
-  buffer as large as the params at every step).
-  """
-  updates, _ = inner.update(grads, state, params, **extra_args)
-  return is_nonfinite(params, updates)
-
-
 def _rollback_update(p: jax.Array, u: jax.Array, s: jax.Array) -> jax.Array:
   """The update that sends `p` back to the slow weights `s`."""
   if not jnp.issubdtype(jnp.result_type(p), jnp.number):
@@ -142,52 +127,27 @@ def reset_where_per_param(flags: list, param_shaped: ParamShaped,
 
 
 def rollback(bad: jax.Array, params: Any, inner_updates: Any, slow: Any,
-             updates: Any, inner_state: Any, param_shaped: ParamShaped,
-             init: Any) -> tuple[Any, Any]:
-  """Where `bad`: updates back to the slow weights, inner state reset."""
-  back = jax.tree.map(_rollback_update, params, inner_updates, slow)
-  updates = jax.tree.map(lambda b, u: jnp.where(bad, b, u), back, updates)
-  return updates, reset_where(bad, param_shaped, inner_state, init)
+             updates: Any) -> Any:
+  """Where `bad`, the updates that send the params back to the slow weights.
 
-
-def in_place(policy: str, param_shaped: ParamShaped, is_sync: jax.Array,
-             bad: Optional[jax.Array], order: jax.Array, inner_state: Any,
-             synced: Any, init: Any, alpha: Optional[jax.Array]
-             ) -> tuple[Any, Any]:
-  """The inner state (and its synced copy) after the policies, in place.
-
-  A loop that runs once on steps where the policy changes the state (a
-  sync with "reset" or "pullback", a rolled-back step) and not at all on
-  the others, so that those cost nothing; `order` (always False, see
-  `_steering.never`) makes XLA run it after the pass that computes the new
-  params, which reads `inner_state`, so it needs no copy of it.
+  The inner state's part of the rollback (`reset_where`) is the inner-state
+  policy's (see `_formulation.Pieces`).
   """
-  changes = bad if bad is not None else jnp.zeros([], bool)
-  if policy != "keep":
-    changes = changes | is_sync
+  back = jax.tree.map(_rollback_update, params, inner_updates, slow)
+  return jax.tree.map(lambda b, u: jnp.where(bad, b, u), back, updates)
 
-  def body(c, init):
-    state, synced_ = c
-    out, synced_out = at_sync(policy, param_shaped, state, synced_, init,
-                              alpha)
-    if policy == "pullback":
-      out, synced_out = _steering.twin(out)
-    if bad is not None:
-      if policy != "keep":
-        out = jax.tree.map(lambda a, b: jnp.where(is_sync, a, b), out, state)
-        if synced_ is not None:
-          synced_out = jax.tree.map(lambda a, b: jnp.where(is_sync, a, b),
-                                    synced_out, synced_)
-      out = reset_where(bad, param_shaped, out, init)
-    return out, synced_out
 
-  def run(i, c):
-    fresh = None if init is None else param_shaped.map(
-        lambda x, v: _steering.fresh(x, v, i), c[0], init)
-    out = body(c, fresh)
-    return jax.tree.map(
-        lambda n, o: jax.lax.convert_element_type(n, jnp.result_type(o)),
-        out, c)
+def checked_step(inner: Any, grads: Any, current: Any, params: Any,
+                 extra_args: dict, rollback: bool
+                 ) -> tuple[Any, Any, Optional[jax.Array]]:
+  """The inner update, its new state and (`rollback`) whether it is not finite.
 
-  return jax.lax.fori_loop(0, (changes | order).astype(jnp.int32), run,
-                           (inner_state, synced))
+  The check reads the inner updates, which XLA keeps in a buffer for it
+  (the `"loop"` formulation may check by a pass of its own instead, see
+  `_loop.Loop.inner_step`); a costly inner update is never computed twice.
+  """
+  inner_updates, new_inner = inner.update(grads, current, params,
+                                          **extra_args)
+  if not rollback:
+    return inner_updates, new_inner, None
+  return inner_updates, new_inner, is_nonfinite(params, inner_updates)

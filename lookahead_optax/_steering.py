@@ -1,7 +1,7 @@
 """Steering XLA:CPU's scheduling with data dependences that change nothing.
 
-Used by the `"loop"` formulation only (see `_formulation`), which `sync="auto"`
-picks on a single CPU device and nowhere else.
+Used by the `"loop"` formulation only (`_loop`, the only module that imports
+this one), which `sync="auto"` picks on a single CPU device and nowhere else.
 
 The mechanism, once. XLA:CPU has no multi-output fusion: each output of a
 step is a fusion of its own that recomputes the cheap elementwise work it
@@ -11,23 +11,27 @@ overwritten in place by another, XLA must either run the reader first, which
 it knows only if the writer depends on the reader's result, or copy the old
 state. A loop body that reads only loop-invariant values is hoisted out of
 the loop and runs on every step. Each helper here adds a dependence that XLA
-cannot see through and that changes no value: a flag that is always False
-but is computed from the data, `(x != x) & (x == x)` on one element (NaN
-semantics forbid folding it), or a loop index compared with 0
-(`i < 0`, never true), selected with `jnp.where` so the values stay
-bitwise the same.
+does not see through and that changes no value: a flag that is always False
+but is computed from the data, `(x != x) & (x == x)` on one element, or a
+loop index compared with 0 (`i < 0`, never true), selected with `jnp.where`
+so the values stay bitwise the same. `(x != x) & (x == x)` is False for
+every float, NaN included (a NaN makes the first term True and the second
+False), so a simplifier is free to fold it to False; nothing in IEEE
+semantics keeps it. What keeps it is that XLA's algebraic simplifier does not
+fold it today (nor `i < 0` on a loop index), and the test named below,
+which notices when it starts to.
 
 * `never(params, updates)`: False, after every new params leaf: a pass
-  that depends on it runs after the params' pass (`_policies.in_place`).
+  that depends on it runs after the params' pass (`_loop.in_place`).
 * `after(flag, tree)`: `tree`, after the scalar `flag`: the inner step's
   passes run after the rollback's finiteness check, which reads the old
-  state (`_step.inner_step`).
+  state (`_loop.Loop.inner_step`).
 * `reread(...)`: the inner state again, after the new params: a second
   inner pass for the state only, ordered after the params' pass
-  (`_step.loop_inner_state`).
+  (`_loop.loop_inner_state`).
 * `loop_variant(tree, i)` and `fresh(x, value, i)`: loop-variant copies, so
   that what a one-trip loop computes is computed in it, not hoisted out
-  (`_step.loop_outer_step`, `_policies.in_place`).
+  (`_loop.loop_outer_step`, `_loop.in_place`).
 * `twin(tree)`: a second copy of a tree in buffers of its own without a
   copy instruction (XLA:CPU's copies of large arrays map fresh buffers).
 

@@ -2,22 +2,20 @@
 
 `update` reads top to bottom as the data path, one stage a line:
 
-1. `begin`: the argument checks, the inner update, and the one flag
-   `is_sync` (this step syncs);
-2. the sync, compiled as the formulation asks (`_formulation`): the outer
-   step on the pseudo-gradient, the landing of the params on the new slow
-   weights, the store of the slow weights, and the inner-state policy
-   (`fused_sync` for `"select"` and `"cond"`, and for `"loop"` whose outer
-   step is not looped; `looped_outer_sync` for the looped outer step);
-   with streaming options (`fragments`, `communication_dtype`, ...), the
+1. `begin`: the argument checks, the formulation for this trace
+   (`_formulation.choose`), the inner update, and the one flag `is_sync`
+   (this step syncs);
+2. the sync (`dense_sync`): the pieces of a sync (`pieces`: the outer step
+   and landing, the inner-state policy, the rollback and the store of the
+   slow weights, each applied once) placed by the formulation; with
+   streaming options (`fragments`, `communication_dtype`, ...), the
    fragments' syncs of `streaming_sync` (see `_streaming`) instead;
-3. the rollback of a non-finite step (`_policies.rollback`, then
-   `rolled_back_slow`);
+3. the slow weights of a rolled-back step (`rolled_back_slow`);
 4. the row-sparse tables (`sparse_tables`, see `_rows`);
 5. the new state.
 
 The arithmetic of the sync is in `_sync`, the policies in `_policies`, the
-compiler steering of the `"loop"` formulation in `_steering`.
+formulations in `_formulation` (and `"loop"` in `_loop`).
 """
 
 from typing import Any, NamedTuple, Optional
@@ -31,7 +29,6 @@ from lookahead_optax import _formulation
 from lookahead_optax import _policies
 from lookahead_optax import _rows
 from lookahead_optax import _sparse
-from lookahead_optax import _steering
 from lookahead_optax import _streaming
 from lookahead_optax import _sync
 from lookahead_optax._types import LookaheadState
@@ -53,23 +50,6 @@ class Options(NamedTuple):
   counts_syncs: bool
   sparse_options: Optional[str]
   streaming: Any = None  # `_streaming.StreamingOptions`, or None
-  # Resolved when the step is traced (`resolve`):
-  formulation: str = ""  # "select", "cond" or "loop"
-  recompute: bool = False  # may the loops compute the inner update again?
-
-
-def resolve(opts: Options, grads: Any, current: Any, params: Any,
-            extra_args: dict) -> Options:
-  """`opts` with the formulation for the step being traced (`_formulation`)."""
-  formulation = _formulation.resolve(
-      opts.sync, axis_name=opts.axis_name,
-      default_options=(opts.inner_state == "keep" and opts.outer is None
-                       and opts.on_nonfinite == "propagate"))
-  recompute = (formulation == "loop" and (
-      opts.on_nonfinite == "rollback" or opts.outer is not None)
-               and _formulation.recompute_is_cheap(
-                   opts.inner, grads, current, params, extra_args))
-  return opts._replace(formulation=formulation, recompute=recompute)
 
 
 class Step(NamedTuple):
@@ -89,18 +69,8 @@ class Step(NamedTuple):
   sparse: list  # per params leaf: its inner update is a `SparseRows`
 
 
-class Out(NamedTuple):
-  """What the stages after `begin` produce (the dense leaves, then all)."""
-
-  updates: Any
-  slow: Any
-  outer_state: Any
-  inner_state: Any
-  synced_inner: Any
-
-
-def sync_fn(opts: Options, s: Step, params: Any):
-  """The sync as a map of `SyncCarry`: outer step, landing, policy."""
+def outer_fn(opts: Options, params: Any):
+  """The outer step and the landing, as a map of `Carry` (targets set)."""
 
   def apply(carry):
     alpha = _sync.alpha_of(opts, carry.outer_state)
@@ -111,53 +81,53 @@ def sync_fn(opts: Options, s: Step, params: Any):
       outer_state = optax.ScaleByScheduleState(
           optax.safe_increment(outer_state.count))
     updates = _sync.sync_updates(params, carry.updates, carry.slow, targets)
-    inner_state, synced = _policies.at_sync(
-        opts.inner_state, s.param_shaped, carry.inner_state,
-        carry.synced_inner, s.inner_init, alpha)
-    return _sync.SyncCarry(updates, targets, outer_state, inner_state, synced)
+    return carry._replace(updates=updates, outer_state=outer_state,
+                          targets=targets)
 
   return apply
 
 
-def store_fn(opts: Options, params: Any):
-  """The slow weights to store from the updates returned and the targets."""
+def policy_fn(opts: Options, s: Step, outer_state: Any):
+  """The inner-state policy at a sync, as a map of `Carry`.
 
-  def store(updates, targets, slow):
-    return jax.tree.map(
-        lambda p, u, t, s: _sync.stored_slow(
-            p, u, t, s, keep_target=opts.axis_name is not None),
-        params, updates, targets, slow)
+  Its interpolation step is the sync's (from the outer state before it).
+  """
 
-  return store
+  def apply(carry):
+    alpha = (_sync.alpha_of(opts, outer_state)
+             if opts.inner_state == "pullback" else None)
+    inner_state, synced = _policies.at_sync(
+        opts.inner_state, s.param_shaped, carry.inner_state,
+        carry.synced_inner, s.inner_init, alpha)
+    return carry._replace(inner_state=inner_state, synced_inner=synced)
+
+  return apply
 
 
-def inner_step(opts: Options, grads: Any, current: Any, params: Any,
-               extra_args: dict) -> tuple[Any, Any, Optional[jax.Array]]:
-  """The inner update, and (rollback) whether it is not finite."""
-  if opts.on_nonfinite != "rollback":
-    return (*opts.inner.update(grads, current, params, **extra_args), None)
-  if opts.recompute:
-    # Checked first, by a pass of its own (see `nonfinite_step`).
-    bad = _policies.nonfinite_step(opts.inner, grads, current, params,
-                                   extra_args)
-    return (*opts.inner.update(_steering.after(bad, grads), current, params,
-                               **extra_args), bad)
-  # From the inner updates, which XLA keeps in a buffer for it: with
-  # "select" and "cond", the passes that read the old inner state are not
-  # ordered after the check, so a pass of its own would make XLA copy it;
-  # and a costly inner update is never computed twice.
-  inner_updates, new_inner = opts.inner.update(grads, current, params,
-                                               **extra_args)
-  return inner_updates, new_inner, _policies.is_nonfinite(params,
-                                                          inner_updates)
+def pieces(opts: Options, s: Step, state: LookaheadState,
+           dense_params: Any) -> _formulation.Pieces:
+  """The pieces of this step's sync (see `_formulation.Pieces`)."""
+  identity = lambda x: x  # pylint: disable=unnecessary-lambda-assignment
+  rollback, reset = identity, identity
+  if s.bad is not None:
+    rollback = lambda updates: _policies.rollback(  # pylint: disable=unnecessary-lambda-assignment
+        s.bad, s.params, s.inner_updates, state.slow_params, updates)
+    reset = lambda inner: _policies.reset_where(  # pylint: disable=unnecessary-lambda-assignment
+        s.bad, s.param_shaped, inner, s.inner_init)
+  store = lambda updates, targets, slow: _sync.store(  # pylint: disable=unnecessary-lambda-assignment
+      dense_params, updates, targets, slow,
+      keep_target=opts.axis_name is not None)
+  return _formulation.Pieces(outer_fn(opts, dense_params),
+                             policy_fn(opts, s, state.outer_state), rollback,
+                             reset, store)
 
 
 def begin(opts: Options, grads: Any, state: LookaheadState, params: Any,
-          extra_args: dict) -> tuple[Options, Step, jax.Array]:
+          extra_args: dict) -> tuple[Any, Step, jax.Array]:
   """Checks, the inner step, and the flags.
 
-  Returns the options resolved for this trace, the `Step` and the new step
-  count.
+  Returns the formulation chosen for this trace, the `Step` and the new
+  step count.
   """
   grads = _sparse.flat_ids(grads)
   params, grads = _arguments.check_update_args(grads, state, params,
@@ -169,77 +139,25 @@ def begin(opts: Options, grads: Any, state: LookaheadState, params: Any,
     current, synced = state.inner_state, None
   _arguments.check_touched_rows(extra_args, current, params)
   _arguments.check_sparse_grads_have_lazy(grads, current)
-  opts = resolve(opts, grads, current, params, extra_args)
-  inner_updates, new_inner, bad = inner_step(opts, grads, current, params,
-                                             extra_args)
+  form = _formulation.choose(opts, grads, current, params, extra_args, state)
+  inner_updates, new_inner, bad = form.inner_step(opts, grads, current,
+                                                  params, extra_args)
   step = optax.safe_increment(state.step)
   is_sync = step % opts.sync_period == 0
   needs_init = opts.inner_state == "reset" or opts.on_nonfinite == "rollback"
-  needs_leaves = needs_init or opts.inner_state == "pullback" or (
-      opts.formulation == "loop" and opts.outer is not None and opts.recompute)
+  needs_leaves = (needs_init or opts.inner_state == "pullback"
+                  or form.needs_param_shaped)
   if bad is not None:
     is_sync = is_sync & ~bad
   sparse = _rows.sparse_flags(inner_updates)
   if any(sparse):
     _rows.check_sparse_leaves(sparse, state.cycle_rows, params,
                               opts.sparse_options)
-  return opts, Step(
+  return form, Step(
       params, grads, extra_args, current, synced, inner_updates, new_inner,
       is_sync, bad,
       _policies.ParamShaped(opts.inner.init, params) if needs_leaves else None,
       opts.inner.init(params) if needs_init else None, sparse), step
-
-
-def outer_in_loop(opts: Options, s: Step, state: LookaheadState) -> bool:
-  """Whether the outer step runs in the in-place loop ("loop" formulation)."""
-  return (opts.formulation == "loop" and opts.outer is not None
-          and opts.recompute
-          and not any(s.sparse) and _sync.targets_fit(state.slow_params)
-          and _sync.outer_keeps_types(opts.outer, state.outer_state,
-                                      state.slow_params))
-
-
-def loop_outer_step(opts: Options, s: Step, state: LookaheadState
-                    ) -> tuple[Any, Any, Any]:
-  """The outer step in a loop run once on sync steps, never otherwise.
-
-  It leaves the targets in the slow weights' buffers; the inner update is
-  recomputed in it (see `_steering.loop_variant`). Returns (updates,
-  targets or old slow weights, outer state).
-  """
-
-  def targets_fn(i, slow_c, outer_c):
-    vary = lambda tree: _steering.loop_variant(tree, i)  # pylint: disable=unnecessary-lambda-assignment
-    u_in, _ = opts.inner.update(vary(s.grads), vary(s.current),
-                                vary(s.params), **s.extra_args)
-    return _sync.slow_targets(vary(s.params), u_in, slow_c, outer_c,
-                              outer=opts.outer, alpha=None, axis_name=None)
-
-  held, outer_state = _sync.loop_targets(
-      s.is_sync, targets_fn, state.slow_params, state.outer_state)
-  updates = jax.tree.map(
-      lambda p, u, t: jnp.where(s.is_sync, _sync.landing_update(p, u, t, t),
-                                u),
-      s.params, s.inner_updates, held)
-  return updates, held, outer_state
-
-
-def loop_inner_state(opts: Options, s: Step, updates: Any) -> Any:
-  """After `loop_outer_step`: the inner state from a second pass.
-
-  Ordered after the params' pass (see `_steering.reread`), as the loop reads
-  the old inner state.
-  """
-  _, again = opts.inner.update(
-      s.grads, _steering.reread(s.param_shaped, s.current, s.params, updates),
-      s.params, **s.extra_args)
-  new_inner, _ = _policies.at_sync(opts.inner_state, s.param_shaped, again,
-                                   None, s.inner_init, None)
-  new_inner = _sync.tree_select(s.is_sync, new_inner, again)
-  if s.bad is not None:
-    new_inner = _policies.reset_where(s.bad, s.param_shaped, new_inner,
-                                      s.inner_init)
-  return new_inner
 
 
 def rolled_back_slow(s: Step, state: LookaheadState, updates: Any,
@@ -262,8 +180,8 @@ def rolled_back_slow(s: Step, state: LookaheadState, updates: Any,
   return jax.tree.map(leaf, s.params, updates, state.slow_params, slow)
 
 
-def sparse_tables(opts: Options, s: Step, state: LookaheadState, out: Out
-                  ) -> tuple[Out, Any]:
+def sparse_tables(opts: Options, s: Step, state: LookaheadState,
+                  out: _sync.Carry) -> tuple[_sync.Carry, Any]:
   """The row-sparse tables' step (see `_rows`), merged with the dense.
 
   Returns `out` with the tables' updates and slow weights, and the new
@@ -288,56 +206,20 @@ def sparse_tables(opts: Options, s: Step, state: LookaheadState, out: Out
   return out._replace(updates=updates, slow=slow), cycle_rows
 
 
-def fused_sync(opts: Options, s: Step, state: LookaheadState) -> Out:
-  """The sync as `"select"` or `"cond"` (`_sync.run_sync`), rollback included.
-
-  Under `"loop"` (whose outer step is not looped) the sync is the select,
-  and the inner-state policy runs in place afterwards (`_policies.in_place`).
-  """
+def dense_sync(opts: Options, form: Any, s: Step,
+               state: LookaheadState) -> _sync.Carry:
+  """The sync of the dense leaves, placed by the formulation `form`."""
   dense_params = _rows.split(s.params, s.sparse) if any(s.sparse) else (
       s.params)
-  carry0 = _sync.SyncCarry(
+  carry = _sync.Carry(
       _rows.split(s.inner_updates, s.sparse),
       _rows.split(state.slow_params, s.sparse), state.outer_state,
       s.new_inner, s.synced)
-  carry = _sync.run_sync(
-      "select" if opts.formulation == "loop" else opts.formulation,
-      s.is_sync, sync_fn(opts, s, dense_params),
-      store_fn(opts, dense_params), carry0)
-  updates, new_inner = rollback_updates(s, state, carry.updates,
-                                        carry.inner_state)
-  slow, synced = carry.slow, carry.synced_inner
-  if s.bad is not None and opts.formulation != "cond":
-    # The slow weights from the updates returned (a sync step is never
-    # rolled back), which XLA reads from the new params.
-    targets = sync_fn(opts, s, dense_params)(carry0).slow
-    slow = _sync.tree_select(
-        s.is_sync, store_fn(opts, dense_params)(updates, targets,
-                                                carry0.slow), carry0.slow)
-  if opts.formulation == "loop" and s.param_shaped is not None:
-    # In place, after the params' pass, which reads the inner state as the
-    # inner step left it (see `_steering.never`).
-    new_inner, synced = _policies.in_place(
-        opts.inner_state, s.param_shaped, s.is_sync, s.bad,
-        _steering.never(s.params, updates), s.new_inner, s.synced,
-        s.inner_init, _sync.alpha_of(opts, state.outer_state))
-  return Out(updates, slow, carry.outer_state, new_inner, synced)
-
-
-def looped_outer_sync(opts: Options, s: Step, state: LookaheadState) -> Out:
-  """The sync with the outer step in its loop (`loop_outer_step`)."""
-  updates, held, outer_state = loop_outer_step(opts, s, state)
-  updates, _ = rollback_updates(s, state, updates, s.new_inner)
-  slow = jax.tree.map(
-      lambda p, u, t: jnp.where(
-          s.is_sync, _sync.stored_slow(p, u, t, t, keep_target=False), t),
-      s.params, updates, held)
-  return Out(updates, slow, outer_state, loop_inner_state(opts, s, updates),
-             s.synced)
+  return form.sync(s, pieces(opts, s, state, dense_params), carry)
 
 
 def streaming_sync(opts: Options, s: Step, state: LookaheadState,
-                   step: jax.Array) -> Out:
+                   step: jax.Array) -> _sync.Carry:
   """The fragments' syncs (`_streaming`), and the inner state's policy."""
   updates, slow, outer_state, flags = _streaming.sync(
       opts, s.params, s.inner_updates, state.slow_params, state.outer_state,
@@ -346,20 +228,10 @@ def streaming_sync(opts: Options, s: Step, state: LookaheadState,
   if opts.inner_state == "reset":
     inner_state = _policies.reset_where_per_param(
         flags, s.param_shaped, inner_state, s.inner_init)
-  return Out(updates, slow, outer_state, inner_state, None)
+  return _sync.Carry(updates, slow, outer_state, inner_state, None)
 
 
-def rollback_updates(s: Step, state: LookaheadState, updates: Any,
-                     inner_state: Any) -> tuple[Any, Any]:
-  """Where the step is rolled back, the updates back to the slow weights."""
-  if s.bad is None:
-    return updates, inner_state
-  return _policies.rollback(s.bad, s.params, s.inner_updates,
-                            state.slow_params, updates, inner_state,
-                            s.param_shaped, s.inner_init)
-
-
-def new_state(opts: Options, out: Out, step: jax.Array,
+def new_state(opts: Options, out: _sync.Carry, step: jax.Array,
               cycle_rows: Any) -> LookaheadState:
   inner_state = out.inner_state
   if opts.inner_state == "pullback":
@@ -374,12 +246,11 @@ def update(opts: Options, grads: Any, state: Any, params: Any,
   if isinstance(state, LookaheadState):  # containers may rebuild CycleRows
     state = state._replace(
         cycle_rows=_rows.restore_cycle_rows(state.cycle_rows))
-  opts, s, step = begin(opts, grads, state, params, extra_args)
+  form, s, step = begin(opts, grads, state, params, extra_args)
   if opts.streaming is not None:
     out = streaming_sync(opts, s, state, step)
   else:
-    sync = looped_outer_sync if outer_in_loop(opts, s, state) else fused_sync
-    out = sync(opts, s, state)
+    out = dense_sync(opts, form, s, state)
   if s.bad is not None:
     out = out._replace(slow=rolled_back_slow(s, state, out.updates, out.slow))
   cycle_rows = state.cycle_rows

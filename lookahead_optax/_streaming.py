@@ -2,7 +2,7 @@
 
 With `axis_name` and any of `fragments`, `communication_dtype`,
 `error_feedback`, `overlap` or `mix`, the sync of `lookahead` runs here
-instead of in `_step.fused_sync`:
+instead of in `_step.dense_sync`:
 
 * the params leaves are split into P fragments (`_streaming_args`);
   fragment f syncs after the inner steps t with
@@ -113,7 +113,9 @@ def outer_step(opts: Any, frag: Fragment, slow: list, params: list,
     targets, outer_state = _sync.apply_outer(opts.outer, tree(mean),
                                              outer_state, tree(slow_c))
     targets = jax.tree.leaves(targets)
-  stored = [t.astype(jnp.result_type(s)) for t, s in zip(targets, slow)]
+  # Every replica keeps the target itself (they must agree bitwise).
+  stored = [_sync.stored_slow(p, None, t, s, keep_target=True)
+            for p, t, s in zip(params, targets, slow)]
   return stored, outer_state, dropped if residual is not None else None
 
 

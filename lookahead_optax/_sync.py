@@ -14,22 +14,24 @@ $\\phi' - p$. Everything here is per leaf and elementwise except the outer
 transformation itself, so that the sync fuses with the inner update.
 """
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 
-class SyncCarry(NamedTuple):
-  """What a sync may change; a non-sync step leaves it as the inner step made it.
+class Carry(NamedTuple):
+  """What a step's sync and policies may change; the one carrier of `_step`.
 
   Attributes:
     updates: the updates this step returns (the inner updates unless synced).
-    slow: the slow weights.
+    slow: the stored slow weights (their own dtypes).
     outer_state: the outer transformation's state (or the sync count).
     inner_state: the inner optimizer's state.
     synced_inner: the inner state at the last sync ("pullback"), else None.
+    targets: the new slow weights in their compute dtypes, between the outer
+      step that computes them and `store`; None where they are stored.
   """
 
   updates: Any
@@ -37,6 +39,7 @@ class SyncCarry(NamedTuple):
   outer_state: Any
   inner_state: Any
   synced_inner: Any
+  targets: Any = None
 
 
 def compute_dtype(slow_leaf: jax.Array) -> Any:
@@ -87,21 +90,26 @@ def landing_update(p: jax.Array, u: jax.Array, target: jax.Array,
   return jnp.asarray(target - p).astype(jnp.result_type(u))
 
 
-def stored_slow(p: jax.Array, update: jax.Array, target: jax.Array,
+def stored_slow(p: jax.Array, update: Optional[jax.Array], target: jax.Array,
                 slow: jax.Array, *, keep_target: bool) -> jax.Array:
   """The slow weights to store, given the `update` the step returns.
+
+  Every path that moves the slow weights stores them here (`store`, the
+  rollback, the row-sparse tables, Streaming DiLoCo's fragments).
 
   They are `p + update` with the arithmetic of `optax.apply_updates`, so the
   params land on them bitwise; only where that addition rounds (a weight that
   moved by more than a factor of two in the cycle) do they differ from
   `target`, by one rounding at the scale of the fast weights. With
   `keep_target` (replicas that must agree bitwise, see `axis_name`) they are
-  `target` itself. Slow weights in another dtype (`slow_dtype`) keep the
-  precise target unless the params did not land on it.
+  `target` itself (`update` is then not read and may be None). Slow
+  weights in another dtype (`slow_dtype`) keep the precise target unless the
+  params did not land on it.
   """
-  pdtype, sdtype = jnp.result_type(p), jnp.result_type(slow)
+  sdtype = jnp.result_type(slow)
   if keep_target:
     return target.astype(sdtype)
+  pdtype = jnp.result_type(p)
   landed = jnp.asarray(p + update).astype(pdtype)
   if sdtype == pdtype:
     return landed
@@ -183,75 +191,9 @@ def tree_select(flag: jax.Array, on_true: Any, on_false: Any) -> Any:
   return jax.tree.map(lambda a, b: jnp.where(flag, a, b), on_true, on_false)
 
 
-def run_sync(formulation: str, flag: jax.Array,
-             sync_fn: Callable[[SyncCarry], SyncCarry],
-             store_fn: Callable[[Any, Any, Any], Any],
-             carry: SyncCarry) -> SyncCarry:
-  """Applies the sync to `carry` where `flag`, with the chosen formulation.
-
-  `sync_fn` returns the synced carry with the *targets* (the new slow weights
-  in the compute dtype) in its `slow` field; `store_fn(updates, targets,
-  slow)` turns them into the slow weights to store, from the very updates the
-  step returns, so that `optax.apply_updates` lands the params on them.
-
-  `"select"` computes the sync at every step and selects it (one fused pass,
-  no branch); `"cond"` runs it in a `jax.lax.cond` (skipped on other steps,
-  and the only place a collective may sit).
-  """
-
-  def synced(c):
-    out = sync_fn(c)
-    return out._replace(slow=store_fn(out.updates, out.slow, c.slow))
-
-  if formulation == "cond":
-    return jax.lax.cond(flag, synced, lambda c: c, carry)
-  out = sync_fn(carry)
-  chosen = tree_select(flag, out._replace(slow=carry.slow), carry)
-  slow = tree_select(flag, store_fn(chosen.updates, out.slow, carry.slow),
-                     carry.slow)
-  return chosen._replace(slow=slow)
-
-
-def targets_fit(slow: Any) -> bool:
-  """Whether the slow weights' buffers can hold the targets (compute dtype)."""
-  return all(jnp.result_type(s) == compute_dtype(s)
-             for s in jax.tree.leaves(slow))
-
-
-def outer_keeps_types(outer: optax.GradientTransformation, outer_state: Any,
-                      slow: Any) -> bool:
-  """Whether `outer.update` on a pseudo-gradient keeps its state's types.
-
-  Traced on the shapes only; an `outer` that fails here fails in the real
-  step with the same arguments.
-  """
-  delta = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(jnp.shape(s), compute_dtype(s)), slow)
-  _, new = jax.eval_shape(outer.update, delta, outer_state, delta)
-  old = jax.eval_shape(lambda x: x, outer_state)
-  return jax.tree.structure(new) == jax.tree.structure(old) and all(
-      a.shape == b.shape and a.dtype == b.dtype
-      for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old)))
-
-
-def _same_types(new: Any, old: Any) -> Any:
+def store(params: Any, updates: Any, targets: Any, slow: Any, *,
+          keep_target: bool) -> Any:
+  """The slow weights to store (`stored_slow`, leaf by leaf)."""
   return jax.tree.map(
-      lambda n, o: jax.lax.convert_element_type(n, jnp.result_type(o)),
-      new, old)
-
-
-def loop_targets(flag: jax.Array, targets_fn: Callable[..., Any], slow: Any,
-                 outer_state: Any) -> tuple[Any, Any]:
-  """The targets and new outer state where `flag`, else `slow` and its state.
-
-  A loop that runs once where `flag` and not at all otherwise: it updates
-  the slow weights' and the outer state's buffers in place (XLA:CPU copies
-  what a conditional carries), so a step without a sync does no sync work.
-  `targets_fn(i, slow, outer_state)` gets the loop index to make what it
-  recomputes loop-variant.
-  """
-  def body(i, c):
-    targets, new_outer = targets_fn(i, *c)
-    return _same_types(targets, c[0]), _same_types(new_outer, c[1])
-  return jax.lax.fori_loop(0, flag.astype(jnp.int32), body,
-                           (slow, outer_state))
+      lambda p, u, t, s: stored_slow(p, u, t, s, keep_target=keep_target),
+      params, updates, targets, slow)

@@ -210,3 +210,51 @@ def test_loop_keeps_no_update_sized_temporary(name, most):
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp <= most * param_bytes, (name, temp, param_bytes)
+
+
+# --- the formulation seam ---
+
+
+POLICY_CONFIGS = {
+    "keep": dict(slow_step_size=0.3),
+    "reset": dict(inner_state="reset", slow_step_size=0.3),
+    "pullback-schedule": dict(inner_state="pullback",
+                              slow_step_size=optax.linear_schedule(0.2, 0.8,
+                                                                   4)),
+    "reset-rollback": dict(inner_state="reset", on_nonfinite="rollback",
+                           slow_step_size=0.3),
+    "pullback-rollback": CONFIGS["pullback-rollback"],
+    "snoo-reset": dict(outer=SNOO, inner_state="reset"),
+    "snoo-reset-rollback": CONFIGS["snoo-reset-rollback"],
+}
+
+
+@pytest.mark.parametrize("sync", SYNCS)
+@pytest.mark.parametrize("name", sorted(POLICY_CONFIGS))
+def test_inner_state_policy_is_applied_once_per_update(monkeypatch, name,
+                                                       sync):
+  # Every formulation traces the policy once per update ("loop" once traced
+  # it two or three times and threw all but the last result away).
+  from lookahead_optax import _policies  # pylint: disable=g-import-not-at-top
+  calls = []
+  at_sync = _policies.at_sync
+
+  def counting(*args, **kwargs):
+    calls.append(args[0])
+    return at_sync(*args, **kwargs)
+
+  monkeypatch.setattr(_policies, "at_sync", counting)
+  params, grads = _problem({})
+  tx = lo.lookahead(optax.adam(0.1), K, sync=sync, **POLICY_CONFIGS[name])
+  jax.make_jaxpr(tx.update)(grads[0], tx.init(params), params)
+  assert len(calls) == 1, (name, sync, calls)
+
+
+def test_only_the_loop_formulation_imports_the_steering_helpers():
+  import pathlib, re  # pylint: disable=g-import-not-at-top,multiple-imports
+  package = pathlib.Path(lo.__file__).parent
+  importers = sorted(
+      path.name for path in package.glob("*.py")
+      if re.search(r"^from lookahead_optax import _steering$",
+                   path.read_text(), re.MULTILINE))
+  assert importers == ["_loop.py"]
