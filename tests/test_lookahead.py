@@ -18,7 +18,7 @@ import pytest
 
 import lookahead_optax as lo
 from tests import reference as ref
-from tests._helpers import assert_step_within_ulps
+from tests._helpers import assert_tree_within_ulps
 from tests._helpers import assert_tree_bitwise
 from tests._helpers import bits
 from tests._helpers import trajectory
@@ -473,8 +473,8 @@ def test_inject_hyperparams_static_sync_period():
     before = (params, state.inner_state)
     expected = plain_step(*before, noise_t)
     params, state = step(params, state, noise_t)
-    assert_step_within_ulps((params, state.inner_state), expected, before,
-                            ONE_STEP_ULPS, f"step {t + 1}")
+    assert_tree_within_ulps((params, state.inner_state), expected,
+                            ONE_STEP_ULPS, "element", before, f"step {t + 1}")
   fast = _adam_fast_weights(params0, noise, 3)
   expected = jax.tree.map(lambda s, f: s + 0.25 * (f - s), params0, fast)
   chex.assert_trees_all_close(lo.slow_params(state), expected, rtol=1e-6,
@@ -496,8 +496,8 @@ def test_inject_hyperparams_traced_sync_period():
     before = (params, state.inner_state)
     expected = static_step(*before, noise_t)
     params, state = step(params, state, noise_t)
-    assert_step_within_ulps((params, state.inner_state), expected, before,
-                            ONE_STEP_ULPS, f"step {t + 1}")
+    assert_tree_within_ulps((params, state.inner_state), expected,
+                            ONE_STEP_ULPS, "element", before, f"step {t + 1}")
     if (t + 1) % 3 == 0:
       assert_tree_bitwise(params, lo.slow_params(state), f"step {t + 1}")
   # The whole run against the static one's: their roundings add up over the

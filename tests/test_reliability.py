@@ -19,7 +19,7 @@ import pytest
 import lookahead_optax as lo
 from tests._helpers import assert_bitwise
 from tests._helpers import assert_no_shared_buffers
-from tests._helpers import assert_step_within_ulps
+from tests._helpers import assert_tree_within_ulps
 from tests._helpers import assert_tree_bitwise
 from tests._helpers import trajectory
 from tests._helpers import ulp
@@ -151,7 +151,7 @@ def test_rollback_all_finite_matches_propagate():
   for t, (g, after) in enumerate(zip(grads, a)):
     updates, state = propagate(g, before[1], before[0])
     expected = (optax.apply_updates(before[0], updates), state)
-    assert_step_within_ulps(after, expected, before, STEP_ULPS,
+    assert_tree_within_ulps(after, expected, STEP_ULPS, "element", before,
                             f"step {t + 1}")
     if (t + 1) % 3 == 0:  # a sync, not rolled back
       assert_tree_bitwise(lo.slow_params(after[1]), after[0])
@@ -379,7 +379,7 @@ def test_apply_if_finite_skips_steps_without_touching_lookahead_state():
     updates, state = update(g, before[1], before[0])
     expected = (optax.apply_updates(before[0], updates), state)
     after = (hist[i][0], hist[i][1].inner_state)
-    assert_step_within_ulps(after, expected, before, STEP_ULPS,
+    assert_tree_within_ulps(after, expected, STEP_ULPS, "element", before,
                             f"step {i + 1}")
     before = after
   for h, r in zip([hist[0], hist[2], hist[3], hist[5]], ref):
