@@ -93,11 +93,10 @@ def assert_trees_close(actual, expected, atol):
 # jax.pmap data parallelism.
 
 
-@pytest.mark.parametrize(
-    "sync, inner_state", [("select", "keep"), ("cond", "pullback")])
-def test_pmap_data_parallel_matches_single_device(sync, inner_state):
+@pytest.mark.parametrize("inner_state", ["keep", "pullback"])
+def test_pmap_data_parallel_matches_single_device(inner_state):
   tx = lo.lookahead(optax.adam(0.05), sync_period=3, slow_step_size=0.5,
-                    sync=sync, inner_state=inner_state)
+                    inner_state=inner_state)
   params = init_mlp()
   xs, ys = make_batches(n_steps=8)  # 2 syncs, and 2 steps into a third cycle
 
