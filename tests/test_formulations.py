@@ -53,7 +53,7 @@ def _weights_scale(params):
              for x in jax.tree.leaves(params))
 
 
-def _assert_step_within_ulps(actual, expected, before, n, msg, slow_in=None):
+def assert_step_within_ulps(actual, expected, before, n, msg, slow_in=None):
   """One step's (params, state) of two formulations from the same `before`.
 
   The params, slow weights and outer state at the weights' scale (the outer
@@ -81,7 +81,7 @@ def _assert_step_within_ulps(actual, expected, before, n, msg, slow_in=None):
   assert_bitwise(s_a.step, s_e.step, f"{msg} step")
 
 
-def _problem(kwargs):
+def params_and_grads(kwargs):
   """Float32 params and grads; bfloat16 ones under a float32 `slow_dtype`."""
   dtype = jnp.bfloat16 if "slow_dtype" in kwargs else jnp.float32
   rng = np.random.default_rng(0)
@@ -97,12 +97,12 @@ def _problem(kwargs):
   return params, grads
 
 
-def _tx(kwargs, sync):
+def make_tx(kwargs, sync):
   return lo.lookahead(optax.adam(0.1), K, sync=sync, **kwargs)
 
 
 def _step(kwargs, sync):
-  tx = _tx(kwargs, sync)
+  tx = make_tx(kwargs, sync)
 
   def step(p, s, g):
     u, s = tx.update(g, s, p)
@@ -115,7 +115,7 @@ def _copy(tree):
   return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
-def _check_own_invariants(kwargs, t, p, s, msg):
+def check_own_invariants(kwargs, t, p, s, msg):
   """Within one program: what a sync, a reset and a rollback promise bitwise."""
   rollback = kwargs.get("on_nonfinite") == "rollback"
   if "slow_dtype" in kwargs:
@@ -151,9 +151,9 @@ RUN_ATOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-3}
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_loop_agrees_with_select_and_cond(name):
   kwargs = CONFIGS[name]
-  params, grads = _problem(kwargs)
+  params, grads = params_and_grads(kwargs)
   steps = {sync: _step(kwargs, sync) for sync in SYNCS}
-  runs = {sync: (_copy(params), _tx(kwargs, sync).init(_copy(params)))
+  runs = {sync: (_copy(params), make_tx(kwargs, sync).init(_copy(params)))
           for sync in SYNCS}
   for t, g in enumerate(grads):
     # `select` and `cond` take one step from the loop run's params and state
@@ -170,11 +170,11 @@ def test_loop_agrees_with_select_and_cond(name):
       # side compiled without FMA (XLA_FLAGS=--xla_cpu_max_isa=SSE4_2) and
       # the other with it they differed by at most 1 ulp at these scales
       # (the runs below, by up to 176 ulps of a cancelling element's own).
-      _assert_step_within_ulps(same[other], want, before, 2,
+      assert_step_within_ulps(same[other], want, before, 2,
                                f"{name} {other} step {t + 1}",
                                SLOW_IN.get((name, other)))
     for sync, (p, s) in runs.items():
-      _check_own_invariants(kwargs, t, *jax.device_get((p, s)),
+      check_own_invariants(kwargs, t, *jax.device_get((p, s)),
                             f"{name} {sync}")
     for other in ("select", "cond"):
       for a, b in zip(jax.tree.leaves(want),
@@ -218,18 +218,39 @@ def test_loop_with_axis_name_raises():
     lo.lookahead(optax.sgd(0.1), 3, sync="loop", axis_name="data")
 
 
-def test_auto_picks_loop_on_a_single_cpu_device():
-  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  script = (
-      "from lookahead_optax import _formulation as f\n"
-      "print(f.resolve('auto', axis_name=None, default_options=False),"
-      " f.resolve('auto', axis_name=None, default_options=True))\n")
+# What `sync="auto"` gives on one CPU device (the default there): "loop" for
+# options other than the defaults. conftest.py gives this process 8 devices,
+# so tests/one_device_worker.py runs it in a process of its own, started
+# without the device-count flag, together with the other single-device work.
+# With the default options (slow_dtype is one of them) `loop` has no policy
+# to loop over: its program is `select`'s.
+ONE_DEVICE_PICKS = {"defaults": ["loop", "select"],
+                    "slow_dtype": ["loop", "select"],
+                    "reset": ["loop"], "pullback": ["loop"],
+                    "rollback": ["loop"], "snoo": ["loop"],
+                    "slow_dtype-reset": ["loop"]}
+
+
+def test_auto_on_one_cpu_device_is_loop_and_matches_select():
+  import json, os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  root = os.path.dirname(os.path.dirname(__file__))
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
-  out = subprocess.run([sys.executable, "-c", script], capture_output=True,
-                       text=True, env=env, timeout=120, check=True,
-                       cwd=os.path.dirname(os.path.dirname(__file__)))
-  assert out.stdout.split() == ["loop", "select"]
+  out = subprocess.run(
+      [sys.executable, os.path.join(root, "tests", "one_device_worker.py")],
+      capture_output=True, text=True, env=env, timeout=600, check=False,
+      cwd=root)
+  assert out.returncode == 0, out.stderr[-5000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  # Building every option (15 of them) started no backend: the process
+  # could still start jax.distributed (one process, one CPU device).
+  assert (result["built"], result["processes"], result["devices"]) == (
+      15, 1, 1), result
+  # Which formulation auto picked: its program is that one's, no other's.
+  assert result["picked"] == ONE_DEVICE_PICKS, result["picked"]
+  # And every step of each run matched select's from the same state (the
+  # worker asserts that): all of them were taken.
+  assert result["steps"] == {name: STEPS for name in ONE_DEVICE_PICKS}
 
 
 @pytest.mark.parametrize("name,most", [("reset", 0.01), ("pullback", 0.01),
@@ -498,12 +519,12 @@ def test_every_formulation_builds_the_same_state():
   # into another): the inner state, the slow weights and an int32 step.
   params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3, BF16)}
   for kwargs in [{}] + [CONFIGS[name] for name in sorted(CONFIGS)]:
-    shapes = {sync: jax.eval_shape(_tx(kwargs, sync).init, params)
+    shapes = {sync: jax.eval_shape(make_tx(kwargs, sync).init, params)
               for sync in SYNCS}
     for sync in ("select", "cond"):
       assert shapes[sync] == shapes["loop"], (kwargs, sync)
     for sync in SYNCS:
-      state = _tx(kwargs, sync).init(params)
+      state = make_tx(kwargs, sync).init(params)
       assert_no_shared_buffers(params, state)
 
 
