@@ -209,6 +209,72 @@ def trajectory(tx: Any, params: Any, grads: Any, steps: Optional[int] = None,
   return out
 
 
+# One pmap harness for the replica tests (DiLoCo, streaming): the pmapped
+# step and init, one per transformation and gradient function, as above.
+_PMAPPED: dict = {}
+
+
+def _pmapped(tx: Any, grad_fn: Any, axis_name: str, donate: bool):
+  key = (id(tx), id(grad_fn), axis_name, donate)
+  entry = _PMAPPED.get(key)
+  if entry is None or entry[0] is not tx or entry[1] is not grad_fn:
+    def step(params, state, *inputs):
+      grads = grad_fn(params, *inputs)  # this replica's own: no pmean
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+    entry = (tx, grad_fn, jax.pmap(step, axis_name=axis_name,
+                                   donate_argnums=(0, 1) if donate else ()),
+             jax.pmap(tx.init))
+    _PMAPPED[key] = entry
+  return entry
+
+
+def pmapped_step(tx: Any, grad_fn: Any, axis_name: str,
+                 donate: bool = True):
+  """`step(params, state, *inputs)` of `tx` on every replica (`jax.pmap`).
+
+  Each replica's gradients are `grad_fn(params, *inputs)` of its own inputs
+  (a leading replica axis on everything). One pmapped function per `(tx,
+  grad_fn, axis_name, donate)`, so a `tx` run by several tests compiles once.
+  """
+  return _pmapped(tx, grad_fn, axis_name, donate)[2]
+
+
+def replicate(tree: Any, n: int) -> Any:
+  """`tree` with a leading axis of `n` identical replicas."""
+  return jax.tree.map(
+      lambda a: jnp.broadcast_to(jnp.asarray(a), (n,) + np.shape(a)), tree)
+
+
+def to_numpy(tree: Any) -> Any:
+  """NumPy copies of every leaf (nothing aliases a device buffer)."""
+  return jax.tree.map(lambda a: np.array(a, copy=True), tree)
+
+
+def replica_run(tx: Any, grad_fn: Any, axis_name: str, inputs: Any, *,
+                params: Any = None, n: int = 8, start: Any = None) -> list:
+  """`(params, state)` after each step of `tx` on `n` replicas, as NumPy.
+
+  `inputs` holds one tuple of per-replica inputs a step (see
+  `pmapped_step`). The run starts from `params` (one replica's, replicated;
+  the state from the pmapped `tx.init`) or from `start`, a stacked
+  `(params, state)`, which it donates. Every step's result is a NumPy copy,
+  so no test can change what another one reads (or what the next step
+  donates).
+  """
+  _, _, step, init = _pmapped(tx, grad_fn, axis_name, True)
+  if start is None:
+    stacked = replicate(params, n)
+    state = init(stacked)
+  else:
+    stacked, state = start
+  history = []
+  for x in inputs:
+    stacked, state = step(stacked, state, *x)
+    history.append(to_numpy((stacked, state)))
+  return history
+
+
 def buffer_pointers(tree: Any) -> list:
   """The device buffer addresses of every array leaf (one per shard)."""
   out = []
