@@ -61,24 +61,10 @@ def ulp(x: Any, dtype: Any) -> np.ndarray:
   return 2.0 ** (np.floor(np.log2(x)) - finfo.nmant)
 
 
-def assert_tree_within_ulps(actual: Any, expected: Any, n: int,
-                            msg: str = "") -> None:
-  """Asserts leafwise |actual - expected| <= n ulps of `expected`'s dtype."""
-  flat_a, tree_a = jax.tree.flatten(actual)
-  flat_e, tree_e = jax.tree.flatten(expected)
-  assert tree_a == tree_e, f"{msg} structure {tree_a} != {tree_e}"
-  for i, (a, e) in enumerate(zip(flat_a, flat_e)):
-    a, e = np.asarray(a), np.asarray(e)
-    assert a.dtype == e.dtype, f"{msg} leaf {i} dtype {a.dtype} != {e.dtype}"
-    if not jnp.issubdtype(e.dtype, jnp.inexact):
-      np.testing.assert_array_equal(a, e, err_msg=f"{msg} leaf {i}")
-      continue
-    a64, e64 = a.astype(np.float64), e.astype(np.float64)
-    both_nan = np.isnan(a64) & np.isnan(e64)
-    diff = np.where(both_nan, 0.0, np.abs(a64 - e64))
-    bound = n * ulp(np.maximum(np.abs(a64), np.abs(e64)), e.dtype)
-    assert (diff <= bound).all(), (
-        f"{msg} leaf {i}: max {np.max(diff / bound) * n:.1f} ulps > {n}")
+def _float_leaves(tree: Any) -> list:
+  """`(path, kind, array)` of every leaf, `kind` its last named field."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [(path, _kind(path), np.asarray(x)) for path, x in flat]
 
 
 def _kind(path: Any) -> str:
@@ -87,111 +73,100 @@ def _kind(path: Any) -> str:
   return names[-1] if names else ""
 
 
-def assert_tree_within_ulps_at_scale(actual, expected, n, msg=""):
-  """Asserts leafwise |actual - expected| <= n ulps at its kind's scale.
+ULP_SCALES = ("element", "leaf", "kind")
 
-  A leaf's kind is the last named field on its path (the params have none;
-  `slow_params`, `mu`, `nu` of an optimizer state) and the scale the largest
-  |expected| among the leaves of that kind: the bound is n ulps of that,
-  where `assert_tree_within_ulps` takes each element's own. Two compiled
-  programs that round the same elementwise arithmetic differently (a
-  multiply-add fused into an FMA in one and not the other) agree to an ulp
-  or so of the operands; where a result cancels (a weight crossing zero, a
-  moment whose gradient changed sign) that is many ulps of the result
-  itself. Integer leaves must be equal.
+
+def assert_tree_within_ulps(actual: Any, expected: Any, n: int,
+                            scale: str = "element", floor: Any = 0.0,
+                            msg: str = "") -> None:
+  """Asserts leafwise |actual - expected| <= n ulps, at an explicit scale.
+
+  The one ulp comparison of the tests: two programs that round the same
+  arithmetic differently (an FMA in one, a multiply and an add in the other)
+  differ by a rounding of an operand, a fraction of an ulp at the scale of
+  the operands, but many ulps of a result that cancels (a moment whose
+  gradient changed sign, a pseudo-gradient `slow - fast`, a weight crossing
+  zero). The ulps are of `expected`'s dtype, at the magnitude `scale` names:
+
+  - "element": each element's own, max(|actual|, |expected|);
+  - "leaf": the largest finite |actual| or |expected| of the leaf (and at
+    least each element's own);
+  - "kind": the largest |expected| among the leaves of the same kind (the
+    last named field on a leaf's path: the params have none; `slow_params`,
+    `mu`, `nu` of an optimizer state);
+
+  and at least `floor`: a number (the weights' scale) or a tree like
+  `expected` (the values before the step, an operand of the step),
+  elementwise. Non-finite elements must be equal (NaN where NaN), non-float
+  leaves bitwise, dtypes and shapes the same.
   """
-  flat_e, tree_e = jax.tree_util.tree_flatten_with_path(expected)
-  flat_a, tree_a = jax.tree.flatten(actual)
+  assert scale in ULP_SCALES, scale
+  leaves_a, tree_a = jax.tree.flatten(actual)
+  leaves_e = _float_leaves(expected)
+  tree_e = jax.tree.structure(expected)
   assert tree_a == tree_e, f"{msg} structure {tree_a} != {tree_e}"
-  scales = {}
-  for path, e in flat_e:
-    e = np.asarray(e)
+  if isinstance(floor, (int, float, np.number)) or (
+      isinstance(floor, (np.ndarray, jax.Array)) and not np.ndim(floor)):
+    floors = [floor] * len(leaves_e)
+  else:
+    floors = tree_e.flatten_up_to(floor)
+  kinds = {}
+  for _, kind, e in leaves_e:
     if jnp.issubdtype(e.dtype, jnp.inexact) and e.size:
-      kind = _kind(path)
-      scales[kind] = max(scales.get(kind, 0.0),
-                         float(np.max(np.abs(e.astype(np.float64)))))
-  for (path, e), a in zip(flat_e, flat_a):
-    a, e = np.asarray(a), np.asarray(e)
+      kinds[kind] = max(kinds.get(kind, 0.0),
+                        float(np.max(np.abs(e.astype(np.float64)))))
+  for a, (path, kind, e), f in zip(leaves_a, leaves_e, floors):
+    a = np.asarray(a)
     where = f"{msg} {jax.tree_util.keystr(path)}"
     if not jnp.issubdtype(e.dtype, jnp.inexact):
       assert_bitwise(a, e, where)
       continue
     assert a.dtype == e.dtype, f"{where} dtype {a.dtype} != {e.dtype}"
-    bound = n * ulp(scales.get(_kind(path), 0.0), e.dtype)
-    diff = np.abs(a.astype(np.float64) - e.astype(np.float64))
-    assert (diff <= bound).all(), (
-        f"{where}: max {np.max(diff) / bound * n:.1f} ulps of "
-        f"{scales.get(_kind(path), 0.0):.3g} > {n}")
-
-
-def assert_tree_within_ulps_at(actual: Any, expected: Any, n: int,
-                               scale: Any = 0.0, msg: str = "") -> None:
-  """Leafwise |actual - expected| <= n ulps at the magnitude of the operands.
-
-  Two programs that round the same arithmetic differently (an FMA in one, a
-  multiply and an add in the other) differ by a rounding of an operand: a
-  fraction of an ulp at the scale of the operands, but many ulps of a result
-  that cancels (a moment whose gradient changed sign, a pseudo-gradient
-  `slow - fast`, a weight crossing zero). The ulps are taken at the largest
-  of |actual|, |expected|, the largest magnitude in the leaf, and `scale`: a
-  number (the weights' scale), or a tree like `expected` (the values before
-  the step, an operand of a moment's update), elementwise. Non-float leaves
-  must be equal.
-  """
-  flat_a, tree_a = jax.tree.flatten(actual)
-  flat_e, tree_e = jax.tree.flatten(expected)
-  assert tree_a == tree_e, f"{msg} structure {tree_a} != {tree_e}"
-  if isinstance(scale, (int, float)):
-    scales = [scale] * len(flat_e)
-  else:
-    scales = jax.tree.leaves(scale)
-    assert len(scales) == len(flat_e), f"{msg} scale structure"
-  for i, (a, e, s) in enumerate(zip(flat_a, flat_e, scales)):
-    a, e = np.asarray(a), np.asarray(e)
-    where = f"{msg} leaf {i}"
-    if not jnp.issubdtype(e.dtype, jnp.inexact):
-      assert_bitwise(a, e, where)
-      continue
-    assert a.dtype == e.dtype and a.shape == e.shape, where
+    assert a.shape == e.shape, f"{where} shape {a.shape} != {e.shape}"
     a64, e64 = a.astype(np.float64), e.astype(np.float64)
     finite = np.isfinite(a64) & np.isfinite(e64)
     np.testing.assert_array_equal(a64[~finite], e64[~finite], err_msg=where)
-    s = np.broadcast_to(np.abs(np.asarray(s, np.float64)), e.shape)[finite]
+    at = np.broadcast_to(np.abs(np.asarray(f, np.float64)), e.shape)[finite]
     a64, e64 = a64[finite], e64[finite]
-    top = max(float(np.max(np.abs(x), initial=0.0)) for x in (a64, e64))
-    at = np.maximum(np.maximum(np.abs(a64), np.abs(e64)), np.maximum(s, top))
+    if scale == "kind":
+      at = np.maximum(at, kinds.get(kind, 0.0))
+    else:
+      at = np.maximum(at, np.maximum(np.abs(a64), np.abs(e64)))
+      if scale == "leaf":
+        top = max(float(np.max(np.abs(x), initial=0.0)) for x in (a64, e64))
+        at = np.maximum(at, top)
     diff = np.abs(a64 - e64)
     bound = n * ulp(at, e.dtype)
     assert (diff <= bound).all(), (
-        f"{where}: {np.max(diff / bound) * n:.1f} ulps > {n}")
+        f"{where}: {np.max(diff / bound) * n:.1f} ulps > {n} ({scale} scale)")
 
 
-def assert_step_within_ulps(actual: Any, expected: Any, before: Any, n: int,
-                            msg: str = "") -> None:
-  """Leafwise |actual - expected| <= n ulps at the scale of one step.
+# The jitted steps of `trajectory`, one per transformation and configuration,
+# so that a test (or a module) that runs one `tx` several times compiles its
+# step once. Keyed on the identity of `tx` (and of the gradient function of a
+# `data` run): the entry holds them, so an id is not reused while cached.
+_STEPS: dict = {}
 
-  The scale is the largest of |actual|, |expected| and |before| (the leaf
-  before the step, the inputs' scale): where a step cancels (`p + u` or
-  `b1 * mu + (1 - b1) * g` near 0), one rounding of its operands is many
-  ulps of its result, but n ulps of its inputs. Integer leaves must be equal.
+
+def jitted_step(tx: Any, grad_fn: Any = None, donate: bool = False):
+  """`step(params, state, x)` of `tx` under `jax.jit`, one per configuration.
+
+  `x` is the gradient tree, or with `grad_fn` the input of
+  `grad_fn(params, x)`, computed inside the step. `donate` donates the params
+  and the state. The same `(tx, grad_fn, donate)` gets the same jitted
+  function (one compilation per input shapes and dtypes).
   """
-  flat_a, tree_a = jax.tree.flatten(actual)
-  flat_e, tree_e = jax.tree.flatten(expected)
-  assert tree_a == tree_e, f"{msg} structure {tree_a} != {tree_e}"
-  flat_b = tree_e.flatten_up_to(before)
-  for i, (a, e, b) in enumerate(zip(flat_a, flat_e, flat_b)):
-    a, e = np.asarray(a), np.asarray(e)
-    assert a.dtype == e.dtype, f"{msg} leaf {i} dtype {a.dtype} != {e.dtype}"
-    if not jnp.issubdtype(e.dtype, jnp.inexact):
-      np.testing.assert_array_equal(a, e, err_msg=f"{msg} leaf {i}")
-      continue
-    dtype = e.dtype
-    a, e, b = (np.asarray(x, np.float64) for x in (a, e, b))
-    diff = np.where(np.isnan(a) & np.isnan(e), 0.0, np.abs(a - e))
-    scale = np.maximum(np.maximum(np.abs(a), np.abs(e)), np.abs(b))
-    bound = n * ulp(scale, dtype)
-    assert (diff <= bound).all(), (
-        f"{msg} leaf {i}: {np.max(diff / bound) * n:.1f} ulps > {n}")
+  key = (id(tx), id(grad_fn), donate)
+  entry = _STEPS.get(key)
+  if entry is None or entry[0] is not tx or entry[1] is not grad_fn:
+    def step(p, s, x):
+      g = grad_fn(p, x) if grad_fn is not None else x
+      updates, s = tx.update(g, s, p)
+      return optax.apply_updates(p, updates), s
+    entry = (tx, grad_fn, jax.jit(step, donate_argnums=(0, 1) if donate
+                                  else ()))
+    _STEPS[key] = entry
+  return entry[2]
 
 
 def trajectory(tx: Any, params: Any, grads: Any, steps: Optional[int] = None,
@@ -204,16 +179,19 @@ def trajectory(tx: Any, params: Any, grads: Any, steps: Optional[int] = None,
   step `t`, called outside the step (then `steps` steps); or, with `data`
   (one entry a step), a function `grads(params, data_t)` computed inside the
   step (in the same compiled program as the update). `jit` compiles the step
-  (one program for the whole run), `donate` donates params and state to it
+  (one program for the whole run, shared by every run of the same `tx` and
+  gradient function: `jitted_step`), `donate` donates params and state to it
   and copies each step's results to the host (their buffers are reused). The
   run starts from copies of `params` and from `state`, or `tx.init`.
   """
-  def step(p, s, x):
-    g = grads(p, x) if data is not None else x
-    updates, s = tx.update(g, s, p)
-    return optax.apply_updates(p, updates), s
+  grad_fn = grads if data is not None else None
   if jit:
-    step = jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    step = jitted_step(tx, grad_fn, donate)
+  else:
+    def step(p, s, x):
+      g = grad_fn(p, x) if grad_fn is not None else x
+      updates, s = tx.update(g, s, p)
+      return optax.apply_updates(p, updates), s
   params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
   state = tx.init(params) if state is None else state
   if data is not None:
@@ -229,6 +207,72 @@ def trajectory(tx: Any, params: Any, grads: Any, steps: Optional[int] = None,
     params, state = step(params, state, inputs(params, t))
     out.append(jax.device_get((params, state)) if donate else (params, state))
   return out
+
+
+# One pmap harness for the replica tests (DiLoCo, streaming): the pmapped
+# step and init, one per transformation and gradient function, as above.
+_PMAPPED: dict = {}
+
+
+def _pmapped(tx: Any, grad_fn: Any, axis_name: str, donate: bool):
+  key = (id(tx), id(grad_fn), axis_name, donate)
+  entry = _PMAPPED.get(key)
+  if entry is None or entry[0] is not tx or entry[1] is not grad_fn:
+    def step(params, state, *inputs):
+      grads = grad_fn(params, *inputs)  # this replica's own: no pmean
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+    entry = (tx, grad_fn, jax.pmap(step, axis_name=axis_name,
+                                   donate_argnums=(0, 1) if donate else ()),
+             jax.pmap(tx.init))
+    _PMAPPED[key] = entry
+  return entry
+
+
+def pmapped_step(tx: Any, grad_fn: Any, axis_name: str,
+                 donate: bool = True):
+  """`step(params, state, *inputs)` of `tx` on every replica (`jax.pmap`).
+
+  Each replica's gradients are `grad_fn(params, *inputs)` of its own inputs
+  (a leading replica axis on everything). One pmapped function per `(tx,
+  grad_fn, axis_name, donate)`, so a `tx` run by several tests compiles once.
+  """
+  return _pmapped(tx, grad_fn, axis_name, donate)[2]
+
+
+def replicate(tree: Any, n: int) -> Any:
+  """`tree` with a leading axis of `n` identical replicas."""
+  return jax.tree.map(
+      lambda a: jnp.broadcast_to(jnp.asarray(a), (n,) + np.shape(a)), tree)
+
+
+def to_numpy(tree: Any) -> Any:
+  """NumPy copies of every leaf (nothing aliases a device buffer)."""
+  return jax.tree.map(lambda a: np.array(a, copy=True), tree)
+
+
+def replica_run(tx: Any, grad_fn: Any, axis_name: str, inputs: Any, *,
+                params: Any = None, n: int = 8, start: Any = None) -> list:
+  """`(params, state)` after each step of `tx` on `n` replicas, as NumPy.
+
+  `inputs` holds one tuple of per-replica inputs a step (see
+  `pmapped_step`). The run starts from `params` (one replica's, replicated;
+  the state from the pmapped `tx.init`) or from `start`, a stacked
+  `(params, state)`, which it donates. Every step's result is a NumPy copy,
+  so no test can change what another one reads (or what the next step
+  donates).
+  """
+  _, _, step, init = _pmapped(tx, grad_fn, axis_name, True)
+  if start is None:
+    stacked = replicate(params, n)
+    state = init(stacked)
+  else:
+    stacked, state = start
+  history = []
+  for x in inputs:
+    stacked, state = step(stacked, state, *x)
+    history.append(to_numpy((stacked, state)))
+  return history
 
 
 def buffer_pointers(tree: Any) -> list:

@@ -3,6 +3,7 @@
 import importlib
 import inspect
 import pathlib
+import pkgutil
 import re
 import tomllib
 
@@ -81,6 +82,20 @@ _SPHINX_MARKUP = re.compile(
 _NOT_YET_MARKDOWN = set()
 
 
+def _package_modules():
+  """Every module of the package (found, not listed: a new one is checked)."""
+  return sorted(info.name for info in pkgutil.iter_modules(lo.__path__))
+
+
+def test_package_modules_are_found():
+  modules = _package_modules()
+  assert {"_lookahead", "_lazy", "_step", "_sync", "_streaming"} <= set(
+      modules), modules
+  assert len(modules) == len(list(pathlib.Path(lo.__file__).parent.glob(
+      "[!_]*.py"))) + len(list(pathlib.Path(lo.__file__).parent.glob(
+          "_[!_]*.py"))), modules
+
+
 def _markdown_cases():
   cases = []
   for name in lo.__all__:
@@ -89,10 +104,7 @@ def _markdown_cases():
       marks = pytest.mark.xfail(
           strict=True, reason="docstring not converted to Markdown yet")
     cases.append(pytest.param(name, getattr(lo, name), id=name, marks=marks))
-  for module_name in ("_arguments", "_checkpoint", "_checks", "_flax", "_lazy",
-                      "_lazy_args", "_lookahead", "_outer", "_policies",
-                      "_ranger", "_rows", "_sparse", "_sparse_grad", "_state",
-                      "_step", "_sync", "_tree", "_types"):
+  for module_name in _package_modules():
     module = importlib.import_module(f"lookahead_optax.{module_name}")
     cases.append(pytest.param(module_name, module, id=module_name))
     for attr, obj in vars(module).items():

@@ -131,11 +131,11 @@ def test_quick_e2e_table_rows(quick_report):
     assert re.fullmatch(r"[+-][0-9.]+%", r[5])
 
 
-@pytest.mark.parametrize("sync", ["select", "cond"])
-def test_lookahead_state_is_adam_state_plus_params_plus_int32(sync):
+def test_lookahead_state_is_adam_state_plus_params_plus_int32():
+  # One state layout for every formulation: tests/test_formulations.py.
   params = common.transformer_params(100_000, layers=1)
   adam = optax.adam(1e-3)
-  tx = lo.lookahead(adam, 5, 0.5, sync=sync)
+  tx = lo.lookahead(adam, 5, 0.5)
   adam_bytes = common.tree_bytes(jax.eval_shape(adam.init, params))
   la_bytes = common.tree_bytes(jax.eval_shape(tx.init, params))
   assert la_bytes - adam_bytes == common.tree_bytes(params) + 4

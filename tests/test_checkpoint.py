@@ -296,9 +296,9 @@ def test_migrate_plain_adam_checkpoint_and_continue(tmp_path):
     p_la, s_la = la_step(p_la, s_la)
     p_plain, s_plain = plain_step(p_plain, s_plain)
     if i < 2:  # Before the first sync lookahead is the inner optimizer.
-      assert_tree_within_ulps(p_la, fast, 2, f"step {i + 1}")
+      assert_tree_within_ulps(p_la, fast, 2, msg=f"step {i + 1}")
       assert_tree_within_ulps(s_la.inner_state, fast_state, 2,
-                              f"step {i + 1}")
+                              msg=f"step {i + 1}")
       np.testing.assert_allclose(p_la["w"], p_plain["w"], rtol=0, atol=1e-6)
   # Step 3 syncs: 0.8 of the way from the params at migration to the fast
   # params (alpha = float32(0.8), in float64; the sync rounds a blend, n = 2).

@@ -27,7 +27,9 @@ from benchmarks.communication import collectives
 from benchmarks.communication import parse_hlo
 from benchmarks.communication import reachable
 from tests import _multiprocess
+from tests import _helpers
 from tests._helpers import assert_bitwise
+from tests._helpers import to_numpy
 
 HERE = pathlib.Path(__file__).resolve().parent
 WORKER = HERE / "diloco_worker.py"
@@ -57,7 +59,9 @@ def inner_tx():
   return optax.adamw(0.03, b1=0.8, b2=0.95, weight_decay=0.05)
 
 
+@functools.cache
 def diloco_tx(**kwargs):
+  """DiLoCo's `lookahead`, one object a configuration (one compiled step)."""
   kwargs.setdefault("outer", optax.sgd(OUTER_LR, momentum=OUTER_MU,
                                        nesterov=True))
   return lo.lookahead(inner_tx(), K, axis_name=AXIS, **kwargs)
@@ -71,10 +75,6 @@ def assert_same_on_all_replicas(stacked, msg=""):
   """Every replica's copy (leading axis) equals replica 0's, bitwise."""
   stacked = np.asarray(stacked)
   assert_bitwise(stacked, np.broadcast_to(stacked[0], stacked.shape), msg)
-
-
-def to_numpy(tree):
-  return jax.tree.map(lambda a: np.array(a, copy=True), tree)
 
 
 # ---------------------------------------------------------------------------
@@ -143,30 +143,23 @@ def simulate(xs, ys, params0, steps, *, alpha=None, reset=False):
 
 
 def replicate(tree):
-  return jax.tree.map(
-      lambda a: jnp.broadcast_to(jnp.asarray(a), (N,) + np.shape(a)), tree)
+  return _helpers.replicate(tree, N)
+
+
+def _grads(params, x, y):
+  return jax.grad(loss_fn)(params, x, y)  # this replica's own: no pmean
 
 
 def pmap_step(tx, donate=True):
-  def step(params, state, x, y):
-    grads = jax.grad(loss_fn)(params, x, y)  # this replica's own: no pmean
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  return jax.pmap(step, axis_name=AXIS,
-                  donate_argnums=(0, 1) if donate else ())
+  """The shared replica harness's step of `tx` on its own batches."""
+  return _helpers.pmapped_step(tx, _grads, AXIS, donate)
 
 
 def run_pmap(tx, xs, ys, params0, steps):
   """Returns the (params, state) after every step, as NumPy copies."""
-  step = pmap_step(tx)
-  params = replicate(params0)
-  state = jax.pmap(tx.init)(params)
-  history = []
-  for t in range(steps):
-    params, state = step(params, state, xs[:, t], ys[:, t])
-    history.append((to_numpy(params), to_numpy(state)))
-  return history
+  return _helpers.replica_run(
+      tx, _grads, AXIS, [(xs[:, t], ys[:, t]) for t in range(steps)],
+      params=params0, n=N)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import lookahead_optax as lo
 from tests._helpers import assert_bitwise
 from tests._helpers import assert_tree_bitwise
 from tests._helpers import assert_tree_within_ulps
-from tests._helpers import assert_tree_within_ulps_at_scale
 from tests._helpers import ulp
 
 
@@ -122,10 +121,10 @@ def test_linen_trainstate_matches_functional_loop_to_ulps():
     # `functional_step` compiled without FMA (XLA_FLAGS=
     # --xla_cpu_max_isa=SSE4_2) and `apply` with it, they differed by at
     # most 1 ulp at this scale (up to 175 of a cancelling element's own).
-    assert_tree_within_ulps_at_scale(state.params, want_params, 2,
-                                      f"params, step {i + 1}")
-    assert_tree_within_ulps_at_scale(state.opt_state, want_opt_state, 2,
-                                      f"state, step {i + 1}")
+    assert_tree_within_ulps(state.params, want_params, 2,
+                            scale="kind", msg=f"params, step {i + 1}")
+    assert_tree_within_ulps(state.opt_state, want_opt_state, 2,
+                            scale="kind", msg=f"state, step {i + 1}")
     assert int(state.step) == i + 1
     # The functional loop on its own (its own gradients too): 2.4e-7 at most
     # in the measurement above; slow_step_size 0.81 instead of 0.8 moves the
@@ -297,11 +296,11 @@ def test_nnx_optimizer_matches_functional_loop_to_ulps():
     # --xla_cpu_max_isa=SSE4_2) and `nnx_step` with it, they differed by at
     # most 1 ulp at this scale (up to 64 of a cancelling element's own).
     want_params, want_opt_state = functional_update(*before, _pure(grads))
-    assert_tree_within_ulps_at_scale(fast, want_params, 2,
-                                      f"params, step {i + 1}")
-    assert_tree_within_ulps_at_scale(
+    assert_tree_within_ulps(fast, want_params, 2,
+                            scale="kind", msg=f"params, step {i + 1}")
+    assert_tree_within_ulps(
         _functional_opt_state(optimizer, opt_state), want_opt_state, 2,
-        f"state, step {i + 1}")
+        scale="kind", msg=f"state, step {i + 1}")
     # The functional loop on its own (its own gradients too): 2.4e-7 at most
     # in the measurement above; slow_step_size 0.31 instead of 0.3 moves the
     # weights by 1.5e-3 after the first sync.
@@ -382,7 +381,7 @@ def test_nnx_eval_model_under_jit_copies_other_state():
   # `pred` comes from one `nnx.jit` program, `ref(x)` op by op: n = 4 at the
   # scale of the outputs (2 with one side compiled without FMA; 160 of the
   # smallest output's own ulps, a dot product that nearly cancels).
-  assert_tree_within_ulps_at_scale(pred, ref(x), 4)
+  assert_tree_within_ulps(pred, ref(x), 4, scale="kind")
   # The trained model is untouched and still in training mode.
   assert_tree_bitwise(_pure(nnx.state(model, nnx.Param)), fast)
   assert model.bn.use_running_average is False

@@ -5,14 +5,11 @@ products: Newton-Schulz iterations) must count about the FLOPs of a step of
 `muon` alone, for every option and formulation. Computing the inner update
 twice (which the `"loop"` formulation does for an elementwise inner optimizer
 such as Adam, where it saves a params-sized buffer) would count 2x or 3x.
-Also: building an optimizer never starts the JAX backend.
+Building an optimizer never starts the JAX backend: checked in the
+single-device process of tests/test_formulations.py (one_device_worker.py).
 """
 
 import functools
-import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -130,49 +127,3 @@ def test_recompute_is_decided_from_the_inner_update():
     return jax.tree.map(flip, updates), state
 
   assert not cheap(optax.GradientTransformation(lambda p: (), matmul_in_cond))
-
-
-_CONSTRUCT_ALL = textwrap.dedent("""
-    import socket
-    import jax, jax.numpy as jnp, optax
-    import lookahead_optax as lo
-
-    inner = optax.adam(1e-3)
-    built = [
-        lo.lookahead(inner),
-        lo.lookahead(inner, 4, 0.3, inner_state="reset"),
-        lo.lookahead(inner, 4, 0.3, inner_state="pullback"),
-        lo.lookahead(inner, 4, on_nonfinite="rollback"),
-        lo.lookahead(inner, 4, slow_dtype=jnp.float32),
-        lo.lookahead(inner, 4, optax.linear_schedule(0.1, 0.9, 10)),
-        lo.lookahead(inner, 4, outer=optax.sgd(0.7, momentum=0.9,
-                                                nesterov=True),
-                     axis_name="data"),
-        lo.lookahead(lo.lazy(inner), 4, rows_per_step={"embed": 8}),
-        lo.snoo(inner), lo.snoo(inner, on_nonfinite="rollback"),
-        lo.ranger(1e-3),
-        lo.lazy(inner, mask={"embed": True}),
-    ]
-    for sync in ("select", "cond", "loop"):
-      built.append(lo.lookahead(inner, 3, sync=sync, inner_state="reset"))
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      port = s.getsockname()[1]
-    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=1,
-                               process_id=0)
-    params = {"w": jnp.ones(3)}
-    updates, _ = built[1].update(params, built[1].init(params), params)
-    print("ok", len(built), jax.process_count())
-""")
-
-
-def test_building_every_option_leaves_the_backend_alone():
-  # A multi-host program builds its optimizer before jax.distributed starts.
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
-  out = subprocess.run(
-      [sys.executable, "-c", _CONSTRUCT_ALL], capture_output=True, text=True,
-      env=env, timeout=240, check=False,
-      cwd=os.path.dirname(os.path.dirname(__file__)))
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stdout.split() == ["ok", "15", "1"], out.stdout

@@ -20,7 +20,7 @@ import pytest
 
 import lookahead_optax as lo
 from tests._helpers import assert_bitwise
-from tests._helpers import assert_tree_within_ulps_at
+from tests._helpers import assert_tree_within_ulps
 from tests._helpers import ulp
 
 V, D = 40, 3
@@ -90,10 +90,10 @@ def _assert_lazy_adam_step(params, adam, before, grads, rows, t):
   # scale, a moment at its own or its value before the step); with one side
   # compiled without FMA (XLA_FLAGS=--xla_cpu_max_isa=SSE4_2) the two agreed
   # to 1 ulp at these scales.
-  assert_tree_within_ulps_at(got[0], want[0], 2, _weights(p0),
-                              f"step {t} params")
-  assert_tree_within_ulps_at(got[1:], want[1:], 2, (mu0, nu0),
-                              f"step {t} moments")
+  assert_tree_within_ulps(got[0], want[0], 2, "leaf", _weights(p0),
+                          f"step {t} params")
+  assert_tree_within_ulps(got[1:], want[1:], 2, "leaf", (mu0, nu0),
+                          f"step {t} moments")
   assert int(adam.count) == t  # Global step for bias correction.
 
 
@@ -260,10 +260,11 @@ def test_inner_optimizers_match_rowwise_reference(name):
       # n = 2: one step of elementwise arithmetic, the update at the weights'
       # scale (what it is added to), the state at its own or its value
       # before the step.
-      assert_tree_within_ulps_at(np.asarray(updates)[r], u, 2,
-                                  _weights(params), f"step {t} row {r} update")
-      assert_tree_within_ulps_at(_row_state(after, r, p0.shape), row_after,
-                                  2, row_before, f"step {t} row {r} state")
+      assert_tree_within_ulps(np.asarray(updates)[r], u, 2,
+                              "leaf", _weights(params),
+                              f"step {t} row {r} update")
+      assert_tree_within_ulps(_row_state(after, r, p0.shape), row_after,
+                              2, "leaf", row_before, f"step {t} row {r} state")
     params = np.asarray(params) + np.asarray(updates)
   # The run against the rows run on their own: each step's roundings add up
   # to a few 1e-7 at most; 1e-5 is a thousandth of one step (lr >= 0.01).
@@ -292,11 +293,11 @@ def test_freeze_state_false_moves_state_densely():
     # elementwise arithmetic, the update at the weights' scale).
     assert_bitwise(np.asarray(updates)[~touched],
                    np.zeros(((~touched).sum(), D), np.float32))
-    assert_tree_within_ulps_at(np.asarray(updates)[touched],
-                                np.asarray(same_u)[touched], 2,
-                                _weights(params), f"step {t} updates")
-    assert_tree_within_ulps_at(state.inner_state, same_state, 2, before,
-                                f"step {t} state")
+    assert_tree_within_ulps(np.asarray(updates)[touched],
+                            np.asarray(same_u)[touched], 2,
+                            "leaf", _weights(params), f"step {t} updates")
+    assert_tree_within_ulps(state.inner_state, same_state, 2, "leaf", before,
+                            f"step {t} state")
     # Plain adam on its own (its moments drift by a few 1e-7 at most).
     dense_u, dense_state = dense_update(jnp.asarray(grads), dense_state)
     _assert_trees_close(state.inner_state, dense_state, 1e-5, f"step {t}")
@@ -343,8 +344,8 @@ def test_leaves_outside_mask_equal_plain_inner(mask):
     same_u, same_state = dense_update(grads, before, params)
     # n = 2: one step of elementwise arithmetic (updates at the weights'
     # scale, moments at their own or their values before the step).
-    close = lambda a, e, scale, what: assert_tree_within_ulps_at(  # pylint: disable=g-long-lambda,unnecessary-lambda-assignment
-        a, e, 2, scale, f"step {t} {what}")
+    close = lambda a, e, scale, what: assert_tree_within_ulps(  # pylint: disable=g-long-lambda,unnecessary-lambda-assignment
+        a, e, 2, "leaf", scale, f"step {t} {what}")
     weights = _weights(params)
     close(updates["dense"]["b"], same_u["dense"]["b"], weights, "b")
     adam_state, same_adam = state.inner_state[0], same_state[0]
@@ -434,8 +435,8 @@ def test_touched_rows_pass_through_lookahead_and_chain():
   # Dense leaves are the same with or without ids: from the same state, but
   # the two calls trace two programs (ids or none), so to an ulp or two at
   # the weights' scale (n = 2: one adamw step of elementwise arithmetic).
-  assert_tree_within_ulps_at(with_ids["dense"], without["dense"], 2,
-                              _weights(params["dense"]), "dense leaves")
+  assert_tree_within_ulps(with_ids["dense"], without["dense"], 2,
+                          "leaf", _weights(params["dense"]), "dense leaves")
 
 
 def _group_state(state, k):
@@ -483,10 +484,10 @@ def test_partition_with_two_lazy_groups():
         got_after = lo.LazyState(got_after)
       # n = 2: one step of elementwise arithmetic (the update at the
       # weights' scale, the state at its own or its value before the step).
-      assert_tree_within_ulps_at(updates[k], u, 2, _weights(params[k]),
-                                  f"step {t} {k} update")
-      assert_tree_within_ulps_at(got_after, group_after, 2, group,
-                                  f"step {t} {k} state")
+      assert_tree_within_ulps(updates[k], u, 2, "leaf", _weights(params[k]),
+                              f"step {t} {k} update")
+      assert_tree_within_ulps(got_after, group_after, 2, "leaf", group,
+                              f"step {t} {k} state")
       # Each group's optimizer on its own (updates ~1e-2 to 0.3; the runs
       # drift by a few 1e-8).
       u, single_states[k] = single_updates[k](
@@ -521,12 +522,12 @@ def test_pmap_matches_per_device():
     weights = _weights(params[d])
     s0 = tx.init(params[d])
     u, s = single(grads[d], s0, params[d], ids[d])
-    assert_tree_within_ulps_at(updates[d], u, 2, weights, f"device {d}")
-    assert_tree_within_ulps_at(at(state, d), s, 2, s0, f"device {d}")
+    assert_tree_within_ulps(updates[d], u, 2, "leaf", weights, f"device {d}")
+    assert_tree_within_ulps(at(state, d), s, 2, "leaf", s0, f"device {d}")
     u, s = single(grads[d] * 0, at(state, d), params[d], ids[d])
-    assert_tree_within_ulps_at(updates2[d], u, 2, weights, f"device {d}")
-    assert_tree_within_ulps_at(at(state2, d), s, 2, at(state, d),
-                                f"device {d}")
+    assert_tree_within_ulps(updates2[d], u, 2, "leaf", weights, f"device {d}")
+    assert_tree_within_ulps(at(state2, d), s, 2, "leaf", at(state, d),
+                            f"device {d}")
 
 
 def test_traced_ids_out_of_range_are_ignored():
@@ -731,10 +732,11 @@ def test_sparse_path_matches_dense_lazy(name, use_jit):
     if use_jit:
       # n = 2: one step of elementwise arithmetic, the update at the weights'
       # scale, the state at its own or its value before the step.
-      assert_tree_within_ulps_at(su.todense(V), same_u, 2,
-                                  _weights(before[0]), f"step {t + 1} update")
-      assert_tree_within_ulps_at(sparse_s, same_s, 2, before[1],
-                                  f"step {t + 1} state")
+      assert_tree_within_ulps(su.todense(V), same_u, 2,
+                              "leaf", _weights(before[0]),
+                              f"step {t + 1} update")
+      assert_tree_within_ulps(sparse_s, same_s, 2, "leaf", before[1],
+                              f"step {t + 1} state")
       # The dense run on its own: the runs drift by a few 1e-7 at most; a
       # step here moves a weight by 1e-2 or more.
       _assert_trees_close((sparse_p, sparse_s), (dense_p, dense_s), 1e-5,
@@ -898,10 +900,10 @@ def test_sparse_pmap_matches_per_device():
     u, s = single(g, s0, params[d])
     mine = jax.tree.map(lambda x: x[d], updates)  # pylint: disable=cell-var-from-loop
     assert_bitwise(mine.ids, u.ids)
-    assert_tree_within_ulps_at(mine.todense(V), u.todense(V), 2,
-                                _weights(params[d]), f"device {d}")
-    assert_tree_within_ulps_at(jax.tree.map(lambda x: x[d], state), s, 2,  # pylint: disable=cell-var-from-loop
-                                s0, f"device {d}")
+    assert_tree_within_ulps(mine.todense(V), u.todense(V), 2,
+                            "leaf", _weights(params[d]), f"device {d}")
+    assert_tree_within_ulps(jax.tree.map(lambda x: x[d], state), s, 2,  # pylint: disable=cell-var-from-loop
+                            "leaf", s0, f"device {d}")
 
 
 def test_sparse_orbax_resume_is_bitwise(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 
 import lookahead_optax as lo
 from tests import reference as ref
-from tests._helpers import assert_step_within_ulps
+from tests._helpers import assert_tree_within_ulps
 from tests._helpers import assert_tree_bitwise
 from tests._helpers import bits
 from tests._helpers import trajectory
@@ -167,10 +167,10 @@ def test_matches_numpy_reference_float64(inner):
                             dtype="float64")
 
 
-@pytest.mark.parametrize("sync", ["select", "cond"])
-def test_matches_numpy_reference_both_sync_modes(sync):
-  tx = lo.lookahead(optax.adamw(0.05, weight_decay=ADAMW_WD), 3, 0.6,
-                    sync=sync)
+def test_matches_numpy_reference_static_arguments():
+  # k and alpha static (Python numbers), on the default formulation; every
+  # formulation agrees with it step by step (tests/test_formulations.py).
+  tx = lo.lookahead(optax.adamw(0.05, weight_decay=ADAMW_WD), 3, 0.6)
   check_against_reference(tx, ref.Adam(0.05, weight_decay=ADAMW_WD), 3, 0.6)
 
 
@@ -253,11 +253,9 @@ def sgd_quadratic(tx, num_steps, x0=4.0, jit=False):
 # and dyadic, so that every value below is exact in float32.
 
 
-@pytest.mark.parametrize("sync", ["select", "cond"])
 @pytest.mark.parametrize("jit", [False, True])
-def test_hand_worked_k2_alpha_three_quarters(sync, jit):
-  tx = lo.lookahead(optax.sgd(0.5), sync_period=2, slow_step_size=0.75,
-                    sync=sync)
+def test_hand_worked_k2_alpha_three_quarters(jit):
+  tx = lo.lookahead(optax.sgd(0.5), sync_period=2, slow_step_size=0.75)
   xs, slows = sgd_quadratic(tx, 6, jit=jit)
   # 4 -> 2 -> (fast 1, slow 4 + 0.75 (1 - 4)) 1.75 -> 0.875 -> (fast
   # 0.4375, slow 1.75 + 0.75 (0.4375 - 1.75)) 0.765625 -> 0.3828125 ->
@@ -331,14 +329,14 @@ def test_update_is_a_plain_pytree_update():
 
 
 # ---------------------------------------------------------------------------
-# 4. Bitwise: params == slow weights after every sync; select ~ cond.
+# 4. Bitwise: params == slow weights after every sync.
 
 
-def _bitwise_run(dtype, sync, jit, num_steps):
+def _bitwise_run(dtype, jit, num_steps):
   params0, noise = make_problem(3, num_steps=num_steps)
   params0 = jax.tree.map(lambda x: jnp.asarray(x, dtype), params0)
   noise = jax.tree.map(lambda x: jnp.asarray(x, dtype), noise)
-  tx = lo.lookahead(optax.adam(0.05), 3, 0.7, sync=sync)
+  tx = lo.lookahead(optax.adam(0.05), 3, 0.7)
   return params0, run_library(tx, params0, noise, jit=jit)
 
 
@@ -347,39 +345,25 @@ def _bitwise_run(dtype, sync, jit, num_steps):
 def test_params_equal_slow_weights_bitwise_after_sync(dtype, jit):
   """After every sync the params are the slow weights, bit for bit.
 
-  Both sync modes are run. They compute the same sync, but not always to the
-  last bit: XLA:CPU contracts a multiply and an add inside one fused kernel
-  into an FMA, and the fusions differ between the modes (the cond branch is a
-  computation of its own), so a few elements differ by an ulp. Their
-  trajectories are checked to stay within a few ulps of each other.
+  On the default formulation, eagerly and under jit; every formulation under
+  jit, and how close their runs stay: tests/test_formulations.py.
   """
   k = 3
   with x64_if(dtype):
-    runs = {}
-    for sync in ("select", "cond"):
-      params0, got = _bitwise_run(jnp.dtype(dtype), sync, jit,
-                                  9 if jit else 6)
-      prev_slow = params0
-      for t, (params, state) in enumerate(got):
-        slow = lo.slow_params(state)
-        msg = f"{sync} step {t + 1}"
-        chex.assert_trees_all_equal_dtypes(params, params0)
-        chex.assert_trees_all_equal_dtypes(slow, params0)
-        if (t + 1) % k == 0:
-          assert_tree_bitwise(params, slow, msg)
-          # The sync moved the slow weights (alpha = 0.7).
-          assert not np.array_equal(bits(slow["w"]), bits(prev_slow["w"]))
-        else:
-          assert_tree_bitwise(slow, prev_slow, msg)
-        prev_slow = slow
-      runs[sync] = got
-    tol = 8 * float(jnp.finfo(dtype).eps)
-    for t, ((p_s, s_s), (p_c, s_c)) in enumerate(zip(runs["select"],
-                                                     runs["cond"])):
-      chex.assert_trees_all_close(
-          (p_s, s_s.slow_params, s_s.inner_state),
-          (p_c, s_c.slow_params, s_c.inner_state),
-          rtol=tol, atol=tol, custom_message=f"select vs cond step {t + 1}")
+    params0, got = _bitwise_run(jnp.dtype(dtype), jit, 9 if jit else 6)
+    prev_slow = params0
+    for t, (params, state) in enumerate(got):
+      slow = lo.slow_params(state)
+      msg = f"step {t + 1}"
+      chex.assert_trees_all_equal_dtypes(params, params0)
+      chex.assert_trees_all_equal_dtypes(slow, params0)
+      if (t + 1) % k == 0:
+        assert_tree_bitwise(params, slow, msg)
+        # The sync moved the slow weights (alpha = 0.7).
+        assert not np.array_equal(bits(slow["w"]), bits(prev_slow["w"]))
+      else:
+        assert_tree_bitwise(slow, prev_slow, msg)
+      prev_slow = slow
 
 
 def test_auto_sync_is_select_on_cpu():
@@ -473,8 +457,8 @@ def test_inject_hyperparams_static_sync_period():
     before = (params, state.inner_state)
     expected = plain_step(*before, noise_t)
     params, state = step(params, state, noise_t)
-    assert_step_within_ulps((params, state.inner_state), expected, before,
-                            ONE_STEP_ULPS, f"step {t + 1}")
+    assert_tree_within_ulps((params, state.inner_state), expected,
+                            ONE_STEP_ULPS, "element", before, f"step {t + 1}")
   fast = _adam_fast_weights(params0, noise, 3)
   expected = jax.tree.map(lambda s, f: s + 0.25 * (f - s), params0, fast)
   chex.assert_trees_all_close(lo.slow_params(state), expected, rtol=1e-6,
@@ -496,8 +480,8 @@ def test_inject_hyperparams_traced_sync_period():
     before = (params, state.inner_state)
     expected = static_step(*before, noise_t)
     params, state = step(params, state, noise_t)
-    assert_step_within_ulps((params, state.inner_state), expected, before,
-                            ONE_STEP_ULPS, f"step {t + 1}")
+    assert_tree_within_ulps((params, state.inner_state), expected,
+                            ONE_STEP_ULPS, "element", before, f"step {t + 1}")
     if (t + 1) % 3 == 0:
       assert_tree_bitwise(params, lo.slow_params(state), f"step {t + 1}")
   # The whole run against the static one's: their roundings add up over the

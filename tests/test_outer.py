@@ -70,10 +70,10 @@ def test_outer_sgd_is_slow_step_size(alpha):
                                  lo.slow_params(sp)[key], rtol=2e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("sync", ["select", "cond"])
-def test_outer_params_land_on_slow_bitwise_jit_donated(sync):
+def test_outer_params_land_on_slow_bitwise_jit_donated():
+  # Every formulation: tests/test_formulations.py ("snoo-reset").
   params = {"a": jnp.linspace(-1.0, 2.0, 7), "b": jnp.ones((2, 3))}
-  tx = lo.lookahead(optax.adamw(0.1), 3, sync=sync, inner_state="reset",
+  tx = lo.lookahead(optax.adamw(0.1), 3, inner_state="reset",
                     outer=optax.sgd(0.7, momentum=0.9, nesterov=True))
   for t, (p, s) in enumerate(trajectory(tx, params, quad_grads, 9,
                                         jit=True, donate=True)):
@@ -238,14 +238,13 @@ def test_schedule_under_inject_hyperparams_is_evaluated_on_update_calls():
       trajectory(direct, params, grads, 2)[1][0]["w"], [9.4], rtol=1e-6)
 
 
-@pytest.mark.parametrize("sync", ["select", "cond", "loop"])
-def test_rollback_lands_on_slow_weights_when_the_weight_moved_far(sync):
+def test_rollback_lands_on_slow_weights_when_the_weight_moved_far():
   # The first weight moves from 0.0123456 to about -0.4877 (more than 2x,
   # across zero), so `p + (slow - p)` rounds: the slow weights then store
   # where the params land (1.2e-8 away, one rounding at the fast weight's
-  # scale), and the params equal them bitwise.
-  tx = lo.lookahead(optax.adam(0.5), 2, 0.0, on_nonfinite="rollback",
-                    sync=sync)
+  # scale), and the params equal them bitwise. Every formulation:
+  # tests/test_formulations.py.
+  tx = lo.lookahead(optax.adam(0.5), 2, 0.0, on_nonfinite="rollback")
   p0 = jnp.array([0.0123456, 1e-3, 7.0], jnp.float32)
   grads = jnp.stack([jnp.ones(3), jnp.array([np.nan, 1.0, 1.0])])
   hist = trajectory(tx, p0, lambda p, t: grads[t], 2, jit=True)

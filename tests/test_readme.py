@@ -75,7 +75,7 @@ def test_quickstart_has_the_two_commands_ci_runs():
   assert 'pip install -e ".[examples]"' in demo
   assert demo.endswith("python examples/quickstart.py")
   assert 'pip install -e ".[test]"' in tests
-  assert tests.endswith("&& python -m pytest")
+  assert tests.endswith("&& python -m pytest -n auto")
   extras = _pyproject()["optional-dependencies"]
   assert {"examples", "test", "docs"} <= set(extras)
 

@@ -19,12 +19,13 @@ import pytest
 import lookahead_optax as lo
 from tests._helpers import assert_bitwise
 from tests._helpers import assert_no_shared_buffers
-from tests._helpers import assert_step_within_ulps
+from tests._helpers import assert_tree_within_ulps
 from tests._helpers import assert_tree_bitwise
 from tests._helpers import trajectory
 from tests._helpers import ulp
 
-SYNC_MODES = ("select", "cond", "loop")
+# Features are tested on the default formulation; every formulation keeps
+# these promises in tests/test_formulations.py.
 BF16 = jnp.bfloat16
 
 
@@ -56,11 +57,10 @@ def assert_runs_close(actual, expected, msg=""):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sync", SYNC_MODES)
-def test_rollback_nan_gradient_mid_cycle_hand_worked(sync):
+def test_rollback_nan_gradient_mid_cycle_hand_worked():
   # sgd(lr=0.5, momentum=0.5), k=4, alpha=0.75, params 8.
   tx = lo.lookahead(optax.sgd(0.5, momentum=0.5), sync_period=4,
-                    slow_step_size=0.75, sync=sync, on_nonfinite="rollback")
+                    slow_step_size=0.75, on_nonfinite="rollback")
   params = jnp.array([8.0, -4.0])
   g = lambda *v: jnp.array(v)
   grads = [g(2.0, -2.0), g(2.0, -2.0), g(np.nan, 1.0), g(2.0, -2.0)]
@@ -83,13 +83,11 @@ def test_rollback_nan_gradient_mid_cycle_hand_worked(sync):
   assert_bitwise(s4.inner_state[0].trace, jnp.array([2.0, -2.0]))
 
 
-@pytest.mark.parametrize("sync", SYNC_MODES)
 @pytest.mark.parametrize("inner_state", ("keep", "reset", "pullback"))
-def test_rollback_on_sync_step_skips_the_sync(sync, inner_state):
+def test_rollback_on_sync_step_skips_the_sync(inner_state):
   # k=2: a NaN on step 2 (a sync step) does no sync; the next one is step 4.
   tx = lo.lookahead(optax.sgd(1.0), sync_period=2, slow_step_size=0.75,
-                    sync=sync, inner_state=inner_state,
-                    on_nonfinite="rollback")
+                    inner_state=inner_state, on_nonfinite="rollback")
   params = {"a": jnp.array([4.0]), "b": jnp.array(2.0)}
   grads = [
       {"a": jnp.array([1.0]), "b": jnp.array(1.0)},
@@ -107,12 +105,10 @@ def test_rollback_on_sync_step_skips_the_sync(sync, inner_state):
   assert_tree_bitwise(lo.slow_params(hist[3][1]), expected)
 
 
-@pytest.mark.parametrize("sync", SYNC_MODES)
-def test_rollback_overflowing_fast_params(sync):
+def test_rollback_overflowing_fast_params():
   # A finite update whose fast params overflow to inf also rolls back.
   big = np.float32(3e38)
-  tx = lo.lookahead(optax.sgd(1.0), sync_period=3, sync=sync,
-                    on_nonfinite="rollback")
+  tx = lo.lookahead(optax.sgd(1.0), sync_period=3, on_nonfinite="rollback")
   params = jnp.array([big, 1.0])
   hist = run(tx, params, [jnp.array([1.0, 0.0]), jnp.array([-big, 0.0])])
   np.testing.assert_array_equal(hist[0][0], [big - 1.0, 1.0])
@@ -151,7 +147,7 @@ def test_rollback_all_finite_matches_propagate():
   for t, (g, after) in enumerate(zip(grads, a)):
     updates, state = propagate(g, before[1], before[0])
     expected = (optax.apply_updates(before[0], updates), state)
-    assert_step_within_ulps(after, expected, before, STEP_ULPS,
+    assert_tree_within_ulps(after, expected, STEP_ULPS, "element", before,
                             f"step {t + 1}")
     if (t + 1) % 3 == 0:  # a sync, not rolled back
       assert_tree_bitwise(lo.slow_params(after[1]), after[0])
@@ -176,8 +172,7 @@ def test_rollback_cannot_repair_nonfinite_params():
   np.testing.assert_array_equal(lo.slow_params(state), [1.0])
 
 
-@pytest.mark.parametrize("sync", SYNC_MODES)
-def test_rollback_training_goes_on_and_converges(sync):
+def test_rollback_training_goes_on_and_converges():
   # Least squares with adam, 300 jitted steps in a scan; NaN gradients at
   # steps 7, 8 (mid-cycle) and 50 (a sync step). Converges to the solution;
   # "propagate" ends in NaN.
@@ -188,8 +183,7 @@ def test_rollback_training_goes_on_and_converges(sync):
   loss = lambda x: 0.5 * jnp.mean((a @ x - b) ** 2)
 
   def train(mode):
-    tx = lo.lookahead(optax.adam(0.05), sync_period=5, sync=sync,
-                      on_nonfinite=mode)
+    tx = lo.lookahead(optax.adam(0.05), sync_period=5, on_nonfinite=mode)
     x0 = jnp.zeros(4)
 
     def step(carry, t):
@@ -215,21 +209,20 @@ def test_rollback_training_goes_on_and_converges(sync):
 # ---------------------------------------------------------------------------
 
 
-def _creep(slow_dtype, sync, cycles):
+def _creep(slow_dtype, cycles):
   """bf16 params at 1; two sgd steps of +2**-7 (one bf16 ulp) per cycle."""
   tx = lo.lookahead(optax.sgd(1.0), sync_period=2, slow_step_size=0.25,
-                    sync=sync, slow_dtype=slow_dtype)
+                    slow_dtype=slow_dtype)
   grads = [jnp.full([1], -(2.0 ** -7), BF16)] * (2 * cycles)
   hist = run(tx, jnp.ones([1], BF16), grads, jit=True)
   return [(h[0], lo.slow_params(h[1])) for h in hist[1::2]]
 
 
-@pytest.mark.parametrize("sync", SYNC_MODES)
-def test_slow_dtype_float32_accumulates_small_moves(sync):
+def test_slow_dtype_float32_accumulates_small_moves():
   # Each cycle the fast weights go 1 ulp, 2 ulps up from bf16(slow); the sync
   # moves the slow weights a quarter of the way: in bf16 that is half an ulp
   # (1 + 2**-8), which rounds back to 1 (ties to even) every cycle, for ever.
-  for params, slow in _creep(None, sync, cycles=6):
+  for params, slow in _creep(None, cycles=6):
     assert_bitwise(params, jnp.ones([1], BF16))
     assert_bitwise(slow, jnp.ones([1], BF16))
   # Float32 slow weights keep the quarter steps:
@@ -240,7 +233,7 @@ def test_slow_dtype_float32_accumulates_small_moves(sync):
     p = float(jnp.asarray(s, jnp.float32).astype(BF16))
     s = s + 0.25 * (p + 2 * 2.0 ** -7 - s)
     expected_slow.append(s)
-  got = _creep(jnp.float32, sync, cycles=6)
+  got = _creep(jnp.float32, cycles=6)
   np.testing.assert_array_equal([float(s[0]) for _, s in got], expected_slow)
   np.testing.assert_array_equal(expected_slow[:2],
                                 [1 + 2.0 ** -8, 1 + 1.75 * 2.0 ** -8])
@@ -250,14 +243,13 @@ def test_slow_dtype_float32_accumulates_small_moves(sync):
   assert float(got[-1][0][0]) > 1.0
 
 
-@pytest.mark.parametrize("sync", SYNC_MODES)
-def test_slow_dtype_large_move_keeps_params_equal_to_slow(sync):
+def test_slow_dtype_large_move_keeps_params_equal_to_slow():
   # k=1, alpha=0.999, bf16 params 1, fast 0: the float32 target is 0.001,
   # bf16(0.001) = 0.00100708; the bf16 update bf16(0.00100708 - 1) rounds to
   # -1, so the params land on 0, not on bf16(target). The slow weights must
   # store what the params became (0), not the target.
   tx = lo.lookahead(optax.sgd(1.0), sync_period=1, slow_step_size=0.999,
-                    sync=sync, slow_dtype=jnp.float32)
+                    slow_dtype=jnp.float32)
   for jit in (False, True):
     [(params, state)] = run(tx, jnp.ones([1], BF16),
                             [jnp.ones([1], BF16)], jit=jit)
@@ -379,7 +371,7 @@ def test_apply_if_finite_skips_steps_without_touching_lookahead_state():
     updates, state = update(g, before[1], before[0])
     expected = (optax.apply_updates(before[0], updates), state)
     after = (hist[i][0], hist[i][1].inner_state)
-    assert_step_within_ulps(after, expected, before, STEP_ULPS,
+    assert_tree_within_ulps(after, expected, STEP_ULPS, "element", before,
                             f"step {i + 1}")
     before = after
   for h, r in zip([hist[0], hist[2], hist[3], hist[5]], ref):
@@ -392,11 +384,10 @@ def test_apply_if_finite_skips_steps_without_touching_lookahead_state():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sync", SYNC_MODES)
-def test_reset_keeps_dtypes_and_counts_and_clears_nans(sync):
+def test_reset_keeps_dtypes_and_counts_and_clears_nans():
   schedule = optax.linear_schedule(0.1, 0.0, transition_steps=10)
   inner = optax.apply_if_finite(optax.adam(schedule), max_consecutive_errors=5)
-  tx = lo.lookahead(inner, sync_period=2, inner_state="reset", sync=sync)
+  tx = lo.lookahead(inner, sync_period=2, inner_state="reset")
   params = {"w": jnp.ones(3), "h": jnp.ones(2, BF16)}
   state = tx.init(params)
   g = {"w": jnp.ones(3), "h": jnp.ones(2, BF16)}
@@ -503,14 +494,13 @@ def _inner_and_synced(state, inner_state):
   return state.inner_state, None
 
 
-@pytest.mark.parametrize("sync", SYNC_MODES)
 @pytest.mark.parametrize("inner_state", ("keep", "reset", "pullback"))
 @pytest.mark.parametrize("inner,jit", [
     ("adam", False), ("adam", True), ("momentum", False),
     # The same program shapes as adam under jit: kept for the full run.
     pytest.param("momentum", True, marks=pytest.mark.slow),
 ])
-def test_nan_on_a_sync_step_with_stateful_inner(inner, inner_state, sync, jit):
+def test_nan_on_a_sync_step_with_stateful_inner(inner, inner_state, jit):
   # k = 3, alpha = 0.8; two good steps, then a NaN gradient on step 3 (a
   # sync step). The step must roll back to the slow weights (theta_0), reset
   # the moments to zero, skip the sync, keep the last-synced copy of the
@@ -518,10 +508,8 @@ def test_nan_on_a_sync_step_with_stateful_inner(inner, inner_state, sync, jit):
   # that of a fresh lookahead started from theta_0 with the inner counts
   # going on.
   k, alpha = 3, 0.8
-  make = lambda: lo.lookahead(STATEFUL_INNERS[inner](), k, alpha, sync=sync,
-                              inner_state=inner_state,
-                              on_nonfinite="rollback")
-  tx = make()
+  tx = lo.lookahead(STATEFUL_INNERS[inner](), k, alpha,
+                    inner_state=inner_state, on_nonfinite="rollback")
   params = {"w": jnp.array([1.5, -2.0, 0.75]), "b": jnp.array(0.5)}
   rng = np.random.default_rng(4)
   grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
@@ -557,7 +545,8 @@ def test_nan_on_a_sync_step_with_stateful_inner(inner, inner_state, sync, jit):
       start = start._replace(inner_state=with_count(start.inner_state))
   start = start._replace(step=jnp.asarray(k, jnp.int32))
   assert_tree_bitwise(s3, start)
-  expected = run(make(), params, grads[k:], state=start, jit=jit)
+  # The same `tx`: under jit the same compiled step as the run above.
+  expected = run(tx, params, grads[k:], state=start, jit=jit)
   for (p, st), (p_ref, st_ref) in zip(hist[k:], expected):
     assert_tree_bitwise((p, st), (p_ref, st_ref))
   p6, s6 = hist[-1]
@@ -578,11 +567,10 @@ def _donation_cases():
                     "b": jnp.array([0.5, -0.25, 1.0]),
                     "s": jnp.array(0.75)}
   cases = []
+  # Every formulation's init state: tests/test_formulations.py.
   for policy in ("keep", "reset", "pullback"):
-    for sync in SYNC_MODES:
-      tx = lo.lookahead(optax.adam(0.1), 3, 0.8, inner_state=policy,
-                        sync=sync)
-      cases.append((f"init-{policy}-{sync}", tx, params, tx.init))
+    tx = lo.lookahead(optax.adam(0.1), 3, 0.8, inner_state=policy)
+    cases.append((f"init-{policy}", tx, params, tx.init))
   tx = lo.lookahead(optax.adam(0.1), 3, 0.8, on_nonfinite="rollback")
   cases.append(("rollback", tx, params, tx.init))
   bf16 = lambda: jax.tree.map(lambda p: p.astype(BF16), params())

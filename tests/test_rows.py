@@ -22,7 +22,7 @@ import pytest
 import lookahead_optax as lo
 from tests._helpers import assert_bitwise
 from tests._helpers import assert_tree_bitwise
-from tests._helpers import assert_tree_within_ulps_at
+from tests._helpers import assert_tree_within_ulps
 from tests._helpers import bits
 from tests._helpers import ulp
 
@@ -39,11 +39,12 @@ def _assert_step_within_ulps(actual, expected, before, n, msg=""):
   (p_a, s_a), (p_e, s_e) = actual, expected
   weights = max(float(np.max(np.abs(np.asarray(x, np.float64))))
                 for x in jax.tree.leaves((p_e, s_e.slow_params)))
-  assert_tree_within_ulps_at(p_a, p_e, n, weights, f"{msg} params")
-  assert_tree_within_ulps_at(s_a.slow_params, s_e.slow_params, n, weights,
-                              f"{msg} slow")
-  assert_tree_within_ulps_at(s_a.inner_state, s_e.inner_state, n,
-                              before[1].inner_state, f"{msg} inner state")
+  assert_tree_within_ulps(p_a, p_e, n, "leaf", weights, f"{msg} params")
+  assert_tree_within_ulps(s_a.slow_params, s_e.slow_params, n, "leaf", weights,
+                          f"{msg} slow")
+  assert_tree_within_ulps(s_a.inner_state, s_e.inner_state, n,
+                          "leaf", before[1].inner_state,
+                          f"{msg} inner state")
   assert_bitwise(s_a.step, s_e.step, f"{msg} step")
 
 

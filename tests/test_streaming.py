@@ -5,6 +5,7 @@ replicas (each with its own NumPy Adam state) written from the paper; the
 library runs under `jax.pmap` on the 8 host CPU devices of conftest.py.
 """
 
+import functools
 import re
 
 import hypothesis
@@ -21,6 +22,7 @@ import pytest
 
 import lookahead_optax as lo
 from benchmarks import communication
+from tests import _helpers
 from tests import reference
 from tests._helpers import assert_bitwise
 from tests._helpers import assert_tree_bitwise
@@ -61,35 +63,32 @@ def inner_tx():
   return optax.adam(0.05, b1=0.8, b2=0.95)
 
 
+@functools.cache
+def diloco(k, **kwargs):
+  """`lo.diloco(inner_tx(), k, AXIS, **kwargs)`, one object a configuration.
+
+  The tests that run one configuration share its compiled step (the replica
+  harness compiles one per transformation).
+  """
+  return lo.diloco(inner_tx(), k, AXIS, **kwargs)
+
+
 def replicate(tree):
-  return jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a),
-                                                 (N,) + np.shape(a)), tree)
+  return _helpers.replicate(tree, N)
 
 
-def pmap_step(tx):
-  def step(params, state, c, t, z):
-    grads = jax.tree.map(grad, params, c, t, z)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-  return jax.pmap(step, axis_name=AXIS, donate_argnums=(0, 1))
+def _grads(params, c, t, z):
+  return jax.tree.map(grad, params, c, t, z)
 
 
 def run(tx, steps, seed=0, start=None):
   """`(params, state)` after every step, as NumPy copies."""
   params0, curv, target, noise = problem(steps, seed)
-  step = pmap_step(tx)
-  if start is None:
-    params = replicate(params0)
-    state = jax.pmap(tx.init)(params)
-    first = 0
-  else:
-    (params, state), first = start
-  history = []
-  for t in range(first, steps):
-    z = {k: v[t] for k, v in noise.items()}
-    params, state = step(params, state, curv, target, z)
-    history.append(jax.tree.map(np.array, (params, state)))
-  return history
+  first = 0 if start is None else start[1]
+  inputs = [(curv, target, {k: v[t] for k, v in noise.items()})
+            for t in range(first, steps)]
+  return _helpers.replica_run(tx, _grads, AXIS, inputs, params=params0, n=N,
+                              start=None if start is None else start[0])
 
 
 def simulate(steps, fragment_of, *, sync_period=4, seed=0, **kwargs):
@@ -148,7 +147,7 @@ def test_sync_slots_follow_the_formula():
 def test_each_leaf_syncs_at_its_fragments_steps(num):
   """Which leaf's slow weights move at which step: the split and schedule."""
   k, steps = 8 if num == 4 else 4, 8 if num == 4 else 8
-  history = run(lo.diloco(inner_tx(), k, AXIS, fragments=num), steps)
+  history = run(diloco(k, fragments=num), steps)
   slots = reference.streaming_sync_slots(num, k)
   before = problem(steps)[0]
   entering = replicate(before)
@@ -192,7 +191,7 @@ CASES = {
 def test_matches_simulation_of_8_replicas(case):
   kwargs = CASES[case]
   num, steps = kwargs["fragments"], 12
-  history = run(lo.diloco(inner_tx(), 4, AXIS, **kwargs), steps)
+  history = run(diloco(4, **kwargs), steps)
   ref = simulate(steps, SPLITS[num], overlap=kwargs.get("overlap", False),
                  mix=kwargs.get("mix", 0.0))
   assert len(ref["syncs"]) == 3 * num
@@ -225,7 +224,7 @@ def test_every_mode_matches_simulation(num, periods, overlap, mix,
     tx = lo.lookahead(inner_tx(), k, slow_step_size=0.3, axis_name=AXIS,
                       **kwargs)
   else:
-    tx = lo.diloco(inner_tx(), k, AXIS, **kwargs)
+    tx = diloco(k, **kwargs)
   history = run(tx, steps, seed=seed)
   ref = simulate(steps, SPLITS[num], sync_period=k, seed=seed,
                  overlap=overlap, mix=mix, alpha=0.3 if interpolate else None)
@@ -249,8 +248,8 @@ def test_interpolation_outer_per_fragment_schedule():
 
 def test_one_fragment_in_float32_is_todays_diloco():
   steps = 9
-  streaming = run(lo.diloco(inner_tx(), 3, AXIS, fragments=1), steps)[-1]
-  today = run(lo.diloco(inner_tx(), 3, AXIS), steps)[-1]
+  streaming = run(diloco(3, fragments=1), steps)[-1]
+  today = run(diloco(3), steps)[-1]
   for key in SHAPES:  # two programs: to float32 rounding
     np.testing.assert_allclose(streaming[0][key], today[0][key], atol=1e-6)
     np.testing.assert_allclose(streaming[1].outer_state.outer_states[0][0]
@@ -261,7 +260,7 @@ def test_one_fragment_in_float32_is_todays_diloco():
 
 
 def test_reset_resets_only_the_syncing_fragment():
-  tx = lo.diloco(inner_tx(), 4, AXIS, fragments=2, inner_state="reset")
+  tx = diloco(4, fragments=2, inner_state="reset")
   history = run(tx, 4)
   adam = lambda t: history[t][1].inner_state[0]  # pylint: disable=unnecessary-lambda-assignment
   for key, f in SPLITS[2].items():
@@ -285,12 +284,12 @@ QUANTUM = {jnp.bfloat16: 2.0**-9, jnp.float8_e4m3fn: 2.0**-4,
 
 @pytest.fixture(scope="module")
 def float32_run():
-  return run(lo.diloco(inner_tx(), 4, AXIS, fragments=2), 4)
+  return run(diloco(4, fragments=2), 4)
 
 
 @pytest.mark.parametrize("dtype", list(QUANTUM), ids=str)
 def test_compressed_mean_is_one_value_within_quantization(dtype, float32_run):
-  history = run(lo.diloco(inner_tx(), 4, AXIS, fragments=2,
+  history = run(diloco(4, fragments=2,
                           communication_dtype=dtype), 4)
   for t, (_, state) in enumerate(history):
     assert_same_on_all_replicas(state.slow_params, f"step {t + 1}")
@@ -311,10 +310,10 @@ def test_compressed_mean_is_one_value_within_quantization(dtype, float32_run):
 
 def test_error_feedback_stays_closer_to_float32_over_20_cycles():
   steps = 40
-  exact = run(lo.diloco(inner_tx(), 2, AXIS), steps)
-  plain = run(lo.diloco(inner_tx(), 2, AXIS, communication_dtype="int4"),
+  exact = run(diloco(2), steps)
+  plain = run(diloco(2, communication_dtype="int4"),
               steps)
-  fed = run(lo.diloco(inner_tx(), 2, AXIS, communication_dtype="int4",
+  fed = run(diloco(2, communication_dtype="int4",
                       error_feedback=True), steps)
 
   def distance(history):
@@ -429,7 +428,7 @@ def _batch_reaches_collective(jaxpr, tainted):
 def test_overlap_collective_does_not_depend_on_the_batch(overlap):
   """The jaxpr of a whole step (loss, grad, update): with `overlap` the
   collectives' operands depend on params and state alone, not the batch."""
-  tx = lo.diloco(inner_tx(), 4, AXIS, fragments=2, overlap=overlap,
+  tx = diloco(4, fragments=2, overlap=overlap,
                  communication_dtype=jnp.int8)
   params = {k: jnp.ones(s) for k, s in SHAPES.items()}
   state = tx.init(params)
@@ -459,7 +458,7 @@ def test_overlap_collective_does_not_depend_on_the_batch(overlap):
 
 
 def test_orbax_resume_mid_cycle_is_bitwise(tmp_path):
-  tx = lo.diloco(inner_tx(), 4, AXIS, fragments=2,
+  tx = diloco(4, fragments=2,
                  communication_dtype=jnp.int8, error_feedback=True)
   full = run(tx, 7)
   params, state = full[2]  # after step 3: fragment 0 synced, 1 not yet
@@ -476,7 +475,7 @@ def test_orbax_resume_mid_cycle_is_bitwise(tmp_path):
 
 
 def test_shard_map_matches_pmap():
-  tx = lo.diloco(inner_tx(), 4, AXIS, fragments=2, communication_dtype="int4",
+  tx = diloco(4, fragments=2, communication_dtype="int4",
                  error_feedback=True, overlap=True)
   steps = 6
   expected = run(tx, steps)[-1]
