@@ -590,7 +590,7 @@ def test_inner_state_policy_is_applied_once_per_update(monkeypatch, name,
     return at_sync(*args, **kwargs)
 
   monkeypatch.setattr(_policies, "at_sync", counting)
-  params, grads = _problem({})
+  params, grads = params_and_grads({})
   tx = lo.lookahead(optax.adam(0.1), K, sync=sync, **POLICY_CONFIGS[name])
   jax.make_jaxpr(tx.update)(grads[0], tx.init(params), params)
   assert len(calls) == 1, (name, sync, calls)
