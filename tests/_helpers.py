@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 
 def bits(x: Any) -> np.ndarray:
@@ -293,3 +294,17 @@ def assert_no_shared_buffers(*trees: Any) -> None:
   """
   pointers = buffer_pointers(trees)
   assert len(pointers) == len(set(pointers)), "two leaves share a buffer"
+
+
+def skip_unless_float16_converts() -> None:
+  """Skips the test where XLA:CPU cannot convert float16 to float32.
+
+  Built for an ISA without F16C (`XLA_FLAGS=--xla_cpu_max_isa=SSE4_2`),
+  XLA:CPU's JIT calls the runtime function `__extendhfsf2`, which it does
+  not find: every float16 program fails to load, in any library.
+  """
+  try:
+    jax.jit(lambda x: x.astype(jnp.float32))(
+        jnp.zeros(1, jnp.float16)).block_until_ready()
+  except jax.errors.JaxRuntimeError as e:
+    pytest.skip(f"XLA:CPU cannot convert float16 on this ISA: {e}")
