@@ -15,6 +15,8 @@ import numpy as np
 import optax
 import pytest
 
+import lookahead_optax as lo
+
 
 def bits(x: Any) -> np.ndarray:
   """The raw bits of an array (as unsigned integers of the same width)."""
@@ -308,3 +310,35 @@ def skip_unless_float16_converts() -> None:
         jnp.zeros(1, jnp.float16)).block_until_ready()
   except jax.errors.JaxRuntimeError as e:
     pytest.skip(f"XLA:CPU cannot convert float16 on this ISA: {e}")
+
+
+def _wide_bf16(rng: np.random.Generator, n: int) -> jax.Array:
+  """bfloat16 values spread over 8 orders of magnitude."""
+  scale = rng.choice([1e-4, 1e-2, 1.0, 1e2, 1e4], size=n)
+  return jnp.asarray(scale * rng.normal(size=n), jnp.bfloat16)
+
+
+def assert_bf16_lands_on_slow_weights(tx: Any, k: int) -> None:
+  """bfloat16 params land on the slow weights bitwise at every sync of `tx`.
+
+  Weights over 8 orders of magnitude and `tx`'s large learning rate, so that
+  syncs move some weights by large factors (checked). The update is applied
+  both inside the jitted step (where XLA may keep excess precision) and
+  outside it, over 4 cycles of `k` steps.
+  """
+  rng = np.random.default_rng(0)
+  params = _wide_bf16(rng, 512)
+  fused = jitted_step(tx)
+  separate = jax.jit(tx.update)
+  pa, sa = params, tx.init(params)
+  pb, sb = params, tx.init(params)
+  for t in range(1, 4 * k + 1):
+    g = _wide_bf16(rng, 512)
+    pa, sa = fused(pa, sa, g)
+    updates, sb = separate(g, sb, pb)
+    pb = optax.apply_updates(pb, updates)
+    if t % k == 0:
+      for p, s in ((pa, sa), (pb, sb)):
+        assert_tree_bitwise(lo.slow_params(s).astype(jnp.bfloat16), p)
+  ratio = np.abs(np.asarray(pa, np.float32) / np.asarray(params, np.float32))
+  assert (ratio > 4).any()

@@ -17,6 +17,7 @@ import optax
 import pytest
 
 import lookahead_optax as lo
+from tests._helpers import assert_bf16_lands_on_slow_weights
 from tests._helpers import assert_bitwise
 from tests._helpers import assert_tree_bitwise
 from tests._helpers import assert_no_shared_buffers
@@ -436,11 +437,6 @@ def test_nan_on_a_sync_step_with_stateful_inner(inner_state, sync):
   assert not np.array_equal(np.asarray(p6["w"]), np.asarray(params["w"]))
 
 
-def _wide_bf16(rng, n):
-  scale = rng.choice([1e-4, 1e-2, 1.0, 1e2, 1e4], size=n)
-  return jnp.asarray(scale * rng.normal(size=n), jnp.bfloat16)
-
-
 @pytest.mark.parametrize("slow_dtype", (None, jnp.float32))
 @pytest.mark.parametrize("sync", SYNCS)
 def test_bf16_invariant_under_jit_fused_and_separate(sync, slow_dtype):
@@ -448,25 +444,9 @@ def test_bf16_invariant_under_jit_fused_and_separate(sync, slow_dtype):
   # syncs that move some by large factors; the update applied inside the
   # jitted step (excess precision) and outside it both land on the slow
   # weights bitwise.
-  rng = np.random.default_rng(0)
-  n, k = 512, 3
-  params = _wide_bf16(rng, n)
-  tx = lo.lookahead(optax.adam(0.5), k, 0.37, sync=sync,
-                    slow_dtype=slow_dtype)
-  fused = jitted_step(tx)
-  separate = jax.jit(tx.update)
-  pa, sa = params, tx.init(params)
-  pb, sb = params, tx.init(params)
-  for t in range(1, 4 * k + 1):
-    g = _wide_bf16(rng, n)
-    pa, sa = fused(pa, sa, g)
-    updates, sb = separate(g, sb, pb)
-    pb = optax.apply_updates(pb, updates)
-    if t % k == 0:
-      for p, s in ((pa, sa), (pb, sb)):
-        assert_tree_bitwise(lo.slow_params(s).astype(jnp.bfloat16), p)
-  ratio = np.abs(np.asarray(pa, np.float32) / np.asarray(params, np.float32))
-  assert (ratio > 4).any()
+  assert_bf16_lands_on_slow_weights(
+      lo.lookahead(optax.adam(0.5), 3, 0.37, sync=sync, slow_dtype=slow_dtype),
+      3)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])

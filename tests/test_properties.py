@@ -32,6 +32,7 @@ import optax
 import pytest
 
 import lookahead_optax as lo
+from tests._helpers import assert_bf16_lands_on_slow_weights
 from tests._helpers import assert_tree_bitwise
 from tests._helpers import assert_tree_within_ulps
 from tests._helpers import jitted_step
@@ -313,41 +314,14 @@ def test_slow_weights_are_ema_of_end_of_cycle_fast_weights(problem):
 # ---------------------------------------------------------------------------
 
 
-def _wide_bf16(rng, n):
-  scale = rng.choice([1e-4, 1e-2, 1.0, 1e2, 1e4], size=n)
-  return jnp.asarray(scale * rng.normal(size=n), jnp.bfloat16)
-
-
 @pytest.mark.parametrize("slow_dtype", (None, jnp.float32))
 def test_bf16_invariant_under_jit_fused_and_separate(slow_dtype):
   # Weights spread over 8 orders of magnitude and a large learning rate, so
   # that syncs move some weights by large factors. The update is applied
   # both inside the jitted step (where XLA may keep excess precision) and
   # outside it; both must land on the slow weights bitwise.
-  rng = np.random.default_rng(0)
-  n, k = 512, 3
-  params = _wide_bf16(rng, n)
-  tx = lo.lookahead(optax.adam(0.5), k, 0.37, slow_dtype=slow_dtype)
-
-  @jax.jit
-  def fused(g, state, p):
-    updates, state = tx.update(g, state, p)
-    return optax.apply_updates(p, updates), state
-
-  separate = jax.jit(tx.update)
-  pa, sa = params, tx.init(params)
-  pb, sb = params, tx.init(params)
-  for t in range(1, 4 * k + 1):
-    g = _wide_bf16(rng, n)
-    pa, sa = fused(g, sa, pa)
-    updates, sb = separate(g, sb, pb)
-    pb = optax.apply_updates(pb, updates)
-    if t % k == 0:
-      for p, s in ((pa, sa), (pb, sb)):
-        assert_tree_bitwise(lo.slow_params(s).astype(jnp.bfloat16), p)
-  # The run did move weights by large factors.
-  ratio = np.abs(np.asarray(pa, np.float32) / np.asarray(params, np.float32))
-  assert (ratio > 4).any()
+  assert_bf16_lands_on_slow_weights(
+      lo.lookahead(optax.adam(0.5), 3, 0.37, slow_dtype=slow_dtype), 3)
 
 
 # ---------------------------------------------------------------------------
