@@ -43,7 +43,7 @@ def make_tx(kwargs: dict, sync: str) -> optax.GradientTransformation:
 
 def formulation(kwargs: dict, sync: str) -> str:
   """What `sync` resolves to for these options (on this backend)."""
-  return _formulation.resolve(sync, axis_name=None, default_options=(
+  return _formulation.resolve(sync, default_options=(
       kwargs.get("inner_state", "keep") == "keep" and "outer" not in kwargs
       and kwargs.get("on_nonfinite", "propagate") == "propagate"))
 

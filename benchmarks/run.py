@@ -427,7 +427,7 @@ ACCELERATOR_START = "<!-- accelerator tables: start -->"
 ACCELERATOR_END = "<!-- accelerator tables: end -->"
 _NOT_TIMED = ("No accelerator has been lent for these measurements yet: on "
               "GPU and TPU nothing here was timed, and `sync=\"auto\"` picks "
-              "`\"select\"` there (`\"cond\"` with `axis_name`) without a "
+              "`\"select\"` there without a "
               "measurement. Run `python -m benchmarks.run --accelerator --out "
               "docs/benchmarks.md` on one to fill this section.")
 
@@ -438,8 +438,8 @@ No accelerator was available for these measurements. The memory traffic in
 XLA's own cost analysis of the compiled step ("bytes accessed", a static
 count with a loop body or a conditional branch counted once;
 `benchmarks/traffic.py`) agrees with the CPU timings above: the select for
-the default options, the loop otherwise, the cond only with `axis_name`.
-Off CPU `sync="auto"` picks the select (the cond with `axis_name`) and never
+the default options, the loop otherwise.
+Off CPU `sync="auto"` picks the select and never
 the loop, whose steering was tuned for XLA:CPU (how_it_works.md, "How the
 sync is compiled"); the last column is what it picks on one CPU device.
 """

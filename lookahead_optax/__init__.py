@@ -14,7 +14,7 @@ from lookahead_optax._lazy import lazy
 from lookahead_optax._lookahead import LookaheadState
 from lookahead_optax._lookahead import lookahead
 from lookahead_optax._lookahead import PullbackState
-from lookahead_optax._outer import diloco
+from lookahead_optax._diloco import diloco
 from lookahead_optax._outer import snoo
 from lookahead_optax._ranger import ranger
 from lookahead_optax._replicas import check_replicas_agree

@@ -67,25 +67,6 @@ def check_outer(outer: Any, slow_step_size: Any, inner_state: str) -> None:
         "'reset'.")
 
 
-def check_axis_name(axis_name: Any, sync: str, on_nonfinite: str) -> None:
-  if axis_name is None:
-    return
-  if not isinstance(axis_name, str) or not axis_name:
-    raise TypeError(
-        f"`axis_name` must be a non-empty string or None, got {axis_name!r}.")
-  if sync in ("select", "loop"):
-    raise ValueError(
-        f"`sync='{sync}'` cannot combine with `axis_name`: the average over "
-        "replicas must run on sync steps only, in the sync's conditional; use "
-        "'cond' or 'auto'.")
-  if on_nonfinite == "rollback":
-    raise ValueError(
-        "`on_nonfinite='rollback'` cannot combine with `axis_name`: a replica "
-        "that rolls back a sync step would skip the average that the other "
-        "replicas wait in. Skip non-finite steps before the optimizer (e.g. "
-        "`optax.apply_if_finite` inside) instead.")
-
-
 def check_axis_bound(axis_name: Optional[str]) -> None:
   """A clear error, at trace time, when `axis_name` is not a mapped axis."""
   if axis_name is None:
@@ -96,7 +77,7 @@ def check_axis_bound(axis_name: Optional[str]) -> None:
     raise ValueError(
         f"`axis_name` {axis_name!r} is not the name of a mapped axis here: "
         "call the step under `jax.pmap(..., axis_name=...)` or `shard_map` "
-        "with that axis, or leave `axis_name=None`.") from e
+        "with that axis.") from e
 
 
 def check_state(state: Any) -> None:
@@ -160,30 +141,20 @@ def check_sparse_grads_have_lazy(grads: Any, inner_state: Any) -> None:
         f"`lookahead(lazy(inner), ...)`. {SPARSE_RECIPE}")
 
 
-def check_rows_per_step_options(rows_per_step: Any, outer: Any, axis_name: Any,
+def check_rows_per_step_options(rows_per_step: Any, outer: Any,
                                 inner_state: str, on_nonfinite: str) -> None:
   """`rows_per_step` syncs row-sparse tables with the default options only."""
   if rows_per_step is None:
     return
   given = ["`outer`"] if outer is not None else []
   given += [f"`{name}={value!r}`" for name, value, default in (
-      ("axis_name", axis_name, None), ("inner_state", inner_state, "keep"),
+      ("inner_state", inner_state, "keep"),
       ("on_nonfinite", on_nonfinite, "propagate")) if value != default]
   if given:
     raise ValueError(
         f"`rows_per_step` cannot combine with {', '.join(given)}: row-sparse "
-        "syncs support the default options only (no `outer`, no `axis_name`, "
+        "syncs support the default options only (no `outer`, "
         "`inner_state='keep'`, `on_nonfinite='propagate'`).")
-
-
-def sparse_options_conflict(outer: Any, axis_name: Any, inner_state: str,
-                             on_nonfinite: str) -> Optional[str]:
-  """Why row-sparse tables cannot be synced with these options, or None."""
-  if (outer is None and axis_name is None and inner_state == "keep"
-      and on_nonfinite == "propagate"):
-    return None
-  return ("no `outer`, no `axis_name`, `inner_state='keep'`, "
-          "`on_nonfinite='propagate'`")
 
 
 def dense_like(updates: Any, slow: Any) -> Any:
@@ -209,6 +180,7 @@ def check_update_args(updates: Any, state: Any, params: Any,
         "`params` is required: lookahead's update needs the current params "
         "to compute the sync, call `tx.update(grads, state, params)`.")
   check_state(state)
+  check_step_is_scalar(state.step)
   params = jax.tree.map(jnp.asarray, params)
   updates = jax.tree.map(jnp.asarray, updates)
   _checks.check_same_tree(
@@ -220,6 +192,19 @@ def check_update_args(updates: Any, state: Any, params: Any,
       "updates", dense_like(updates, state.slow_params), state.slow_params,
       reference_name="the slow params")
   return params, updates
+
+
+def check_step_is_scalar(step: Any) -> None:
+  """The step counter is a scalar (a `shard_map` block keeps a size-1 axis)."""
+  shape = jnp.shape(step)
+  if shape != ():
+    raise ValueError(
+        f"The state's step counter has shape {shape}, not (): the state "
+        "still has a mapped axis. Inside `shard_map` each replica's block "
+        "keeps the replica axis with size 1: squeeze it before `update` "
+        "(`jax.tree.map(lambda x: x[0], state)`, and the params and "
+        "gradients likewise) and add it back after, or step under "
+        "`jax.pmap`, which removes it.")
 
 
 def check_param_kinds(params: Any, slow: Any) -> None:

@@ -9,9 +9,9 @@ the rollback and the store, each per-leaf arithmetic of `_sync` and
 * `"select"` (`Select`): computed branch-free at every step and selected on
   sync steps. The default options fuse into the inner update's pass over
   the params, on every backend; nothing is recomputed.
-* `"cond"` (`Cond`): the sync in a `jax.lax.cond`, the only place a
-  collective may sit (`axis_name`), so that the other `sync_period - 1`
-  steps communicate nothing.
+* `"cond"` (`Cond`): the sync in a `jax.lax.cond`, computed on sync steps
+  only. (`diloco`'s collectives sit in conditionals of their own, see
+  `_streaming`; its inner step takes this formulation.)
 * `"loop"` (`_loop.Loop`): the inner-state policy and the outer step in
   loops that run once on the steps that need them and not at all on the
   others, updating the state in place; tuned for XLA:CPU. Everything it
@@ -24,7 +24,6 @@ per update (traced once), and stores the slow weights with `_sync.store`.
 built (building it must not start the JAX backend, so that a multi-host
 program can build its optimizer before `jax.distributed.initialize()`):
 
-* `axis_name` -> `"cond"`;
 * the default options (keep, propagate, no `outer`) -> `"select"`;
 * otherwise `"loop"` on a single CPU device, `"select"` elsewhere (several
   devices, and every accelerator: `"loop"` was timed on XLA:CPU only; the
@@ -63,13 +62,10 @@ _COSTLY_PRIMITIVES = frozenset({
 })
 
 
-def resolve(sync: str, *, default_options: bool,
-            axis_name: Optional[str]) -> str:
+def resolve(sync: str, *, default_options: bool) -> str:
   """The formulation of `sync` for the step being traced (see module doc)."""
   if sync != "auto":
     return sync
-  if axis_name is not None:
-    return "cond"  # the collective must run on sync steps only
   if default_options:
     return "select"
   single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
@@ -194,7 +190,7 @@ class Cond(_Formulation):
 def choose(opts: Any, grads: Any, current: Any, params: Any,
            extra_args: dict, state: Any) -> Any:
   """The formulation object for the step being traced (see module doc)."""
-  name = resolve(opts.sync, axis_name=opts.axis_name,
+  name = resolve(opts.sync,
                  default_options=(opts.inner_state == "keep"
                                   and opts.outer is None
                                   and opts.on_nonfinite == "propagate"))

@@ -183,6 +183,35 @@ def _check_sparse_freezes(freeze_state: bool) -> None:
         "`SparseRows` gradient needs `freeze_state=True`.")
 
 
+def row_mask(grad: jax.Array, ids: Optional[jax.Array]) -> jax.Array:
+  """Bool vector, True for the rows (slices along axis 0) that are touched."""
+  if grad.ndim > 1:
+    touched = jnp.max(jnp.abs(grad), axis=tuple(range(1, grad.ndim))) != 0
+  else:
+    touched = grad != 0
+  if ids is not None:
+    ids = jnp.ravel(ids)
+    num_rows = grad.shape[0]
+    # Traced ids cannot be checked: ids out of range are dropped.
+    ids = jnp.where((ids >= 0) & (ids < num_rows), ids, num_rows)
+    touched = touched.at[ids].set(True, mode="drop")
+  return touched
+
+
+def broadcast_rows(rows: jax.Array, like: jax.Array) -> jax.Array:
+  return jnp.reshape(rows, rows.shape + (1,) * (jnp.ndim(like) - 1))
+
+
+def merge_state_leaf(aux: tuple, new: jax.Array, old: jax.Array) -> jax.Array:
+  """A new parameter-shaped state leaf: scattered rows or frozen rows."""
+  kind, value = aux
+  if kind == "rows":  # `new` holds the rows `value` (unique ids).
+    return _sparse.scatter_rows(old, value, new)
+  return jnp.where(broadcast_rows(value, new), new, old).astype(
+      jnp.result_type(new))
+
+
+
 def _dense_tables(flags: list, grad_leaves: list) -> list:
   """The masked gradients that are arrays (not `SparseRows`, not masked)."""
   return [g for flag, g in zip(flags, grad_leaves)
@@ -195,7 +224,7 @@ def _touched_rows(flags: list, grad_leaves: list, ids: list) -> list:
   for flag, grad, leaf_ids in zip(flags, grad_leaves, ids):
     if (flag and not _tree.is_masked_node(grad)
         and not isinstance(grad, _sparse.SparseRows)):
-      rows.append(_lazy_args.row_mask(jnp.asarray(grad), leaf_ids))
+      rows.append(row_mask(jnp.asarray(grad), leaf_ids))
     else:
       rows.append(None)
   return rows
@@ -209,7 +238,7 @@ def _masked_updates(inner_updates: Any, sparse: list, rows: list) -> Any:
       u if s is None else _sparse.SparseRows._make(s.ids, u)  # pylint: disable=protected-access
       for s, u in zip(sparse, update_leaves)]
   return jax.tree.unflatten(treedef, [
-      u if r is None else jnp.where(_lazy_args.broadcast_rows(r, u), u,
+      u if r is None else jnp.where(broadcast_rows(r, u), u,
                                     jnp.zeros((), jnp.result_type(u)))
       for r, u in zip(rows, update_leaves)])
 
@@ -226,7 +255,7 @@ def _merge_inner_state(rows: list, sparse: list, freeze_state: bool,
     else:
       per_leaf.append(None)
   return _tree.map_param_shaped(
-      _lazy_args.merge_state_leaf, per_leaf, row_params, new_inner, old_inner)
+      merge_state_leaf, per_leaf, row_params, new_inner, old_inner)
 
 
 def lazy(

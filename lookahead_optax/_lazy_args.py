@@ -4,7 +4,7 @@ Every check raises an error naming the leaf path; they inspect static shapes,
 dtypes and tree structures only, so they cost nothing in a compiled step.
 """
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -170,34 +170,6 @@ def touched_ids(touched_rows: Any, params: Any, flags: list) -> list:
             "parameter.")
     ids[i] = value
   return ids
-
-
-def row_mask(grad: jax.Array, ids: Optional[jax.Array]) -> jax.Array:
-  """Bool vector, True for the rows (slices along axis 0) that are touched."""
-  if grad.ndim > 1:
-    touched = jnp.max(jnp.abs(grad), axis=tuple(range(1, grad.ndim))) != 0
-  else:
-    touched = grad != 0
-  if ids is not None:
-    ids = jnp.ravel(ids)
-    num_rows = grad.shape[0]
-    # Traced ids cannot be checked: ids out of range are dropped.
-    ids = jnp.where((ids >= 0) & (ids < num_rows), ids, num_rows)
-    touched = touched.at[ids].set(True, mode="drop")
-  return touched
-
-
-def broadcast_rows(rows: jax.Array, like: jax.Array) -> jax.Array:
-  return jnp.reshape(rows, rows.shape + (1,) * (jnp.ndim(like) - 1))
-
-
-def merge_state_leaf(aux: tuple, new: jax.Array, old: jax.Array) -> jax.Array:
-  """A new parameter-shaped state leaf: scattered rows or frozen rows."""
-  kind, value = aux
-  if kind == "rows":  # `new` holds the rows `value` (unique ids).
-    return _sparse.scatter_rows(old, value, new)
-  return jnp.where(broadcast_rows(value, new), new, old).astype(
-      jnp.result_type(new))
 
 
 def is_grad_leaf(x: Any) -> bool:

@@ -1,20 +1,16 @@
 """The Lookahead optimizer as a drop-in optax gradient transformation."""
 
-from typing import Any, Optional
+import functools
+import inspect
+from typing import Any, Callable, Optional
 
-import jax
-import jax.numpy as jnp
 import optax
 
 from lookahead_optax import _arguments
 from lookahead_optax import _checks
 from lookahead_optax import _formulation
 from lookahead_optax import _policies
-from lookahead_optax import _rows
 from lookahead_optax import _step
-from lookahead_optax import _streaming
-from lookahead_optax import _streaming_args
-from lookahead_optax import _sync
 from lookahead_optax._types import LookaheadState
 from lookahead_optax._types import PullbackState
 from lookahead_optax._types import StreamingState
@@ -23,24 +19,85 @@ __all__ = ("LookaheadState", "PullbackState", "StreamingState", "lookahead")
 
 _DEFAULT_SLOW_STEP_SIZE = 0.5
 
+# The arguments of `diloco` that apply to replicas only.
+DILOCO_ONLY = ("axis_name", "fragments", "communication_dtype",
+               "error_feedback", "overlap", "mix")
 
+
+def _shown(value: Any) -> str:
+  """`value` as it would be written in a call."""
+  name = getattr(value, "__name__", None)
+  if isinstance(value, type) and name:
+    return f"jnp.{name}"
+  if isinstance(value, (tuple,)) and hasattr(value, "update"):
+    return "outer"
+  text = repr(value)
+  return text if len(text) <= 40 else "..."
+
+
+def diloco_call(factory: str, kwargs: dict) -> str:
+  """The error for an argument of `diloco` given to a one-device `factory`.
+
+  It shows the `lo.diloco` call to write from the arguments given.
+  """
+  moved = [n for n in DILOCO_ONLY if n in kwargs]
+  if factory == "snoo":
+    outer = [f"learning_rate={_shown(kwargs.get('learning_rate', 0.68))}",
+             f"momentum={_shown(kwargs.get('momentum', 0.37))}"]
+  elif kwargs.get("outer") is not None:
+    outer = ["outer=outer"]
+  else:
+    outer = [f"outer=optax.sgd("
+             f"{_shown(kwargs.get('slow_step_size') or 0.5)})"]
+  rest = [f"{n}={_shown(kwargs[n])}" for n in DILOCO_ONLY + (
+      "inner_state", "slow_dtype") if n in kwargs and n != "axis_name"]
+  axis = _shown(kwargs.get("axis_name", "replicas"))
+  call = ", ".join(["inner", "sync_period", f"axis_name={axis}"] + outer
+                   + rest)
+  return (
+      f"`{factory}` runs on one device and takes no `{moved[0]}`: replicas "
+      "that average their pseudo-gradients over a mapped axis (and "
+      "Streaming DiLoCo's options) are `lo.diloco`'s. Write "
+      f"`lo.diloco({call})`" + (
+          "; lookahead's interpolation with step a is "
+          "`outer=optax.sgd(a)`, or leave `outer` out for DiLoCo's Nesterov "
+          "step (`learning_rate`, `momentum`)." if factory == "lookahead"
+          else "."))
+
+
+def redirects_replica_arguments(factory: Callable) -> Callable:
+  """`factory`, raising a `TypeError` that shows the `diloco` call to write.
+
+  Python would reject those arguments anyway (the factory does not list
+  them); this names where they went. The signature is `factory`'s own.
+  """
+  signature = inspect.signature(factory)
+
+  @functools.wraps(factory)
+  def wrapper(*args, **kwargs):
+    if any(n in kwargs for n in DILOCO_ONLY):
+      own = {k: v for k, v in kwargs.items() if k in signature.parameters}
+      try:
+        given = signature.bind_partial(*args, **own).arguments
+      except TypeError:
+        given = own
+      raise TypeError(diloco_call(factory.__name__, {**kwargs, **given}))
+    return factory(*args, **kwargs)
+  return wrapper
+
+
+@redirects_replica_arguments
 def lookahead(
     inner: optax.GradientTransformation,
     sync_period: int = 5,
     slow_step_size: Optional[optax.ScalarOrSchedule] = None,
     *,
     outer: Optional[optax.GradientTransformation] = None,
-    axis_name: Optional[str] = None,
     inner_state: str = "keep",
     sync: str = "auto",
     on_nonfinite: str = "propagate",
     slow_dtype: Optional[Any] = None,
     rows_per_step: Optional[Any] = None,
-    fragments: Optional[Any] = None,
-    communication_dtype: Optional[Any] = None,
-    error_feedback: bool = False,
-    overlap: bool = False,
-    mix: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Lookahead: k steps forward with `inner`, then one step back.
 
@@ -50,9 +107,8 @@ def lookahead(
   By default the outer step is the paper's interpolation
   $\phi \leftarrow \phi + \alpha (\theta - \phi)$, i.e. SGD with step
   $\alpha$ on $\Delta$; `outer` makes it any optax transformation (SNOO:
-  SGD with Nesterov momentum, see `snoo`). With `axis_name`, replicas run
-  their inner steps on their own gradients and average $\Delta$ only at a
-  sync (DiLoCo).
+  SGD with Nesterov momentum, see `snoo`). For replicas that average
+  $\Delta$ over a mapped axis at a sync, use `diloco`.
 
   The slow weights start as a copy of the initial params and live in the
   optimizer state, so the params stay a plain pytree: `lookahead` drops into
@@ -95,16 +151,6 @@ def lookahead(
       and the slow weights move by its update. Its state lives in
       `LookaheadState.outer_state`, initialised from the initial params.
       `outer=optax.sgd(a)` equals `slow_step_size=a` up to rounding.
-    axis_name: the name of a `jax.pmap` / `shard_map` axis of data-parallel
-      replicas (DiLoCo). Each replica runs `inner` on its own gradients with
-      its own inner state (do not average the gradients in your step); at a
-      sync the pseudo-gradients are averaged over the axis (the step's only
-      collectives, inside a `jax.lax.cond`, so the other `sync_period - 1`
-      steps communicate nothing) before the outer step, and the slow weights
-      stay bitwise identical on every replica. The params land on them
-      except where a weight moved by more than a factor of two in the cycle
-      (one rounding at the scale of the fast weights). Requires the initial
-      params to be identical on all replicas.
     inner_state: what happens to the inner optimizer's state at a sync.
       `"keep"` (the paper's default) leaves it alone. `"reset"` resets its
       parameter-shaped leaves (e.g. Adam moments) to their initial values,
@@ -122,7 +168,7 @@ def lookahead(
       select makes it copy the old state); it reads one element of the new
       params to order them, a scalar all-reduce when params are sharded over
       devices. `"auto"` (default), resolved when the step is traced: the
-      cond with `axis_name`, the select for the default options, otherwise
+      select for the default options, otherwise
       the loop on a single CPU device and the select elsewhere (several
       devices, accelerators). An inner optimizer with matrix products (e.g.
       Muon) is computed once per step under every formulation; see "How the
@@ -158,44 +204,7 @@ def lookahead(
       (`CycleRows`, which also holds one int32 per table row) and a sync
       interpolates only those rows (the others already equal their slow
       weights). Needs a concrete `sync_period` and the default options
-      (no `outer`, `axis_name`, `inner_state="keep"`,
-      `on_nonfinite="propagate"`).
-    fragments: Streaming DiLoCo (with `axis_name` only): None (one
-      fragment), an int P, or a pytree prefix of the params (matched by
-      path, like `rows_per_step`) whose leaves are fragment numbers 0 to
-      P - 1. Fragment f syncs after the steps t with `t % sync_period ==
-      ((f + 1) * sync_period // P) % sync_period`, so each fragment syncs
-      every `sync_period` steps and one fragment every `sync_period / P`
-      steps, and a step's collective carries one fragment. At its sync only
-      the fragment's pseudo-gradient is averaged and `outer` steps on that
-      fragment alone, with its own state (`StreamingState`); the other
-      fragments take the inner update. An int splits the leaves by size:
-      largest leaf first, each to the fragment with the fewest values so far
-      (ties: the lower fragment number). A leaf is never split, so a
-      stacked (scanned) layer of shape `(L, ...)` is one leaf in one
-      fragment; pass a prefix tree or unstack it to split layers.
-      `sync_period` must be a Python int, a multiple of P.
-    communication_dtype: with `axis_name`, how the pseudo-gradient travels:
-      None (float32, one all-reduce), `jnp.bfloat16`, `jnp.float8_e4m3fn`,
-      `jnp.int8` or `"int4"` (two values per byte). The low-precision
-      formats carry a float32 scale per block of 256 values; the mean is
-      taken in float32 from the decoded values (all-to-all, decode and sum,
-      encode, all-gather), so it is bitwise the same on every replica.
-      See docs/diloco.md for the bytes.
-    error_feedback: with a low-precision `communication_dtype`: each
-      replica keeps what encoding dropped of its pseudo-gradient (and of
-      its shard of the mean) in one params-sized float32 buffer
-      (`StreamingState.residuals`) and adds it to its next pseudo-gradient
-      of that fragment.
-    overlap: with `axis_name`: the pseudo-gradient of a fragment that syncs
-      at step t is taken from the params as they enter step t, so its
-      collective depends on nothing the step computes (it can overlap the
-      forward and backward pass where the backend schedules it so). Needs
-      `sync_period >= 2`.
-    mix: with `axis_name`, in [0, 1], default 0: after a fragment's outer
-      step its params become `mix * fast + (1 - mix) * slow`, with `fast`
-      the fast weights after this step's inner update; 0 lands them on the
-      new slow weights (bitwise, as without it).
+      (no `outer`, `inner_state="keep"`, `on_nonfinite="propagate"`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -203,23 +212,20 @@ def lookahead(
 
   Raises:
     TypeError: if `inner` or `outer` is not a gradient transformation,
-      `sync_period`, `slow_step_size`, `axis_name` or `slow_dtype` has the
-      wrong type, or `update` gets a state that is not a `LookaheadState`.
+      `sync_period`, `slow_step_size` or `slow_dtype` has the wrong type,
+      an argument of `diloco` (`axis_name`, `fragments`, ...) is passed (the
+      message shows the `diloco` call to write), or `update` gets a state
+      that is not a `LookaheadState`.
     ValueError: if `sync_period` is out of range, `slow_step_size` is outside
       [0, 1] or NaN, a string option is not one of its values, `inner` is an
       `optax.MultiSteps`, `outer` is combined with `slow_step_size` or
-      `inner_state="pullback"`, `axis_name` with `sync="select"` or used
-      outside a mapped axis, or `update` is called without params, with
-      params or updates whose structure, shapes or dtypes differ from the
-      state (with `slow_dtype`, only whether a params leaf is floating is
-      checked: the state does not record the params' float width), or with
-      `touched_rows` for leaves that no `lazy` handles; for the streaming
-      arguments (`fragments`, `communication_dtype`, `error_feedback`,
-      `overlap`, `mix`): given without `axis_name`, `sync_period` not a
-      multiple of the number of fragments, a fragment with no leaves, `mix`
-      outside [0, 1], an unsupported `communication_dtype`, `error_feedback`
-      without one, `overlap=True` with `sync_period=1`, or with
-      `inner_state="pullback"` (a `TypeError` for a wrong type).
+      `inner_state="pullback"`, `rows_per_step` with options other than the
+      defaults, or `update` is called without params, with params or updates
+      whose structure, shapes or dtypes differ from the state (with
+      `slow_dtype`, only whether a params leaf is floating is checked: the
+      state does not record the params' float width), with a step counter
+      that is not a scalar, or with `touched_rows` for leaves that no `lazy`
+      handles.
 
   Example:
     >>> import jax.numpy as jnp
@@ -241,13 +247,28 @@ def lookahead(
   References:
     Zhang, Lucas, Hinton, Ba, [Lookahead Optimizer: k steps forward, 1 step
     back](https://arxiv.org/abs/1907.08610), NeurIPS 2019.
+  """
+  opts = options(inner, sync_period, slow_step_size, outer=outer,
+                 inner_state=inner_state, sync=sync,
+                 on_nonfinite=on_nonfinite, slow_dtype=slow_dtype,
+                 rows_per_step=rows_per_step)
 
-    Douillard et al., [DiLoCo: Distributed Low-Communication Training of
-    Language Models](https://arxiv.org/abs/2311.08105), 2023.
+  def init_fn(params):
+    return _step.init(opts, rows_per_step, params)
 
-    Douillard et al., [Streaming DiLoCo with overlapping communication:
-    Towards a Distributed Free Lunch](https://arxiv.org/abs/2501.18512),
-    2025.
+  def update_fn(updates, state, params=None, **extra_args):
+    return _step.update(opts, updates, state, params, extra_args)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def options(inner: Any, sync_period: Any, slow_step_size: Any, *, outer: Any,
+            inner_state: Any, sync: Any, on_nonfinite: Any, slow_dtype: Any,
+            rows_per_step: Any) -> _step.Options:
+  """`lookahead`'s arguments, checked: every rule of what combines.
+
+  Raises:
+    TypeError, ValueError: naming the argument.
   """
   _checks.check_transformation("inner", inner)
   if _arguments.is_multisteps(inner):
@@ -263,69 +284,17 @@ def lookahead(
   _checks.check_choice("on_nonfinite", on_nonfinite,
                        _policies.NONFINITE_POLICIES)
   _arguments.check_outer(outer, slow_step_size, inner_state)
-  _arguments.check_axis_name(axis_name, sync, on_nonfinite)
   if rows_per_step is not None and not isinstance(sync_period, int):
     raise TypeError(
         "`sync_period` must be a Python int when `rows_per_step` is given "
         f"(it sizes the id buffer), got {sync_period!r}.")
   _arguments.check_rows_per_step_options(
-      rows_per_step, outer, axis_name, inner_state, on_nonfinite)
-  streaming = _streaming_args.check_args(
-      axis_name=axis_name, sync_period=sync_period, inner_state=inner_state,
-      fragments=fragments, communication_dtype=communication_dtype,
-      error_feedback=error_feedback, overlap=overlap, mix=mix)
+      rows_per_step, outer, inner_state, on_nonfinite)
   if outer is None and slow_step_size is None:
     slow_step_size = _DEFAULT_SLOW_STEP_SIZE
-  opts = _step.Options(
+  return _step.Options(
       inner=optax.with_extra_args_support(inner), outer=outer,
       sync_period=sync_period, slow_step_size=slow_step_size,
-      inner_state=inner_state, on_nonfinite=on_nonfinite,
-      axis_name=axis_name, slow_dtype=_arguments.check_slow_dtype(slow_dtype),
-      sync=sync,
-      counts_syncs=outer is None and callable(slow_step_size),
-      sparse_options=_arguments.sparse_options_conflict(
-          outer, axis_name, inner_state, on_nonfinite),
-      streaming=streaming)
-
-  def init_fn(params):
-    return _init(opts, rows_per_step, params)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    return _step.update(opts, updates, state, params, extra_args)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _init(opts: _step.Options, rows_per_step: Any,
-          params: optax.Params) -> LookaheadState:
-  """`lookahead`'s `init_fn`: slow weights are copies of the params."""
-  inner_init = opts.inner.init(params)
-  if _arguments.has_state(inner_init, optax.MultiStepsState):
-    raise ValueError(f"`inner` contains an optax.MultiSteps: "
-                     f"{_arguments.MULTISTEPS_ERROR}")
-  if opts.inner_state == "pullback":
-    inner_init = PullbackState(inner_init,
-                               jax.tree.map(_arguments.copy, inner_init))
-
-  def slow_copy(p):
-    dtype = jnp.result_type(p)
-    if opts.slow_dtype is not None and jnp.issubdtype(dtype, jnp.floating):
-      dtype = opts.slow_dtype
-    return jnp.array(p, dtype=dtype, copy=True)
-
-  slow = jax.tree.map(slow_copy, params)
-  if opts.streaming is not None:
-    outer_state = _streaming.init_state(opts.streaming, opts.outer,
-                                        opts.counts_syncs, slow)
-  elif opts.outer is not None:
-    outer_state = opts.outer.init(_sync.in_compute_dtype(slow))
-  elif opts.counts_syncs:
-    outer_state = optax.ScaleByScheduleState(jnp.zeros([], jnp.int32))
-  else:
-    outer_state = optax.EmptyState()
-  cycle_rows = None
-  if rows_per_step is not None:
-    counts = _rows.resolve_rows_per_step(rows_per_step, params)
-    cycle_rows = _rows.init_cycle_rows(counts, params, opts.sync_period)
-  return LookaheadState(inner_init, slow, jnp.zeros([], jnp.int32),
-                        outer_state, cycle_rows)
+      inner_state=inner_state, on_nonfinite=on_nonfinite, axis_name=None,
+      slow_dtype=_arguments.check_slow_dtype(slow_dtype), sync=sync,
+      counts_syncs=outer is None and callable(slow_step_size))

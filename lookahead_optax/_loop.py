@@ -165,7 +165,7 @@ def loop_outer_step(opts: Any, s: Any, slow: Any, outer_state: Any
     u_in, _ = opts.inner.update(vary(s.grads), vary(s.current),
                                 vary(s.params), **s.extra_args)
     return _sync.slow_targets(vary(s.params), u_in, slow_c, outer_c,
-                              outer=opts.outer, alpha=None, axis_name=None)
+                              outer=opts.outer, alpha=None)
 
   held, outer_state = loop_targets(s.is_sync, targets_fn, slow, outer_state)
   updates = jax.tree.map(

@@ -213,12 +213,12 @@ def check_sparse_leaves(sparse: list, cycle_rows: Any, params: Any,
     if not is_sparse:
       continue
     where = _tree.path_str(path)
+    if options_ok is not None:
+      raise ValueError(
+          f"The inner update of leaf {where} is a `SparseRows`: row-sparse "
+          f"syncs support the default options only ({options_ok}).")
     if _tree.is_masked_node(buf):
       raise ValueError(
           f"The inner update of leaf {where} is a `SparseRows` but "
           "`rows_per_step` declares no ids for it: pass `rows_per_step` with "
           "the number of ids each step brings for that table.")
-    if options_ok is not None:
-      raise ValueError(
-          f"The inner update of leaf {where} is a `SparseRows`: row-sparse "
-          f"syncs support the default options only ({options_ok}).")

@@ -48,8 +48,50 @@ class Options(NamedTuple):
   slow_dtype: Any
   sync: str  # as asked for: "auto", "select", "cond" or "loop"
   counts_syncs: bool
-  sparse_options: Optional[str]
-  streaming: Any = None  # `_streaming.StreamingOptions`, or None
+  streaming: Any = None  # `diloco`'s `_diloco.DilocoConfig`, else None
+
+
+def sparse_conflict(opts: Options) -> Optional[str]:
+  """Why row-sparse tables cannot be synced with these options, or None."""
+  if (opts.outer is None and opts.axis_name is None
+      and opts.inner_state == "keep" and opts.on_nonfinite == "propagate"):
+    return None
+  return ("no `outer`, no `axis_name`, `inner_state='keep'`, "
+          "`on_nonfinite='propagate'`")
+
+
+def init(opts: Options, rows_per_step: Any,
+          params: optax.Params) -> LookaheadState:
+  """The `init_fn` of `lookahead` and `diloco`: the slow weights are copies."""
+  inner_init = opts.inner.init(params)
+  if _arguments.has_state(inner_init, optax.MultiStepsState):
+    raise ValueError(f"`inner` contains an optax.MultiSteps: "
+                     f"{_arguments.MULTISTEPS_ERROR}")
+  if opts.inner_state == "pullback":
+    inner_init = PullbackState(inner_init,
+                               jax.tree.map(_arguments.copy, inner_init))
+
+  def slow_copy(p):
+    dtype = jnp.result_type(p)
+    if opts.slow_dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+      dtype = opts.slow_dtype
+    return jnp.array(p, dtype=dtype, copy=True)
+
+  slow = jax.tree.map(slow_copy, params)
+  if opts.streaming is not None:
+    outer_state = _streaming.init_state(opts.streaming, opts.outer, slow)
+  elif opts.outer is not None:
+    outer_state = opts.outer.init(_sync.in_compute_dtype(slow))
+  elif opts.counts_syncs:
+    outer_state = optax.ScaleByScheduleState(jnp.zeros([], jnp.int32))
+  else:
+    outer_state = optax.EmptyState()
+  cycle_rows = None
+  if rows_per_step is not None:
+    counts = _rows.resolve_rows_per_step(rows_per_step, params)
+    cycle_rows = _rows.init_cycle_rows(counts, params, opts.sync_period)
+  return LookaheadState(inner_init, slow, jnp.zeros([], jnp.int32),
+                        outer_state, cycle_rows)
 
 
 class Step(NamedTuple):
@@ -76,7 +118,7 @@ def outer_fn(opts: Options, params: Any):
     alpha = _sync.alpha_of(opts, carry.outer_state)
     targets, outer_state = _sync.slow_targets(
         params, carry.updates, carry.slow, carry.outer_state,
-        outer=opts.outer, alpha=alpha, axis_name=opts.axis_name)
+        outer=opts.outer, alpha=alpha)
     if opts.counts_syncs:
       outer_state = optax.ScaleByScheduleState(
           optax.safe_increment(outer_state.count))
@@ -115,8 +157,7 @@ def pieces(opts: Options, s: Step, state: LookaheadState,
     reset = lambda inner: _policies.reset_where(  # pylint: disable=unnecessary-lambda-assignment
         s.bad, s.param_shaped, inner, s.inner_init)
   store = lambda updates, targets, slow: _sync.store(  # pylint: disable=unnecessary-lambda-assignment
-      dense_params, updates, targets, slow,
-      keep_target=opts.axis_name is not None)
+      dense_params, updates, targets, slow)
   return _formulation.Pieces(outer_fn(opts, dense_params),
                              policy_fn(opts, s, state.outer_state), rollback,
                              reset, store)
@@ -152,7 +193,7 @@ def begin(opts: Options, grads: Any, state: LookaheadState, params: Any,
   sparse = _rows.sparse_flags(inner_updates)
   if any(sparse):
     _rows.check_sparse_leaves(sparse, state.cycle_rows, params,
-                              opts.sparse_options)
+                              sparse_conflict(opts))
   return form, Step(
       params, grads, extra_args, current, synced, inner_updates, new_inner,
       is_sync, bad,

@@ -1,11 +1,12 @@
-"""Streaming DiLoCo: fragments that sync at staggered steps, compressed means.
+"""DiLoCo's sync: fragments that sync at staggered steps, compressed means.
 
-With `axis_name` and any of `fragments`, `communication_dtype`,
-`error_feedback`, `overlap` or `mix`, the sync of `lookahead` runs here
-instead of in `_step.dense_sync`:
+Every `diloco` step runs its sync here (one fragment is the paper's DiLoCo;
+there is no other path):
 
-* the params leaves are split into P fragments (`_streaming_args`);
-  fragment f syncs after the inner steps t with
+* the params leaves are split into P fragments (`leaf_fragments`: whole
+  leaves, largest first, each to the fragment with the fewest values so
+  far; or from a prefix tree of fragment numbers); fragment f syncs after
+  the inner steps t with
   `t % sync_period == ((f + 1) * sync_period // P) % sync_period`
   (`sync_slots`), so one fragment syncs every `sync_period / P` steps;
 * at its sync, fragment f's pseudo-gradient alone is averaged over the axis
@@ -30,15 +31,80 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lookahead_optax import _compress
 from lookahead_optax import _sync
 from lookahead_optax import _tree
-from lookahead_optax._streaming_args import StreamingOptions
-from lookahead_optax._streaming_args import leaf_fragments
-from lookahead_optax._streaming_args import sync_slots
 from lookahead_optax._types import StreamingState
+
+
+def is_fragment_number(x: Any) -> bool:
+  return (isinstance(x, (numbers.Integral, np.integer))
+          and not isinstance(x, (bool, np.bool_)))
+
+
+def sync_slots(num_fragments: int, sync_period: int) -> list:
+  """`step % sync_period` at fragment f's sync, for each f."""
+  return [((f + 1) * sync_period // num_fragments) % sync_period
+          for f in range(num_fragments)]
+
+
+def _balanced(sizes: list, num: int) -> list:
+  """Leaves to `num` fragments, largest first to the least loaded one.
+
+  Ties go to the earlier leaf and the lower fragment number, so the split
+  depends on the params' shapes alone (the same on every replica).
+  """
+  loads, out = [0] * num, [0] * len(sizes)
+  for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+    f = min(range(num), key=lambda f: (loads[f], f))
+    out[i] = f
+    loads[f] += sizes[i]
+  return out
+
+
+def _from_prefix(fragments: Any, params: Any) -> list:
+  """Each params leaf's fragment number, from a prefix tree (by path)."""
+  per_param, unused = _tree.by_path_prefix(fragments, params)
+  flat = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=_tree.is_masked_node)[0]
+  out = []
+  for (path, leaf), named in zip(flat, per_param):
+    if _tree.is_masked_node(leaf):
+      continue
+    if named is None:
+      raise ValueError(
+          f"`fragments` gives no fragment for params leaf "
+          f"{_tree.path_str(path)}: it must be a prefix of the params.")
+    out.append(int(named[1]))
+  if unused:
+    raise ValueError(
+        f"`fragments` names {_tree.path_str(unused[0])}, which is no params "
+        "leaf or prefix of one.")
+  return out
+
+
+def leaf_fragments(sopts: Any, params: Any) -> list:
+  """The fragment number of each params leaf (`jax.tree.leaves` order).
+
+  Raises:
+    ValueError: when a fragment gets no leaf.
+  """
+  leaves = jax.tree.leaves(params)
+  if is_fragment_number(sopts.fragments) or sopts.fragments is None:
+    if len(leaves) < sopts.num_fragments:
+      raise ValueError(
+          f"`fragments={sopts.num_fragments}`, but the params have "
+          f"{len(leaves)} leaves: each fragment needs at least one.")
+    return _balanced([int(np.prod(jnp.shape(x))) for x in leaves],
+                     sopts.num_fragments)
+  out = _from_prefix(sopts.fragments, params)
+  empty = sorted(set(range(sopts.num_fragments)) - set(out))
+  if empty:
+    raise ValueError(f"`fragments`: fragment {empty[0]} has no params leaf.")
+  return out
 
 
 def _masked(treedef: Any, leaves: list, keep: list) -> Any:
@@ -48,24 +114,19 @@ def _masked(treedef: Any, leaves: list, keep: list) -> Any:
       x if i in keep else optax.MaskedNode() for i, x in enumerate(leaves)])
 
 
-def init_state(sopts: StreamingOptions, outer: Any, counts_syncs: bool,
+def init_state(config: Any, outer: optax.GradientTransformation,
                slow: Any) -> StreamingState:
   """One outer state per fragment, and the error-feedback buffers."""
   slow_c = _sync.in_compute_dtype(slow)
   leaves, treedef = jax.tree.flatten(slow_c)
-  frag = leaf_fragments(sopts, slow)
-  states = []
-  for f in range(sopts.num_fragments):
-    if outer is not None:
-      mine = [i for i, g in enumerate(frag) if g == f]
-      states.append(outer.init(_masked(treedef, leaves, mine)))
-    elif counts_syncs:
-      states.append(optax.ScaleByScheduleState(jnp.zeros([], jnp.int32)))
-    else:
-      states.append(optax.EmptyState())
+  frag = leaf_fragments(config, slow)
+  states = tuple(
+      outer.init(_masked(treedef, leaves,
+                         [i for i, g in enumerate(frag) if g == f]))
+      for f in range(config.num_fragments))
   residuals = (jax.tree.map(jnp.zeros_like, slow_c)
-               if sopts.error_feedback else None)
-  return StreamingState(tuple(states), residuals)
+               if config.error_feedback else None)
+  return StreamingState(states, residuals)
 
 
 class Fragment(NamedTuple):
@@ -97,22 +158,15 @@ def outer_step(opts: Any, frag: Fragment, slow: list, params: list,
   if residual is not None:
     delta = [d + r for d, r in zip(delta, residual)]
   mean, dropped = _compress.mean(delta, opts.axis_name, sopts.fmt)
-  if opts.outer is None:
-    alpha = _sync.alpha_of(opts, outer_state)
-    targets = [_sync.interpolate(s, s - m, alpha.astype(s.dtype))
-               for s, m in zip(slow_c, mean)]
-    if opts.counts_syncs:
-      outer_state = optax.ScaleByScheduleState(
-          optax.safe_increment(outer_state.count))
-  else:
-    def tree(values):
-      full = [None] * frag.num_leaves
-      for i, v in zip(frag.leaves, values):
-        full[i] = v
-      return _masked(frag.treedef, full, frag.leaves)
-    targets, outer_state = _sync.apply_outer(opts.outer, tree(mean),
-                                             outer_state, tree(slow_c))
-    targets = jax.tree.leaves(targets)
+
+  def tree(values):
+    full = [None] * frag.num_leaves
+    for i, v in zip(frag.leaves, values):
+      full[i] = v
+    return _masked(frag.treedef, full, frag.leaves)
+  targets, outer_state = _sync.apply_outer(opts.outer, tree(mean),
+                                           outer_state, tree(slow_c))
+  targets = jax.tree.leaves(targets)
   # Every replica keeps the target itself (they must agree bitwise).
   stored = [_sync.stored_slow(p, None, t, s, keep_target=True)
             for p, t, s in zip(params, targets, slow)]

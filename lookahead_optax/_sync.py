@@ -82,7 +82,7 @@ def landing_update(p: jax.Array, u: jax.Array, target: jax.Array,
   weights) the slow weights' dtype. `target` is rounded to the slow weights'
   dtype and then to the params' first, so that where `p + (target - p)` is
   exact (a weight within a factor of two of its target) the params land on
-  the rounded target itself, as replicas that store it must (`axis_name`).
+  the rounded target itself, as replicas that store it must (`diloco`).
   """
   pdtype, sdtype = jnp.result_type(p), jnp.result_type(slow)
   if jnp.issubdtype(pdtype, jnp.number):  # bool params: no bool arithmetic
@@ -101,7 +101,7 @@ def stored_slow(p: jax.Array, update: Optional[jax.Array], target: jax.Array,
   params land on them bitwise; only where that addition rounds (a weight that
   moved by more than a factor of two in the cycle) do they differ from
   `target`, by one rounding at the scale of the fast weights. With
-  `keep_target` (replicas that must agree bitwise, see `axis_name`) they are
+  `keep_target` (replicas that must agree bitwise, see `diloco`) they are
   `target` itself (`update` is then not read and may be None). Slow
   weights in another dtype (`slow_dtype`) keep the precise target unless the
   params did not land on it.
@@ -128,30 +128,18 @@ def same_value_and_sign(a: jax.Array, b: jax.Array) -> jax.Array:
   return (a == b) & (jnp.signbit(a) == jnp.signbit(b))
 
 
-def _pmean(tree: Any, axis_name: Optional[str]) -> Any:
-  if axis_name is None:
-    return tree
-  return jax.lax.pmean(tree, axis_name)
-
-
 def slow_targets(params: Any, inner_updates: Any, slow: Any, outer_state: Any,
                  *, outer: Optional[optax.GradientTransformation],
-                 alpha: Optional[jax.Array], axis_name: Optional[str]
-                 ) -> tuple[Any, Any]:
-  """The outer step: new slow weights (compute dtype) and outer state.
-
-  With `axis_name`, the pseudo-gradients (or, for Lookahead, the fast
-  weights) are averaged over that axis first: the only collective of a step.
-  """
+                 alpha: Optional[jax.Array]) -> tuple[Any, Any]:
+  """The outer step: new slow weights (compute dtype) and outer state."""
   cdtypes = jax.tree.map(compute_dtype, slow)
   fast = jax.tree.map(fast_weights, params, inner_updates, cdtypes)
   slow_c = jax.tree.map(lambda s, c: s.astype(c), slow, cdtypes)
   if outer is None:
-    fast = _pmean(fast, axis_name)
     targets = jax.tree.map(
         lambda s, f: interpolate(s, f, alpha.astype(s.dtype)), slow_c, fast)
     return targets, outer_state
-  delta = _pmean(jax.tree.map(jnp.subtract, slow_c, fast), axis_name)
+  delta = jax.tree.map(jnp.subtract, slow_c, fast)
   return apply_outer(outer, delta, outer_state, slow_c)
 
 
@@ -191,9 +179,8 @@ def tree_select(flag: jax.Array, on_true: Any, on_false: Any) -> Any:
   return jax.tree.map(lambda a, b: jnp.where(flag, a, b), on_true, on_false)
 
 
-def store(params: Any, updates: Any, targets: Any, slow: Any, *,
-          keep_target: bool) -> Any:
+def store(params: Any, updates: Any, targets: Any, slow: Any) -> Any:
   """The slow weights to store (`stored_slow`, leaf by leaf)."""
   return jax.tree.map(
-      lambda p, u, t, s: stored_slow(p, u, t, s, keep_target=keep_target),
+      lambda p, u, t, s: stored_slow(p, u, t, s, keep_target=False),
       params, updates, targets, slow)

@@ -21,9 +21,8 @@ class LookaheadState(NamedTuple):
     outer_state: the state of the outer step: the `outer` transformation's
       state (initialised from the initial params), or, without `outer`, the
       number of syncs done (`optax.ScaleByScheduleState`) when
-      `slow_step_size` is a schedule, else `optax.EmptyState()`. With the
-      streaming options of DiLoCo (`fragments`, `communication_dtype`, ...)
-      a `StreamingState` holding one such state per fragment.
+      `slow_step_size` is a schedule, else `optax.EmptyState()`. For
+      `diloco`, a `StreamingState` holding one outer state per fragment.
     cycle_rows: with `rows_per_step`, a `CycleRows` per row-sparse table
       (the rows it was updated in during this cycle; `optax.MaskedNode()` at
       other leaves), else None.
@@ -74,18 +73,13 @@ class CycleRows(NamedTuple):
 
 
 class StreamingState(NamedTuple):
-  """The `outer_state` of a `lookahead` with streaming options (DiLoCo).
-
-  Used with `axis_name` and any of `fragments`, `communication_dtype`,
-  `error_feedback`, `overlap` or `mix`.
+  """The `outer_state` of `diloco` (one fragment, or Streaming DiLoCo's P).
 
   Attributes:
-    outer_states: one outer state per fragment (a tuple of P): the `outer`
-      transformation's state initialised on that fragment's slow weights
-      alone (`optax.MaskedNode()` at the other leaves), or without `outer`
-      the fragment's sync count (`optax.ScaleByScheduleState`) when
-      `slow_step_size` is a schedule, else `optax.EmptyState()`. A
-      fragment's state moves only at its own syncs.
+    outer_states: one outer state per fragment (a tuple of P, one with
+      `fragments=None`): the outer transformation's state initialised on
+      that fragment's slow weights alone (`optax.MaskedNode()` at the other
+      leaves). A fragment's state moves only at its own syncs.
     residuals: with `error_feedback=True`, per params leaf the part of this
       replica's pseudo-gradient that encoding dropped at the fragment's last
       sync (float32, or the slow weights' compute dtype), added to its next

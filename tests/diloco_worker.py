@@ -1,4 +1,4 @@
-"""One process of a multi-controller DiLoCo run (`lookahead(axis_name=...)`).
+"""One process of a multi-controller DiLoCo run (`lo.diloco`).
 
 Run by tests/test_diloco.py as 2 processes on localhost, each with 4 CPU
 devices; the 8 devices form one global mesh with a "data" axis of 8 DiLoCo
@@ -77,9 +77,9 @@ def train(mesh, steps=STEPS, streaming=False):
 
   import lookahead_optax as lo
 
-  tx = lo.lookahead(
+  tx = lo.diloco(
       optax.adamw(0.03, b1=0.8, b2=0.95, weight_decay=0.05), SYNC_PERIOD,
-      outer=optax.sgd(0.7, momentum=0.9, nesterov=True), axis_name="data",
+      "data", outer=optax.sgd(0.7, momentum=0.9, nesterov=True),
       **(STREAMING if streaming else {}))
   sharding = NamedSharding(mesh, P("data"))
 
@@ -119,9 +119,7 @@ def train(mesh, steps=STEPS, streaming=False):
 
   gather = lambda tree: jax.tree.map(
       np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-  outer_state = (state.outer_state.outer_states[0] if streaming
-                 else state.outer_state)
-  momentum = outer_state[0].trace
+  momentum = state.outer_state.outer_states[0][0].trace
   return (gather(params), gather(lo.slow_params(state)), gather(momentum),
           gather(state.step))
 

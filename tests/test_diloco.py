@@ -1,4 +1,4 @@
-"""DiLoCo: `lookahead(..., axis_name=...)` over 8 replicas.
+"""DiLoCo: `lo.diloco` over 8 replicas.
 
 Each replica runs AdamW on its own data with its own inner state; every
 `k` steps the pseudo-gradients `slow - fast` are averaged over the replica
@@ -61,10 +61,15 @@ def inner_tx():
 
 @functools.cache
 def diloco_tx(**kwargs):
-  """DiLoCo's `lookahead`, one object a configuration (one compiled step)."""
-  kwargs.setdefault("outer", optax.sgd(OUTER_LR, momentum=OUTER_MU,
-                                       nesterov=True))
-  return lo.lookahead(inner_tx(), K, axis_name=AXIS, **kwargs)
+  """`lo.diloco`, one object a configuration (one compiled step)."""
+  if "outer" not in kwargs:
+    kwargs.update(learning_rate=OUTER_LR, momentum=OUTER_MU)
+  return lo.diloco(inner_tx(), K, AXIS, **kwargs)
+
+
+def outer_momentum(state):
+  """The Nesterov buffer of the (one) fragment's outer SGD."""
+  return state.outer_state.outer_states[0][0].trace
 
 
 def loss_fn(params, x, y):
@@ -188,7 +193,7 @@ def test_pmap_matches_simulation_of_8_replicas(nesterov_runs, data):
   for k in ref["slow"]:
     assert_same_on_all_replicas(state.slow_params[k], k)
   assert_close(jax.tree.map(lambda a: a[0], state.slow_params), ref["slow"])
-  assert_close(jax.tree.map(lambda a: a[0], state.outer_state[0].trace),
+  assert_close(jax.tree.map(lambda a: a[0], outer_momentum(state)),
                ref["momentum"])
   for t, expected in zip(SYNC_STEPS, ref["history"]):
     slow = history[t - 1][1].slow_params
@@ -208,9 +213,9 @@ def test_pmap_matches_simulation_of_8_replicas(nesterov_runs, data):
 
 
 def test_pmap_interpolation_averages_fast_weights(data):
-  """`outer=None`: the slow weights move 0.3 of the way to the mean."""
+  """`outer=optax.sgd(0.3)`: the slow weights move 0.3 of the way."""
   xs, ys, params0 = data
-  tx = lo.lookahead(inner_tx(), K, slow_step_size=0.3, axis_name=AXIS)
+  tx = diloco_tx(outer=optax.sgd(0.3))
   history = run_pmap(tx, xs, ys, params0, STEPS)
   ref = simulate(xs, ys, params0, STEPS, alpha=0.3)
   params, state = history[-1]
@@ -265,13 +270,13 @@ def test_shard_map_matches_simulation_and_pmap(data):
   assert_close(slow, p_state.slow_params, atol=5e-7)
 
 
-def test_snoo_with_axis_name_is_diloco(nesterov_runs, data):
+def test_nesterov_by_its_settings_is_that_outer(nesterov_runs, data):
+  """`learning_rate`, `momentum` build the very `outer` SGD they name."""
   xs, ys, params0 = data
-  tx = lo.snoo(inner_tx(), K, learning_rate=OUTER_LR, momentum=OUTER_MU,
-               axis_name=AXIS)
-  # `snoo` builds that very `lookahead`: the two steps lower to one and the
-  # same program, so they are compared bitwise (two different programs
-  # could round differently).
+  tx = lo.diloco(inner_tx(), K, AXIS, outer=optax.sgd(
+      OUTER_LR, momentum=OUTER_MU, nesterov=True))
+  # The two steps lower to one and the same program, so they are compared
+  # bitwise (two different programs could round differently).
   args = _args(tx)
   assert (pmap_step(tx).lower(*args).as_text()
           == pmap_step(diloco_tx()).lower(*args).as_text())
@@ -297,7 +302,7 @@ def test_after_each_sync_slow_identical_and_params_land_on_it(nesterov_runs):
       # The weights stay in [0.5, 3]: no weight moves by 2x in a cycle, so
       # the params land on the slow weights exactly.
       assert_bitwise(params[k], slow, f"params {k} after step {t}")
-      assert_same_on_all_replicas(state.outer_state[0].trace[k], k)
+      assert_same_on_all_replicas(outer_momentum(state)[k], k)
     # Each replica keeps its own inner state: the Adam moments differ.
     adam = state.inner_state[0]
     for k in params:
@@ -326,7 +331,7 @@ def test_landing_not_exact_when_a_weight_moves_by_more_than_2x():
   g1 = -rng.uniform(15.0, 20.0, size=(N, size)).astype(np.float32)
   g2 = rng.uniform(14.0, 19.0, size=(N, size)).astype(np.float32)
   outer = optax.sgd(OUTER_LR, momentum=OUTER_MU, nesterov=True)
-  tx = lo.lookahead(optax.sgd(1.0), 2, outer=outer, axis_name=AXIS)
+  tx = lo.diloco(optax.sgd(1.0), 2, AXIS, outer=outer)
 
   @functools.partial(jax.pmap, axis_name=AXIS)
   def step(params, state, grads):
@@ -350,7 +355,7 @@ def test_landing_not_exact_when_a_weight_moves_by_more_than_2x():
   assert off.any()  # some params did not land exactly ...
   assert np.all(np.abs(params - slow) <= np.spacing(
       before.astype(np.float32)))  # ... but to within one ulp of p
-  # Without `axis_name` the stored slow weights are `p + update` instead, so
+  # On one device (`lookahead`) the stored slow weights are `p + update` instead, so
   # there the params land bitwise even in this case.
   single = lo.lookahead(optax.sgd(1.0), 2, outer=outer)
   p0 = jnp.ones(size, jnp.float32)
@@ -404,8 +409,7 @@ def _args(tx):
 @pytest.mark.parametrize("kind", ["nesterov", "interpolation", "reset"])
 def test_pmap_hlo_one_all_reduce_inside_the_sync_cond(kind):
   tx = {"nesterov": diloco_tx(),
-        "interpolation": lo.lookahead(inner_tx(), K, slow_step_size=0.3,
-                                      axis_name=AXIS),
+        "interpolation": diloco_tx(outer=optax.sgd(0.3)),
         "reset": diloco_tx(inner_state="reset")}[kind]
   text = pmap_step(tx).lower(*_args(tx)).compile().as_text()
   line = assert_collectives_only_in_sync_branch(text)
@@ -476,7 +480,7 @@ def test_bfloat16_slow_weights_with_a_momentum_outer():
 
 
 def test_bfloat16_params_land_on_the_slow_weights():
-  tx = lo.lookahead(inner_tx(), K, slow_step_size=0.3, axis_name=AXIS)
+  tx = diloco_tx(outer=optax.sgd(0.3))
   params = jax.tree.map(lambda a: a.astype(jnp.bfloat16),
                         replicate(worker.init_params()))
   state = jax.pmap(tx.init)(params)
@@ -536,22 +540,37 @@ def test_axis_name_outside_a_mapped_axis_raises_at_trace_time():
         *replicate((grads, state, params)))
 
 
-def test_sync_select_with_axis_name_raises():
-  with pytest.raises(ValueError, match=r"`sync='select'` cannot combine with "
-                     r"`axis_name`"):
-    lo.lookahead(inner_tx(), K, axis_name=AXIS, sync="select")
-  with pytest.raises(TypeError, match=r"`axis_name` must be a non-empty "
-                     r"string or None, got 3"):
-    lo.lookahead(inner_tx(), K, axis_name=3)
+@pytest.mark.parametrize("factory", ["lookahead", "snoo"])
+@pytest.mark.parametrize("kwargs,shown", [
+    (dict(axis_name=AXIS), "lo.diloco(inner, sync_period, axis_name='data', "),
+    (dict(axis_name=AXIS, fragments=2, communication_dtype=jnp.int8),
+     "fragments=2, communication_dtype=jnp.int8)"),
+    (dict(error_feedback=True), "axis_name='replicas'"),
+    (dict(overlap=True, mix=0.25), "overlap=True, mix=0.25)"),
+])
+def test_one_device_factories_point_replica_arguments_to_diloco(
+    factory, kwargs, shown):
+  make = getattr(lo, factory)
+  first = next(iter(kwargs))
+  with pytest.raises(TypeError) as info:
+    make(inner_tx(), K, **kwargs)
+  message = str(info.value)
+  assert f"`{factory}` runs on one device and takes no `{first}`" in message
+  assert shown in message, message
+  if factory == "lookahead":
+    assert "outer=optax.sgd(0.5)" in message  # lookahead's default alpha
+  else:
+    assert "learning_rate=0.68, momentum=0.37" in message
 
 
-def test_rollback_with_axis_name_is_rejected():
-  # A replica rolling back a sync step would skip the all-reduce that the
-  # other replicas wait in (a deadlock), so the combination is an error.
-  with pytest.raises(ValueError, match=r"`on_nonfinite='rollback'` cannot "
-                     r"combine with `axis_name`"):
-    lo.lookahead(optax.sgd(0.1), 2, axis_name=AXIS, on_nonfinite="rollback",
-                 outer=optax.sgd(0.7, momentum=0.9, nesterov=True))
+def test_lookahead_step_size_shows_as_the_outer_sgd():
+  with pytest.raises(TypeError, match=re.escape(
+      "lo.diloco(inner, sync_period, axis_name='data', "
+      "outer=optax.sgd(0.3))")):
+    lo.lookahead(inner_tx(), K, 0.3, axis_name=AXIS)
+  with pytest.raises(TypeError, match=re.escape("outer=outer, fragments=2")):
+    lo.lookahead(inner_tx(), K, outer=optax.sgd(0.1), axis_name=AXIS,
+                 fragments=2)
 
 
 # ---------------------------------------------------------------------------
@@ -569,7 +588,7 @@ def test_checkpoint_resume_is_bitwise(tmp_path, data):
     params, state = step(params, state, xs[:, t], ys[:, t])
   leaves, treedef = jax.tree.flatten((params, state))
   np.savez(tmp_path / "ckpt.npz", *[np.asarray(a) for a in leaves])
-  assert np.max(np.abs(np.asarray(state.outer_state[0].trace["w"]))) > 1e-2
+  assert np.max(np.abs(np.asarray(outer_momentum(state)["w"]))) > 1e-2
   for t in range(4, STEPS):
     params, state = step(params, state, xs[:, t], ys[:, t])
   expected = to_numpy((params, state))
@@ -671,7 +690,7 @@ def test_check_replicas_agree_names_the_leaf_and_replica():
     lo.check_replicas_agree({"s": jnp.ones(())}, name="state")
 
 
-def test_diloco_preset_is_nesterov_lookahead_with_the_papers_settings():
+def test_diloco_default_outer_is_nesterov_with_the_default_settings():
   inner = optax.adamw(0.03)
   params = {"w": jnp.ones((4, 2)), "b": jnp.ones(2)}
   rep = jax.tree.map(lambda a: jnp.stack([a, a]), params)
@@ -685,8 +704,11 @@ def test_diloco_preset_is_nesterov_lookahead_with_the_papers_settings():
     return jax.pmap(step, axis_name="data", devices=devices).lower(
         rep, state, rep).as_text()
 
-  explicit = lo.lookahead(inner, 7, axis_name="data", inner_state="reset",
-                          outer=optax.sgd(0.7, momentum=0.9, nesterov=True))
+  from lookahead_optax import _diloco  # pylint: disable=import-outside-toplevel
+  explicit = lo.diloco(inner, 7, "data", inner_state="reset",
+                       outer=optax.sgd(_diloco.DEFAULT_LEARNING_RATE,
+                                       momentum=_diloco.DEFAULT_MOMENTUM,
+                                       nesterov=True))
   preset = lo.diloco(inner, 7, "data", inner_state="reset")
   strip = lambda t: re.sub(r"loc\(.*?\)", "", t)  # pylint: disable=unnecessary-lambda-assignment
   assert strip(lowered(preset)) == strip(lowered(explicit))
@@ -697,15 +719,179 @@ def test_diloco_preset_is_nesterov_lookahead_with_the_papers_settings():
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(axis_name=None), TypeError, "`axis_name` of `diloco` must be a "
      "non-empty string"),
-    (dict(outer=optax.sgd(1.0)), TypeError, "`diloco` sets `outer`"),
-    (dict(slow_step_size=0.5), TypeError, "`diloco` sets `slow_step_size`"),
+    (dict(axis_name=3), TypeError, "`axis_name` of `diloco` must be a "
+     "non-empty string .* got 3"),
+    (dict(outer=optax.sgd(1.0), learning_rate=0.5), ValueError,
+     "`learning_rate` and `outer` cannot both be given"),
+    (dict(outer=optax.sgd(1.0), momentum=0.5), ValueError,
+     "`momentum` and `outer` cannot both be given"),
+    (dict(outer=3), TypeError, "`outer` must be an optax"),
+    (dict(slow_step_size=0.5), TypeError, "slow_step_size"),
+    (dict(on_nonfinite="rollback"), TypeError, "on_nonfinite"),
+    (dict(sync="select"), TypeError, "sync"),
     (dict(momentum=1.0), ValueError, "momentum"),
     (dict(learning_rate=-0.1), ValueError, "learning_rate"),
-    (dict(on_nonfinite="rollback"), ValueError,
-     "`on_nonfinite='rollback'` cannot combine with `axis_name`"),
+    (dict(inner_state="pullback"), ValueError,
+     "`inner_state` must be one of 'keep', 'reset', got 'pullback'"),
+    (dict(slow_dtype=jnp.int32), TypeError, "`slow_dtype` must be a floating"),
+    (dict(sync_period=0), ValueError, "sync_period"),
 ])
 def test_diloco_bad_arguments(kwargs, error, match):
-  args = dict(axis_name="data")
+  args = dict(axis_name="data", sync_period=5)
   args.update(kwargs)
   with pytest.raises(error, match=match):
-    lo.diloco(optax.adamw(0.1), 5, **args)
+    lo.diloco(optax.adamw(0.1), **args)
+
+
+# ---------------------------------------------------------------------------
+# The program depends on the values of the arguments only.
+# ---------------------------------------------------------------------------
+
+
+def _jaxpr_and_structure(tx, replicas=2):
+  """The jaxpr of one vmapped replica step, and the state's structure."""
+  params = {"w": jnp.ones((4, 3)), "b": jnp.arange(3.0)}
+  rep = jax.tree.map(lambda a: jnp.stack([a] * replicas), params)
+  state = jax.eval_shape(jax.vmap(tx.init), rep)
+
+  def step(p, s, g):
+    return tx.update(g, s, p)
+  jaxpr = jax.make_jaxpr(jax.vmap(step, axis_name=AXIS))(rep, state, rep)
+  return str(jaxpr), jax.tree.structure(state)
+
+
+@pytest.mark.parametrize("name,default", [
+    ("learning_rate", None), ("momentum", None), ("outer", None),
+    ("fragments", None), ("fragments", 1), ("communication_dtype", None),
+    ("communication_dtype", jnp.float32), ("error_feedback", False),
+    ("overlap", False), ("mix", None), ("mix", 0.0), ("mix", 0),
+    ("inner_state", "keep"), ("slow_dtype", None),
+])
+def test_passing_a_default_is_omitting_it(name, default):
+  omitted = _jaxpr_and_structure(lo.diloco(optax.adam(0.1), 4, AXIS))
+  passed = _jaxpr_and_structure(
+      lo.diloco(optax.adam(0.1), 4, AXIS, **{name: default}))
+  assert passed[1] == omitted[1]
+  assert passed[0] == omitted[0]
+
+
+def test_default_outer_values_passed_are_the_default():
+  from lookahead_optax import _diloco  # pylint: disable=import-outside-toplevel
+  omitted = _jaxpr_and_structure(lo.diloco(optax.adam(0.1), 4, AXIS))
+  passed = _jaxpr_and_structure(lo.diloco(
+      optax.adam(0.1), 4, AXIS, _diloco.DEFAULT_LEARNING_RATE,
+      _diloco.DEFAULT_MOMENTUM))
+  assert passed == omitted
+  # And a value that is not the default gives another program.
+  other = _jaxpr_and_structure(lo.diloco(optax.adam(0.1), 4, AXIS, 0.5))
+  assert other[0] != omitted[0]
+
+
+def test_one_fragment_state_is_a_streaming_state():
+  tx = lo.diloco(optax.adam(0.1), 4, AXIS)
+  state = tx.init({"w": jnp.ones(3)})
+  assert isinstance(state.outer_state, lo.StreamingState)
+  assert len(state.outer_state.outer_states) == 1
+  assert state.outer_state.residuals is None
+
+
+def test_help_lists_every_argument():
+  import inspect  # pylint: disable=import-outside-toplevel
+  names = list(inspect.signature(lo.diloco).parameters)
+  assert names == [
+      "inner", "sync_period", "axis_name", "learning_rate", "momentum",
+      "outer", "fragments", "communication_dtype", "error_feedback",
+      "overlap", "mix", "inner_state", "slow_dtype"]
+  assert not any(p.kind == p.VAR_KEYWORD for p in
+                 inspect.signature(lo.diloco).parameters.values())
+  assert len(inspect.signature(lo.lookahead).parameters) <= 9
+  for name in names:
+    assert f"    {name}:" in lo.diloco.__doc__, name
+  assert list(inspect.signature(lo.snoo).parameters) == [
+      "inner", "sync_period", "learning_rate", "momentum", "inner_state",
+      "sync", "on_nonfinite", "slow_dtype"]
+
+
+# ---------------------------------------------------------------------------
+# Composition: inject_hyperparams, shard_map blocks.
+# ---------------------------------------------------------------------------
+
+
+def test_inject_hyperparams_diloco_matches_the_plain_one(data):
+  xs, ys, params0 = data
+  injected = optax.inject_hyperparams(
+      lo.diloco, static_args=("sync_period", "axis_name"))(
+          inner_tx(), K, AXIS, learning_rate=OUTER_LR, momentum=OUTER_MU)
+  params, state = run_pmap(injected, xs, ys, params0, 2 * K)[-1]
+  hyper = state.hyperparams
+  np.testing.assert_allclose(hyper["learning_rate"], OUTER_LR)
+  np.testing.assert_allclose(hyper["momentum"], OUTER_MU)
+  ref = simulate(xs, ys, params0, 2 * K)
+  assert_close(params, ref["params"])
+  assert_close(jax.tree.map(lambda a: a[0], lo.slow_params(state.inner_state)),
+               ref["slow"])
+
+
+def test_inject_hyperparams_snoo_matches_the_plain_one():
+  inner = optax.sgd(0.5)
+  injected = optax.inject_hyperparams(lo.snoo)(inner, 2, 0.5, 0.5)
+  plain = lo.snoo(inner, 2, learning_rate=0.5, momentum=0.5)
+  step = jax.jit(lambda tx_update, g, s, p: tx_update(g, s, p),
+                 static_argnums=0)
+  results = []
+  for tx in (injected, plain):
+    params = jnp.array([4.0])
+    state = tx.init(params)
+    for _ in range(4):
+      updates, state = step(tx.update, params, state, params)
+      params = optax.apply_updates(params, updates)
+    results.append(params)
+  # The docstring's hand-worked value of `snoo`: 0.390625.
+  np.testing.assert_allclose(results[0], [0.390625], rtol=1e-6)
+  np.testing.assert_allclose(results[1], [0.390625], rtol=1e-6)
+
+
+def test_shard_map_block_with_its_replica_axis_names_the_squeeze():
+  tx = diloco_tx()
+  mesh = jax.make_mesh((N,), (AXIS,), axis_types=(AxisType.Auto,))
+  params = replicate(worker.init_params())
+  state = jax.jit(jax.shard_map(
+      lambda p: jax.tree.map(lambda a: a[None], tx.init(
+          jax.tree.map(lambda a: a[0], p))),
+      mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)))(params)
+
+  def unsqueezed(p, s, g):  # forgot to drop the block's leading axis
+    return tx.update(g, s, p)
+
+  step = jax.jit(jax.shard_map(unsqueezed, mesh=mesh, in_specs=P(AXIS),
+                               out_specs=P(AXIS)))
+  with pytest.raises(ValueError, match=r"step counter has shape \(1,\), not "
+                     r"\(\): .* `shard_map` .* squeeze it"):
+    step(params, state, params)
+
+
+def test_apply_if_finite_inside_diloco_keeps_every_replica_in_step():
+  """The documented recipe: a NaN step is skipped, every replica syncs."""
+  tx = lo.diloco(optax.apply_if_finite(optax.sgd(0.5), 3), 2, AXIS,
+                 learning_rate=1.0, momentum=0.0)
+  params = replicate(jnp.array([4.0, -2.0]))
+  state = jax.pmap(tx.init)(params)
+
+  @functools.partial(jax.pmap, axis_name=AXIS)
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  grads = np.tile(np.float32([1.0, -1.0]), (N, 1))
+  bad = grads.copy()
+  bad[3, 0] = np.nan  # replica 3's first step is not finite
+  params, state = step(params, state, bad)
+  params, state = step(params, state, grads)
+  np.testing.assert_array_equal(state.step, np.full(N, 2, np.int32))
+  # Plain averaging: replica 3 moved once (by 0.5), the others twice.
+  mean_move = (7 * 1.0 + 0.5) / 8
+  expected = np.float32([4.0 - mean_move, -2.0 + mean_move])
+  slow = np.asarray(lo.slow_params(state))
+  assert_same_on_all_replicas(slow)
+  np.testing.assert_allclose(slow[0], expected, rtol=1e-6)
+  assert_bitwise(np.asarray(params), slow)

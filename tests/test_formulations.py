@@ -187,8 +187,7 @@ def test_loop_agrees_with_select_and_cond(name):
 
 def _auto(**kw):
   from lookahead_optax import _formulation  # pylint: disable=g-import-not-at-top
-  return _formulation.resolve("auto", axis_name=kw.get("axis_name"),
-                              default_options=not kw)
+  return _formulation.resolve("auto", default_options=not kw)
 
 
 def test_auto_picks_per_option_on_a_multi_device_cpu():
@@ -199,7 +198,6 @@ def test_auto_picks_per_option_on_a_multi_device_cpu():
   for kw in (dict(inner_state="reset"), dict(inner_state="pullback"),
              dict(on_nonfinite="rollback"), dict(outer=SNOO)):
     assert _auto(**kw) == "select", kw
-  assert _auto(outer=SNOO, axis_name="data") == "cond"
 
 
 def test_auto_never_picks_the_cpu_loop_off_cpu(monkeypatch):
@@ -211,12 +209,6 @@ def test_auto_never_picks_the_cpu_loop_off_cpu(monkeypatch):
              dict(outer=SNOO)):
     assert _auto(**kw) == "select", kw
   assert _auto() == "select"
-  assert _auto(outer=SNOO, axis_name="data") == "cond"
-
-
-def test_loop_with_axis_name_raises():
-  with pytest.raises(ValueError, match="`sync='loop'` cannot combine"):
-    lo.lookahead(optax.sgd(0.1), 3, sync="loop", axis_name="data")
 
 
 # What `sync="auto"` gives on one CPU device (the default there): "loop" for

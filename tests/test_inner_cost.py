@@ -102,7 +102,7 @@ def test_muon_inner_with_axis_name_is_computed_once():
   muon = optax.contrib.muon(0.02)
   base = _step_flops(muon, params)
   for kwargs in (dict(outer=NESTEROV), dict(inner_state="reset")):
-    tx = lo.lookahead(muon, K, axis_name="data", **kwargs)
+    tx = lo.diloco(muon, K, "data", **kwargs)
     assert 1.0 <= flops(tx) / base <= MOST, kwargs
 
 

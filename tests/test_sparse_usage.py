@@ -129,7 +129,6 @@ def test_cpu_copy_warning_names_the_users_line(monkeypatch):
     (dict(inner_state="pullback"), r"`inner_state='pullback'`"),
     (dict(on_nonfinite="rollback"), r"`on_nonfinite='rollback'`"),
     (dict(outer=optax.sgd(0.5)), r"`outer`"),
-    (dict(axis_name="data"), r"`axis_name='data'`"),
     (dict(outer=optax.sgd(0.5), inner_state="reset"),
      r"`outer`, `inner_state='reset'`"),
 ])

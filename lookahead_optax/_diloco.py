@@ -1,0 +1,344 @@
+"""DiLoCo: replicas that train apart and average pseudo-gradients at a sync.
+
+`diloco` checks its arguments once, in `configure` (the one place where the
+rules of what combines live), and runs every step through `_step.update`
+with the sync of `_streaming` (one fragment is the paper's DiLoCo).
+"""
+
+import dataclasses
+import numbers
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import optax
+
+from lookahead_optax import _arguments
+from lookahead_optax import _checks
+from lookahead_optax import _compress
+from lookahead_optax import _step
+from lookahead_optax import _streaming
+
+__all__ = ("diloco",)
+
+# The outer Nesterov step when neither `outer` nor these are given.
+DEFAULT_LEARNING_RATE = 0.7
+DEFAULT_MOMENTUM = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class DilocoConfig:
+  """`diloco`'s arguments, checked and resolved (static).
+
+  `_streaming` reads `fragments`, `num_fragments`, `fmt`, `error_feedback`,
+  `overlap` and `mix`.
+  """
+
+  sync_period: Any
+  axis_name: str
+  outer: optax.GradientTransformation
+  fragments: Any  # None, an int P, or a prefix tree of fragment numbers
+  num_fragments: int
+  fmt: Optional[str]  # a name in `_compress.FORMATS`, None for float32
+  error_feedback: bool
+  overlap: bool
+  mix: Any  # a float in [0, 1], or a traced scalar
+  inner_state: str
+  slow_dtype: Any
+
+
+def _check_bool(name: str, value: Any) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+  return bool(value)
+
+
+def _count_fragments(fragments: Any) -> int:
+  """P for None, an int or a prefix tree of fragment numbers (checked)."""
+  if fragments is None:
+    return 1
+  if _streaming.is_fragment_number(fragments):
+    if int(fragments) < 1:
+      raise ValueError(
+          f"`fragments` must be an integer >= 1, got {fragments!r}.")
+    return int(fragments)
+  leaves = jax.tree.leaves(fragments)
+  bad = [x for x in leaves
+         if not _streaming.is_fragment_number(x) or int(x) < 0]
+  if not leaves or bad:
+    raise TypeError(
+        "`fragments` must be None, an integer >= 1, or a pytree (a prefix of "
+        "the params) whose leaves are fragment numbers, integers >= 0; got "
+        f"{bad[0] if bad else fragments!r}.")
+  count = max(int(x) for x in leaves) + 1
+  empty = sorted(set(range(count)) - {int(x) for x in leaves})
+  if empty:
+    raise ValueError(
+        f"`fragments` numbers fragments 0 to {count - 1}, but fragment "
+        f"{empty[0]} has no leaves: number them 0, 1, ..., P - 1.")
+  return count
+
+
+def _outer_of(outer: Any, learning_rate: Any, momentum: Any
+              ) -> optax.GradientTransformation:
+  """`outer`, or the Nesterov SGD of `learning_rate` and `momentum`."""
+  if outer is not None:
+    _checks.check_transformation("outer", outer)
+    given = [n for n, v in (("learning_rate", learning_rate),
+                            ("momentum", momentum)) if v is not None]
+    if given:
+      raise ValueError(
+          f"`{given[0]}` and `outer` cannot both be given: `learning_rate` "
+          "and `momentum` set the default outer step (SGD with Nesterov "
+          "momentum); with `outer`, its own settings do.")
+    return outer
+  learning_rate = (DEFAULT_LEARNING_RATE if learning_rate is None
+                   else learning_rate)
+  momentum = DEFAULT_MOMENTUM if momentum is None else momentum
+  _arguments.check_snoo_args(learning_rate, momentum)
+  return optax.sgd(learning_rate, momentum=momentum, nesterov=True)
+
+
+def _check_schedule(sync_period: Any, num: int, overlap: bool) -> None:
+  """`sync_period` against the fragments and `overlap`."""
+  if (num > 1 or overlap) and not isinstance(sync_period, numbers.Integral):
+    raise TypeError(
+        "`sync_period` must be a Python int with `fragments` or `overlap` "
+        f"(it sets the schedule), got {sync_period!r}.")
+  if num > 1 and int(sync_period) % num:
+    raise ValueError(
+        f"`sync_period` must be a multiple of the number of fragments P = "
+        f"{num} (each fragment syncs every `sync_period` steps, one every "
+        f"`sync_period / P`), got {sync_period!r}.")
+  if overlap and int(sync_period) == 1:
+    raise ValueError(
+        "`overlap=True` needs `sync_period` >= 2: it takes the pseudo-"
+        "gradient from the params before a step's inner update, and with "
+        "`sync_period=1` that is the slow weights themselves.")
+
+
+def configure(*, inner: Any, sync_period: Any, axis_name: Any,
+              learning_rate: Any, momentum: Any, outer: Any, fragments: Any,
+              communication_dtype: Any, error_feedback: Any, overlap: Any,
+              mix: Any, inner_state: Any, slow_dtype: Any) -> DilocoConfig:
+  """`diloco`'s arguments, checked: every rule of what combines.
+
+  Raises:
+    TypeError, ValueError: naming the argument.
+  """
+  _checks.check_transformation("inner", inner)
+  if _arguments.is_multisteps(inner):
+    raise ValueError(f"`inner` must not be an optax.MultiSteps: "
+                     f"{_arguments.MULTISTEPS_ERROR}")
+  _checks.check_sync_period(sync_period)
+  if not isinstance(axis_name, str) or not axis_name:
+    raise TypeError("`axis_name` of `diloco` must be a non-empty string (the "
+                    f"mapped axis of the replicas), got {axis_name!r}.")
+  outer = _outer_of(outer, learning_rate, momentum)
+  num = _count_fragments(fragments)
+  fmt = _compress.format_name(communication_dtype)
+  error_feedback = _check_bool("error_feedback", error_feedback)
+  overlap = _check_bool("overlap", overlap)
+  if error_feedback and fmt is None:
+    raise ValueError(
+        "`error_feedback=True` needs a low-precision `communication_dtype` "
+        "(in float32 nothing is dropped to feed back).")
+  mix = 0.0 if mix is None else _checks.check_unit_interval(
+      "mix", mix, allow_schedule=False)
+  _check_schedule(sync_period, num, overlap)
+  _checks.check_choice("inner_state", inner_state, ("keep", "reset"))
+  return DilocoConfig(sync_period, axis_name, outer, fragments, num, fmt,
+                      error_feedback, overlap, mix, inner_state,
+                      _arguments.check_slow_dtype(slow_dtype))
+
+
+def step_options(inner: Any, config: DilocoConfig) -> _step.Options:
+  """The options of `_step.update` for a checked configuration."""
+  return _step.Options(
+      inner=optax.with_extra_args_support(inner), outer=config.outer,
+      sync_period=config.sync_period, slow_step_size=None,
+      inner_state=config.inner_state, on_nonfinite="propagate",
+      axis_name=config.axis_name, slow_dtype=config.slow_dtype, sync="cond",
+      counts_syncs=False, streaming=config)
+
+
+def diloco(
+    inner: optax.GradientTransformation,
+    sync_period: int,
+    axis_name: str,
+    learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    momentum: Optional[float] = None,
+    *,
+    outer: Optional[optax.GradientTransformation] = None,
+    fragments: Optional[Any] = None,
+    communication_dtype: Optional[Any] = None,
+    error_feedback: bool = False,
+    overlap: bool = False,
+    mix: Optional[float] = None,
+    inner_state: str = "keep",
+    slow_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""DiLoCo: replicas train apart and average the pseudo-gradient at a sync.
+
+  Each replica of the mapped axis `axis_name` (`jax.pmap`, `shard_map`)
+  runs `inner` on its own gradients with its own inner state (do not average
+  the gradients in your step); every `sync_period` steps the
+  pseudo-gradients $\Delta_m = \phi - \theta_m$ are averaged over the axis
+  (the step's only collectives, inside a `jax.lax.cond`, so the other
+  `sync_period - 1` steps communicate nothing) and the slow weights take an
+  outer step on the mean, by default SGD with Nesterov momentum:
+
+  $$\Delta = \tfrac{1}{M} \textstyle\sum_m \Delta_m, \qquad
+  b \leftarrow \mu b + \Delta, \qquad
+  \phi \leftarrow \phi - \eta (\mu b + \Delta).$$
+
+  The params then land on the new slow weights, which stay bitwise identical
+  on every replica (they land exactly except where a weight moved by more
+  than a factor of two in the cycle: one rounding at the scale of the fast
+  weights). The initial params must be the same on every replica
+  (`check_replicas_agree`). With `fragments`, the params are split into P
+  fragments that sync at staggered steps (Streaming DiLoCo); one fragment is
+  the paper's DiLoCo, on the same code path.
+
+  The state is a `LookaheadState` (so `slow_params`, `eval_params` and the
+  Flax helpers work) whose `outer_state` is a `StreamingState`: one outer
+  state per fragment and the error-feedback buffers. Its structure depends on
+  the arguments' values only: passing a default is the same as omitting it.
+
+  Under `optax.inject_hyperparams`, pass `static_args=("sync_period",
+  "axis_name")` (and any dtype argument): `learning_rate`, `momentum` and
+  `mix` may then be injected.
+
+  Args:
+    inner: the inner optimizer (the paper: AdamW). Extra keyword arguments
+      of `update` are passed on to it.
+    sync_period: $H$, inner steps between syncs of each fragment; an integer
+      in [1, 2**31 - 1] (a Python int with `fragments` or `overlap`).
+    axis_name: the mapped axis of the replicas, a non-empty string.
+    learning_rate: the outer learning rate $\eta$ (a float or a schedule of
+      the number of outer steps). None: 0.7.
+    momentum: the outer Nesterov momentum $\mu$, in [0, 1). None:
+      0.9.
+    outer: any optax transformation for the outer step instead of the
+      Nesterov SGD (e.g. `optax.sgd(1.0)`, plain averaging). At a sync it
+      receives the mean pseudo-gradient of each fragment (float32 or wider)
+      with the slow weights as params. Cannot be combined with
+      `learning_rate` or `momentum`.
+    fragments: Streaming DiLoCo: None (one fragment), an int P, or a pytree
+      prefix of the params (matched by path) whose leaves are fragment
+      numbers 0 to P - 1. Fragment f syncs after the steps t with
+      `t % sync_period == ((f + 1) * sync_period // P) % sync_period`, so
+      each fragment syncs every `sync_period` steps and one fragment every
+      `sync_period / P` steps, and a step's collective carries one fragment.
+      At its sync only the fragment's pseudo-gradient is averaged and the
+      outer step runs on that fragment alone, with its own state; the other
+      fragments take the inner update. An int splits the leaves by size:
+      largest leaf first, each to the fragment with the fewest values so far
+      (ties: the lower fragment number). A leaf is never split, so a stacked
+      (scanned) layer of shape `(L, ...)` is one leaf in one fragment; pass
+      a prefix tree or unstack it to split layers. `sync_period` must be a
+      multiple of P.
+    communication_dtype: how the pseudo-gradient travels: None (float32,
+      one all-reduce), `jnp.bfloat16`, `jnp.float8_e4m3fn`, `jnp.int8` or
+      `"int4"` (two values per byte). The low-precision formats carry a
+      float32 scale per block of 256 values; the mean is taken in float32
+      from the decoded values, so it is bitwise the same on every replica,
+      and non-finite values reach it as in float32 (see `replica_mean`).
+    error_feedback: with a low-precision `communication_dtype`: each replica
+      keeps what encoding dropped of its pseudo-gradient (and of its shard
+      of the mean) in one params-sized float32 buffer
+      (`StreamingState.residuals`) and adds it to its next pseudo-gradient
+      of that fragment.
+    overlap: the pseudo-gradient of a fragment that syncs at step t is taken
+      from the params as they enter step t, so its collective depends on
+      nothing the step computes. Needs `sync_period >= 2`.
+    mix: in [0, 1], None meaning 0: after a fragment's outer step its params
+      become `mix * fast + (1 - mix) * slow`, with `fast` the fast weights
+      after this step's inner update; 0 lands them on the new slow weights.
+    inner_state: `"keep"` (default) leaves the inner state alone at a sync;
+      `"reset"` resets the parameter-shaped leaves of the syncing fragment
+      (e.g. Adam moments) to their initial values, keeping step counts.
+    slow_dtype: a floating dtype in which to keep the slow weights of
+      floating params (e.g. `jnp.float32` for bfloat16 params), or None.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    `LookaheadState` with a `StreamingState` as `outer_state`.
+
+  Raises:
+    TypeError: if `inner` or `outer` is not a gradient transformation,
+      `axis_name` is not a non-empty string, `learning_rate` or `momentum`
+      is not a real number (a schedule is fine for `learning_rate`),
+      `fragments` is not None, an int or a tree of ints, a boolean option is
+      not a bool, `sync_period` is not a Python int with `fragments` or
+      `overlap`, or `slow_dtype` is not a floating dtype.
+    ValueError: if `sync_period` is out of range or not a multiple of P,
+      `momentum` is outside [0, 1), `learning_rate` is not a finite number
+      >= 0, `outer` is combined with `learning_rate` or `momentum`, a
+      fragment has no leaves, `mix` is outside [0, 1], `communication_dtype`
+      is not supported, `error_feedback` is given without a low-precision
+      `communication_dtype`, `overlap=True` with `sync_period=1`, or
+      `inner_state` is not 'keep' or 'reset'; at the first `update`, when
+      `axis_name` is not a mapped axis there, or the state's step counter
+      is not a scalar (a `shard_map` block that kept the replica axis).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import lookahead_optax as lo
+    >>> tx = lo.diloco(optax.sgd(0.5), sync_period=2, axis_name="r",
+    ...                learning_rate=0.7, momentum=0.9)
+    >>> params = jnp.stack([jnp.array([4.0])] * 2)  # 2 replicas, one start
+    >>> state = jax.pmap(tx.init, devices=jax.devices()[:2])(params)
+    >>> def step(p, s, target):
+    ...   u, s = tx.update(p - target, s, p)  # loss 0.5 (p - target)**2
+    ...   return optax.apply_updates(p, u), s
+    >>> step = jax.pmap(step, axis_name="r", devices=jax.devices()[:2])
+    >>> targets = jnp.array([[0.0], [2.0]])  # each replica its own data
+    >>> for _ in range(2):
+    ...   params, state = step(params, state, targets)
+    >>> print(params[:, 0])
+    [1.0075 1.0075]
+
+    The fast weights went 4 -> 2 -> 1 and 4 -> 3 -> 2.5, so
+    $\Delta = (3 + 1.5) / 2 = 2.25$, $b = 2.25$ and
+    $\phi = 4 - 0.7 (0.9 \cdot 2.25 + 2.25) = 1.0075$, on both replicas.
+
+    Streaming: two fragments (`{"a": 0, "b": 1}`) of a 4-step cycle sync
+    after steps 2 and 4; fragment `a` moved at step 2, `b` not yet:
+
+    >>> tx = lo.diloco(optax.sgd(0.5), 4, "r", 0.7, 0.9,
+    ...                fragments={"a": 0, "b": 1})
+    >>> def step(p, s, target):
+    ...   u, s = tx.update(jax.tree.map(lambda x: x - target, p), s, p)
+    ...   return optax.apply_updates(p, u), s
+    >>> step = jax.pmap(step, axis_name="r", devices=jax.devices()[:2])
+    >>> params = {"a": jnp.full((2, 1), 4.0), "b": jnp.full((2, 1), 4.0)}
+    >>> state = jax.pmap(tx.init, devices=jax.devices()[:2])(params)
+    >>> for _ in range(2):
+    ...   params, state = step(params, state, targets)
+    >>> print(params["a"][:, 0], params["b"][:, 0])
+    [1.0075 1.0075] [1.  2.5]
+
+  References:
+    Douillard et al., [DiLoCo: Distributed Low-Communication Training of
+    Language Models](https://arxiv.org/abs/2311.08105), 2023.
+
+    Douillard et al., [Streaming DiLoCo with overlapping communication:
+    Towards a Distributed Free Lunch](https://arxiv.org/abs/2501.18512),
+    2025.
+  """
+  config = configure(
+      inner=inner, sync_period=sync_period, axis_name=axis_name,
+      learning_rate=learning_rate, momentum=momentum, outer=outer,
+      fragments=fragments, communication_dtype=communication_dtype,
+      error_feedback=error_feedback, overlap=overlap, mix=mix,
+      inner_state=inner_state, slow_dtype=slow_dtype)
+  opts = step_options(inner, config)
+
+  def init_fn(params):
+    return _step.init(opts, None, params)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    return _step.update(opts, updates, state, params, extra_args)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
