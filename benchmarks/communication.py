@@ -137,17 +137,36 @@ def operand_bytes(line: str) -> int:
   return result
 
 
-def bytes_by_conditional(text: str) -> tuple[list, int]:
+def ring_bytes(line: str) -> float:
+  """The bytes one replica sends for one collective with ring algorithms.
+
+  With M replicas and operand bytes b: an all-reduce sends 2 (M - 1) / M b
+  (a reduce-scatter, then an all-gather), an all-to-all and a
+  reduce-scatter (M - 1) / M b, an all-gather (of a shard of b bytes)
+  (M - 1) b, a collective-permute b.
+  """
+  op = COLLECTIVE.search(line).group(1)
+  b, m = operand_bytes(line), _group_size(line)
+  factor = {"all-reduce": 2 * (m - 1) / m, "all-to-all": (m - 1) / m,
+            "reduce-scatter": (m - 1) / m, "all-gather": m - 1}
+  return b * factor.get(op, 1.0)
+
+
+def bytes_by_conditional(text: str, measure: Any = None
+                         ) -> tuple[list, int]:
   """Collective bytes per conditional of the entry, and outside them.
 
   Returns `(per_conditional, outside)`: for each conditional instruction of
   the entry computation, the bytes of the collectives its branches reach
   (the larger branch), and the bytes of collectives reached otherwise.
+  `measure` maps a collective's line to its bytes: `operand_bytes` (None,
+  the default) or `ring_bytes`.
   """
   computations, entry = parse_hlo(text)
+  measure = operand_bytes if measure is None else measure
 
   def bytes_in(names):
-    return sum(operand_bytes(line) for name in names
+    return sum(measure(line) for name in names
                for line in computations[name] if COLLECTIVE.search(line))
 
   per_cond, branches = [], set()
@@ -202,9 +221,12 @@ def run(params: Optional[dict] = None,
     if names is not None and name not in names:
       continue
     tx = lo.diloco(optax.adamw(1e-3), SYNC_PERIOD, AXIS, **kwargs)
-    per_cond, outside = bytes_by_conditional(compiled_step_text(tx, params))
+    text = compiled_step_text(tx, params)
+    per_cond, outside = bytes_by_conditional(text)
+    ring, _ = bytes_by_conditional(text, ring_bytes)
     rows.append(dict(name=name, peak=max(per_cond), period=sum(per_cond),
-                     outside=outside, conditionals=len(per_cond)))
+                     outside=outside, conditionals=len(per_cond),
+                     ring_period=round(sum(ring))))
   return rows
 
 
@@ -258,20 +280,25 @@ def step_times(params: dict, names: Sequence[str], rounds: int = 7,
 def markdown(rows: list, params: dict,
              times: Optional[dict] = None) -> str:
   """The table, relative to DiLoCo's float32 sync."""
-  base = rows[0]["peak"]
+  base, ring_base = rows[0]["peak"], rows[0]["ring_period"]
   n = _size(params)
   lines = [f"{len(params)} float32 matrices, {n:,} params, {REPLICAS} "
            f"replicas (`jax.pmap`), `sync_period = {SYNC_PERIOD}`; bytes are "
-           "one replica's operands of the step's collectives, from the "
-           "compiled HLO (`python -m benchmarks.communication`).", "",
+           "one replica's collective operand bytes, from the compiled HLO "
+           "(`python -m benchmarks.communication`), and the bytes one "
+           "replica sends with ring algorithms (all-reduce 2 (M - 1) / M "
+           "of its operand, all-to-all (M - 1) / M, all-gather M - 1 times "
+           "its shard).", "",
            "| option | largest step | vs DiLoCo | per `sync_period` steps "
-           "| vs DiLoCo | on other steps | step time vs DiLoCo |",
-           "|---|---|---|---|---|---|---|"]
+           "| vs DiLoCo | ring, per `sync_period` | vs DiLoCo "
+           "| on other steps | step time vs DiLoCo |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     ratio = (times or {}).get(r["name"])
     lines.append(f"| {r['name']} | {r['peak']:,} B | {r['peak'] / base:.3f}x"
                  f" | {r['period']:,} B | {r['period'] / base:.3f}x | "
-                 f"{r['outside']} B | "
+                 f"{r['ring_period']:,} B | "
+                 f"{r['ring_period'] / ring_base:.3f}x | {r['outside']} B | "
                  f"{'-' if ratio is None else f'{ratio:.2f}x'} |")
   if times:
     lines += ["", TIMING_NOTE.format(n=_size(TIMING_PARAMS()))]
