@@ -86,8 +86,12 @@ def check_axis_name(axis_name: Any, sync: str, on_nonfinite: str) -> None:
         "`optax.apply_if_finite` inside) instead.")
 
 
-def check_axis_bound(axis_name: Optional[str]) -> None:
-  """A clear error, at trace time, when `axis_name` is not a mapped axis."""
+def check_axis_bound(axis_name: Optional[str],
+                     otherwise: str = ", or leave `axis_name=None`") -> None:
+  """A clear error, at trace time, when `axis_name` is not a mapped axis.
+
+  `otherwise` ends the message's advice (what else the caller can do).
+  """
   if axis_name is None:
     return
   try:
@@ -96,7 +100,7 @@ def check_axis_bound(axis_name: Optional[str]) -> None:
     raise ValueError(
         f"`axis_name` {axis_name!r} is not the name of a mapped axis here: "
         "call the step under `jax.pmap(..., axis_name=...)` or `shard_map` "
-        "with that axis, or leave `axis_name=None`.") from e
+        f"with that axis{otherwise}.") from e
 
 
 def check_state(state: Any) -> None:
