@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import lookahead_optax as lo
+from benchmarks import communication
 from tests import _helpers
 from tests import reference
 from tests._helpers import assert_bitwise
@@ -317,3 +318,22 @@ def test_update_outside_the_axis_names_axis_name():
     jax.make_jaxpr(tx.update, axis_env=[(AXIS, 2)])(
         {"w": g["w"], "z": jnp.ones(2, jnp.complex64)},
         tx.init({"w": g["w"], "z": jnp.ones(2)}))
+
+
+def test_hlo_bytes_of_int8_and_int4_against_float32_pmean():
+  params = {f"w{i}": jnp.zeros((64, 64)) for i in range(4)}  # 16,384 values
+  rows = {r["name"]: r for r in communication.replica_mean_rows(
+      params, names=("float32", "int8", "int4"))}
+  n = 4 * 64 * 64
+  base = rows["float32"]["operand"]
+  assert base == 4 * n
+  # Values and a float32 scale per 256 of them, to all_to_all and (1/8 of
+  # them) to all_gather.
+  assert rows["int8"]["operand"] == (n + n // 64) * 9 // 8
+  assert rows["int4"]["operand"] == (n // 2 + n // 64) * 9 // 8
+  assert rows["int8"]["operand"] <= 0.3 * base
+  assert rows["int4"]["operand"] <= 0.16 * base
+  # What a ring sends: 2 (M - 1) / M of the all-reduce; (M - 1) / M of the
+  # encoded vector to each of all_to_all and all_gather.
+  assert rows["int8"]["ring"] / rows["float32"]["ring"] == pytest.approx(
+      (1 + 1 / 64) / 4)
