@@ -319,6 +319,56 @@ def _size(params: dict) -> int:
   return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
 
 
+REPLICA_MEAN_FORMATS = (
+    ("float32", None),
+    ("bfloat16", jnp.bfloat16),
+    ("float8 e4m3", jnp.float8_e4m3fn),
+    ("int8", jnp.int8),
+    ("int4", "int4"),
+)
+
+
+def replica_mean_rows(params: Optional[dict] = None,
+                      names: Optional[Sequence[str]] = None) -> list:
+  """Rows: name, collective operand bytes of a data-parallel step.
+
+  The step is `lo.replica_mean(AXIS, communication_dtype)` on `REPLICAS`
+  replicas (a donated `jax.pmap` of the update and `apply_updates`), for
+  each of `REPLICA_MEAN_FORMATS` (or the `names` among them); the first is
+  float32's `pmean`. `ring` is what a ring algorithm sends per replica
+  (`ring_bytes`).
+  """
+  params = model_params() if params is None else params
+  rows = []
+  for name, dtype in REPLICA_MEAN_FORMATS:
+    if names is not None and name not in names:
+      continue
+    text = compiled_step_text(lo.replica_mean(AXIS, dtype), params)
+    computations, entry = parse_hlo(text)
+    lines = [line for comp in reachable(computations, entry)
+             for line in computations[comp] if COLLECTIVE.search(line)]
+    operand = sum(operand_bytes(line) for line in lines)
+    ring = sum(ring_bytes(line) for line in lines)
+    rows.append(dict(name=name, operand=operand, ring=ring))
+  return rows
+
+
+def replica_mean_markdown(rows: list, params: dict) -> str:
+  """The table of `replica_mean_rows`, relative to float32's `pmean`."""
+  base = rows[0]
+  lines = [f"`lo.replica_mean`, {_size(params):,} float32 params, "
+           f"{REPLICAS} replicas (`jax.pmap`): one replica's collective "
+           "operand bytes per step, from the compiled HLO, and what a ring "
+           "algorithm sends.", "",
+           "| communication_dtype | operand bytes | vs float32 | ring sends "
+           "| vs float32 |", "|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['name']} | {r['operand']:,} B | "
+                 f"{r['operand'] / base['operand']:.3f}x | "
+                 f"{r['ring']:,.0f} B | {r['ring'] / base['ring']:.3f}x |")
+  return "\n".join(lines)
+
+
 def splice(path: str, text: str) -> None:
   """Replaces the table between the markers in `path`."""
   with open(path, encoding="utf-8") as f:
@@ -334,7 +384,15 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
   parser.add_argument("--out", help="a markdown file with the markers")
   parser.add_argument("--no-timing", action="store_true",
                       help="the byte counts only")
+  parser.add_argument("--replica-mean", action="store_true",
+                      help="the bytes of `lo.replica_mean` per format only "
+                      "(on 4 matrices of 512 x 512)")
   args = parser.parse_args(argv)
+  if args.replica_mean:
+    params = model_params(512, 4)
+    text = replica_mean_markdown(replica_mean_rows(params), params)
+    print(text)
+    return text
   params = model_params()
   rows = run(params)
   times = None if args.no_timing else step_times(

@@ -17,6 +17,8 @@ from lookahead_optax._lookahead import PullbackState
 from lookahead_optax._diloco import diloco
 from lookahead_optax._outer import snoo
 from lookahead_optax._ranger import ranger
+from lookahead_optax._replica_mean import ReplicaMeanState
+from lookahead_optax._replica_mean import replica_mean
 from lookahead_optax._replicas import check_replicas_agree
 from lookahead_optax._ranger import scale_by_ranger_radam
 from lookahead_optax._sparse import SparseRows
@@ -34,6 +36,7 @@ __all__ = (
     "LazyState",
     "LookaheadState",
     "PullbackState",
+    "ReplicaMeanState",
     "SparseRows",
     "StreamingState",
     "check_replicas_agree",
@@ -46,6 +49,7 @@ __all__ = (
     "lookahead",
     "migrate_optax_state",
     "ranger",
+    "replica_mean",
     "scale_by_ranger_radam",
     "slow_params",
     "snoo",

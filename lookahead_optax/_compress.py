@@ -1,9 +1,10 @@
-"""Compressed averages over a mapped axis: the wire formats of Streaming DiLoCo.
+"""Compressed averages over a mapped axis: the wire formats of DiLoCo.
 
-`mean` averages a fragment's pseudo-gradient (float32 leaves) over the
-replicas of `axis_name`. In float32 (`communication_dtype=None`) it is one
-`jax.lax.pmean`. In a low-precision format the values travel encoded and the
-mean is taken in float32 from the decoded values, in two collectives:
+`mean` averages float32 leaves (a fragment's pseudo-gradient, or the
+gradients of `replica_mean`) over the replicas of `axis_name`. In float32
+(`communication_dtype=None`) it is one `jax.lax.pmean`. In a low-precision
+format the values travel encoded and the mean is taken in float32 from the
+decoded values, in two collectives:
 
 1. each replica flattens its pseudo-gradient into one vector, pads it to
    `M * BLOCK`-value blocks (M replicas) and encodes it;
@@ -16,15 +17,40 @@ mean is taken in float32 from the decoded values, in two collectives:
 
 Formats (`FORMATS`): `jnp.bfloat16` (values rounded to bfloat16, no
 scale); `jnp.float8_e4m3fn`, `jnp.int8` and `"int4"` carry one float32 scale
-per block of `BLOCK` = 256 consecutive values of the flattened vector
-(`max |x| / 448`, `/ 127`, `/ 7`), the values rounded to nearest after
-dividing by it; `"int4"` packs two 4-bit values (in [-7, 7]) per byte, so
-the wire carries half a byte per value. bfloat16 and float8 values travel as
-their bits (uint16, uint8): a backend without collectives in those types
-(XLA:CPU widens them to float32 and float16) still sends their width, and no
-backend does arithmetic on them in transit. With M replicas the bytes sent per
-value are `b * (1 + 1/M)` plus the scales' `4 / 256 * (1 + 1/M)`, for `b` =
-2, 1, 1 and 0.5 bytes.
+per block of `BLOCK` = 256 consecutive values of the flattened vector, the
+values rounded to nearest after dividing by it; `"int4"` packs two 4-bit
+values per byte, so the wire carries half a byte per value. bfloat16 and
+float8 values travel as their bits (uint16, uint8): a backend without
+collectives in those types (XLA:CPU widens them to float32 and float16) still
+sends their width, and no backend does arithmetic on them in transit. With M
+replicas the bytes sent per value are `b * (1 + 1/M)` plus the scales'
+`4 / 256 * (1 + 1/M)`, for `b` = 2, 1, 1 and 0.5 bytes.
+
+Non-finite values travel as float32 `pmean` carries them: a NaN, +Inf or
+-Inf on any replica reaches the mean on every replica (and +Inf with -Inf
+makes a NaN), and it does not corrupt the rest of its block. bfloat16 has
+them natively. The scaled formats keep one code each for NaN, +Inf and
+-Inf, out of the range of the finite values, and take the block's scale
+from its finite values alone (`max |x|` over them, divided by the largest
+finite code):
+
+| format | finite values | NaN | +Inf | -Inf |
+|---|---|---|---|---|
+| `float8_e4m3fn` | [-416, 416] | `0x7F` | `0x7E` (448) | `0xFE` (-448) |
+| `int8` | [-126, 126] | -128 | 127 | -127 |
+| `"int4"` | [-6, 6], as nibbles `v + 8` | 0 | 15 | 1 |
+
+(float8_e4m3fn has no infinities: its largest finite values, +-448, stand
+for them.) Decoding maps the codes back to NaN and Inf, so the float32 sum
+of the shards does NaN and Inf arithmetic as float32 does, and the shard of
+the mean is encoded again by the same rule. Rounding to nearest, a finite
+value is off by at most `max |x| / 252` (int8), `/ 12` (int4), `2**-4 max |x|`
+(float8) or `2**-8 |x|` (bfloat16) of its block per encoding. What encoding
+dropped (`mean`'s second result, the error-feedback residual) is 0 where a
+value or the mean is not finite, so no NaN or Inf is fed back. (Without the
+codes, a NaN made its block's `max |x|` NaN, the scale fell back to 1 and
+the NaN encoded as 0: dropped, and the block's other values averaged with
+a wrong scale.)
 """
 
 from typing import Any, NamedTuple, Optional
@@ -35,7 +61,11 @@ import numpy as np
 
 BLOCK = 256  # values per float32 scale
 FORMATS = ("bfloat16", "float8_e4m3fn", "int8", "int4")
-_LIMITS = {"float8_e4m3fn": 448.0, "int8": 127.0, "int4": 7.0}
+# The largest finite code of each scaled format, and its codes of
+# (NaN, +Inf, -Inf) (int4: the nibbles, before packing).
+_LIMITS = {"float8_e4m3fn": 416.0, "int8": 126.0, "int4": 6.0}
+_CODES = {"float8_e4m3fn": (0x7F, 0x7E, 0xFE), "int8": (-128, 127, -127),
+          "int4": (0, 15, 1)}
 
 
 def format_name(communication_dtype: Any) -> Optional[str]:
@@ -74,37 +104,68 @@ class Encoded(NamedTuple):
   scales: Optional[jax.Array]  # (...,) float32; None for bfloat16
 
 
+def _scales(x: jax.Array, limit: float) -> jax.Array:
+  """Per block, `max |x|` over the finite values over `limit` (else 1)."""
+  amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0), axis=-1)
+  scales = (amax / limit).astype(jnp.float32)
+  return jnp.where(scales > 0, scales, 1.0)
+
+
+def _mark(codes: jax.Array, x: jax.Array, fmt: str) -> jax.Array:
+  """`codes`, with the format's code for NaN, +Inf, -Inf where `x` is one."""
+  nan, pos, neg = _CODES[fmt]
+  special = jnp.where(jnp.isnan(x), nan, jnp.where(x > 0, pos, neg))
+  return jnp.where(jnp.isfinite(x), codes, special.astype(codes.dtype))
+
+
+def _unmark(values: jax.Array, codes: jax.Array, fmt: str) -> jax.Array:
+  """`values`, with NaN, +Inf, -Inf where `codes` is the format's code."""
+  nan, pos, neg = _CODES[fmt]
+  return jnp.select([codes == nan, codes == pos, codes == neg],
+                    [jnp.nan, jnp.inf, -jnp.inf], values)
+
+
 def encode(x: jax.Array, fmt: str) -> Encoded:
   """Encodes float32 blocks `x` of shape (..., BLOCK)."""
   if fmt == "bfloat16":
     return Encoded(_bits(x.astype(jnp.bfloat16), jnp.uint16), None)
   limit = _LIMITS[fmt]
-  amax = jnp.max(jnp.abs(x), axis=-1)
-  scales = jnp.where(amax > 0, amax / limit, 1.0).astype(jnp.float32)
+  scales = _scales(x, limit)
   y = jnp.clip(x / scales[..., None], -limit, limit)
+  y = jnp.where(jnp.isfinite(x), y, 0.0)  # coded by `_mark`
   if fmt == "float8_e4m3fn":
-    return Encoded(_bits(y.astype(jnp.float8_e4m3fn), jnp.uint8), scales)
-  q = jnp.round(y).astype(jnp.int8)
-  if fmt == "int8":
-    return Encoded(q, scales)
-  nibbles = (q + 8).astype(jnp.uint8)  # [1, 15]
-  return Encoded(nibbles[..., 0::2] | (nibbles[..., 1::2] << 4), scales)
+    codes = _bits(y.astype(jnp.float8_e4m3fn), jnp.uint8)
+  else:
+    codes = jnp.round(y).astype(jnp.int8)
+  if fmt == "int4":
+    codes = (codes + 8).astype(jnp.uint8)  # [2, 14]
+  codes = _mark(codes, x, fmt)
+  if fmt == "int4":
+    codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+  return Encoded(codes, scales)
 
 
 def decode(e: Encoded, fmt: str) -> jax.Array:
   """The float32 values of encoded blocks."""
   if fmt == "bfloat16":
     return _bits(e.values, jnp.bfloat16).astype(jnp.float32)
+  codes = e.values
   if fmt == "int4":
-    low = (e.values & 15).astype(jnp.int8) - 8
-    high = (e.values >> 4).astype(jnp.int8) - 8
-    values = jnp.stack([low, high], axis=-1).reshape(
-        e.values.shape[:-1] + (2 * e.values.shape[-1],))
+    codes = jnp.stack([codes & 15, codes >> 4], axis=-1).reshape(
+        codes.shape[:-1] + (2 * codes.shape[-1],))
+    values = codes.astype(jnp.int8) - 8
   elif fmt == "float8_e4m3fn":
-    values = _bits(e.values, jnp.float8_e4m3fn)
+    values = _bits(codes, jnp.float8_e4m3fn)
   else:
-    values = e.values
-  return values.astype(jnp.float32) * e.scales[..., None]
+    values = codes
+  values = values.astype(jnp.float32) * e.scales[..., None]
+  return _unmark(values, codes, fmt)
+
+
+def _dropped(x: jax.Array, e: Encoded, fmt: str) -> jax.Array:
+  """`x` minus its decoded encoding `e`; 0 where that is not finite."""
+  d = x - decode(e, fmt)
+  return jnp.where(jnp.isfinite(d), d, 0.0)
 
 
 def _flatten(leaves: list, replicas: int) -> tuple[jax.Array, int]:
@@ -131,7 +192,7 @@ def mean(leaves: list, axis_name: str, fmt: Optional[str]
 
   Returns the mean leaves (bitwise equal on every replica) and, for a
   low-precision `fmt`, each leaf minus its decoded encoding on this replica
-  (what `error_feedback` keeps), else None.
+  (what `error_feedback` keeps; 0 where not finite), else None.
   """
   if fmt is None:
     return list(jax.lax.pmean(leaves, axis_name)), None
@@ -148,7 +209,7 @@ def mean(leaves: list, axis_name: str, fmt: Optional[str]
   # shard it averaged) of the mean, which its next message makes up for
   # (times `replicas`, as the mean divides it so).
   own = jnp.arange(replicas) == jax.lax.axis_index(axis_name)
-  dropped = blocks - decode(sent, fmt) + jnp.where(
-      own[:, None, None], replicas * (shard - decode(shard_sent, fmt)), 0.0)
+  dropped = _dropped(blocks, sent, fmt) + jnp.where(
+      own[:, None, None], replicas * _dropped(shard, shard_sent, fmt), 0.0)
   return (_unflatten(decode(gathered, fmt), n, leaves),
           _unflatten(dropped, n, leaves))

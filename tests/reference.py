@@ -1,9 +1,10 @@
 """Independent NumPy reference implementations for the test suite.
 
-Nothing here imports JAX, optax or lookahead_optax: the algorithms are written
-from their papers (and, for the inner optimizers, from optax's documented
-update rules) as plain loops over NumPy arrays, so the library can be checked
-against them step by step.
+Nothing here imports JAX, optax or lookahead_optax (only ml_dtypes, for
+NumPy's bfloat16 and float8): the algorithms are written from their papers
+(and, for the inner optimizers, from optax's documented update rules) as
+plain loops over NumPy arrays, so the library can be checked against them
+step by step.
 
 Params, gradients and optimizer moments are dicts of NumPy arrays with the
 same keys. An inner optimizer is an object with ``init(params) -> state`` and
@@ -15,6 +16,7 @@ are dicts of param-shaped arrays (the moments).
 import math
 from typing import Any, Callable, Dict, List, Tuple, Union
 
+import ml_dtypes
 import numpy as np
 
 Tree = Dict[str, np.ndarray]
@@ -318,3 +320,56 @@ def run_streaming_diloco(
     slow_history.append(tree_copy(slow))
   return dict(params=params, slow=slow, momentum=momentum,
               slow_history=slow_history, syncs=syncs)
+
+
+# The wire formats of the compressed means (`lo.replica_mean`, DiLoCo's
+# `communication_dtype`), for finite values: a float32 scale per block of
+# WIRE_BLOCK values, `max |x|` over the largest finite code.
+WIRE_BLOCK = 256
+WIRE_LIMITS = {"float8_e4m3fn": 416.0, "int8": 126.0, "int4": 6.0}
+
+
+def wire_round_trip(x: np.ndarray, fmt: str) -> np.ndarray:
+  """What a block (last axis) of finite float32 values decodes to."""
+  x = np.asarray(x, np.float32)
+  if fmt == "bfloat16":
+    return x.astype(ml_dtypes.bfloat16).astype(np.float32)
+  limit = np.float32(WIRE_LIMITS[fmt])
+  scale = np.max(np.abs(x), axis=-1, keepdims=True) / limit
+  scale = np.where(scale > 0, scale, np.float32(1.0))
+  y = np.clip(x / scale, -limit, limit)
+  if fmt == "float8_e4m3fn":
+    y = y.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+  else:
+    y = np.round(y)  # to nearest, ties to even
+  return y * scale
+
+
+def compressed_mean(vectors: List[np.ndarray], fmt: str
+                    ) -> Tuple[np.ndarray, List[np.ndarray]]:
+  """The two-stage compressed mean of one float32 vector per replica.
+
+  Each of the M replicas pads its vector to whole `M * WIRE_BLOCK` chunks
+  and encodes it; replica j sums shard j of every replica's decoded vector
+  (in replica order, float32), divides by M, and encodes that shard of the
+  mean, which every replica decodes. Returns the mean and, per replica,
+  what its encodings dropped: of its own vector, plus M times what the
+  encoding of its shard of the mean dropped (error feedback's residual).
+  """
+  m, n = len(vectors), len(vectors[0])
+  chunk = m * WIRE_BLOCK
+  padded = -(-n // chunk) * chunk
+  blocks = [np.pad(np.asarray(v, np.float32), (0, padded - n)).reshape(
+      m, -1, WIRE_BLOCK) for v in vectors]
+  sent = [wire_round_trip(b, fmt) for b in blocks]
+  dropped = [b - s for b, s in zip(blocks, sent)]
+  shards = []
+  for j in range(m):
+    total = sent[0][j]
+    for r in range(1, m):
+      total = total + sent[r][j]
+    shard = total / np.float32(m)
+    shards.append(wire_round_trip(shard, fmt))
+    dropped[j][j] += np.float32(m) * (shard - shards[-1])
+  return (np.stack(shards).reshape(-1)[:n],
+          [d.reshape(-1)[:n] for d in dropped])

@@ -265,7 +265,7 @@ def test_reset_resets_only_the_syncing_fragment():
 # Per encoding, the largest error of one value over the block's max |x|
 # (rounding to nearest), for one pass; the mean passes twice.
 QUANTUM = {jnp.bfloat16: 2.0**-9, jnp.float8_e4m3fn: 2.0**-4,
-           jnp.int8: 0.5 / 127, "int4": 0.5 / 7}
+           jnp.int8: 0.5 / 126, "int4": 0.5 / 6}
 
 
 @pytest.fixture(scope="module")
@@ -318,23 +318,47 @@ def test_error_feedback_stays_closer_to_float32_over_20_cycles():
 
 def test_codecs_round_trip():
   from lookahead_optax import _compress  # pylint: disable=import-outside-toplevel
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 256)),
-                  jnp.float32).at[1].set(0.0)
+  x = np.random.default_rng(0).normal(size=(4, 256)).astype(np.float32)
+  x[1] = 0.0  # an all-zero block
+  x[2] = np.tile([np.nan, np.inf, -np.inf, -np.inf], 64)  # none finite
+  x[3, [5, 77, 200]] = [np.nan, -np.inf, np.inf]  # and 253 finite
+  finite = np.isfinite(x)
+  amax = np.max(np.abs(np.where(finite, x, 0.0)), axis=1, keepdims=True)
   for fmt in _compress.FORMATS:
-    e = jax.jit(_compress.encode, static_argnums=1)(x, fmt)
-    y = jax.jit(_compress.decode, static_argnums=1)(e, fmt)
-    assert y.dtype == jnp.float32 and y.shape == x.shape
-    np.testing.assert_array_equal(y[1], 0.0)  # an all-zero block
-    amax = np.max(np.abs(np.asarray(x)), axis=1, keepdims=True)
-    q = {"bfloat16": 2.0**-8, "float8_e4m3fn": 2.0**-4, "int8": 0.5 / 127,
-         "int4": 0.5 / 7}[fmt]
-    assert np.all(np.abs(np.asarray(y - x)) <= q * amax + 1e-30), fmt
-  packed = _compress.encode(x, "int4").values
-  assert packed.dtype == jnp.uint8 and packed.shape == (3, 128)
-  grid = jnp.arange(-7.0, 8.0)
-  block = jnp.tile(grid, 256 // 15 + 1)[:256].at[0].set(7.0)[None]
+    e = jax.jit(_compress.encode, static_argnums=1)(jnp.asarray(x), fmt)
+    y = np.asarray(jax.jit(_compress.decode, static_argnums=1)(e, fmt))
+    assert y.dtype == np.float32 and y.shape == x.shape
+    assert_bitwise(y[1], x[1])  # +0.0, bitwise
+    np.testing.assert_array_equal(y[~finite], x[~finite])  # NaN where NaN
+    assert np.isfinite(y[finite]).all(), fmt
+    q = {"bfloat16": 2.0**-8, "float8_e4m3fn": 2.0**-4, "int8": 0.5 / 126,
+         "int4": 0.5 / 6}[fmt]
+    # The non-finite values do not change the scale of the finite ones.
+    error = np.abs(np.where(finite, y, 0.0) - np.where(finite, x, 0.0))
+    assert np.all(error <= q * amax), fmt
+    assert np.all(error.max(axis=1)[[0, 3]] > q * amax[[0, 3], 0] / 4), fmt
+  packed = _compress.encode(jnp.asarray(x), "int4").values
+  assert packed.dtype == jnp.uint8 and packed.shape == (4, 128)
+  # NaN, +Inf, -Inf, -Inf: nibbles 0, 15, 1, 1, two to a byte, low first.
+  np.testing.assert_array_equal(np.asarray(packed[2, :2]), [0xF0, 0x11])
+  grid = jnp.arange(-6.0, 7.0)
+  block = jnp.tile(grid, 256 // 13 + 1)[:256].at[0].set(6.0)[None]
   back = _compress.decode(_compress.encode(block, "int4"), "int4")
   assert_bitwise(np.asarray(back), np.asarray(block))
+
+
+@pytest.mark.parametrize("fmt,codes", [
+    ("int8", [-128, 127, -127]), ("float8_e4m3fn", [0x7F, 0x7E, 0xFE])])
+def test_codecs_reserve_codes_for_nan_and_inf(fmt, codes):
+  from lookahead_optax import _compress  # pylint: disable=import-outside-toplevel
+  x = np.full((1, 256), -0.75, np.float32)
+  x[0, :4] = [np.nan, np.inf, -np.inf, 3.0]
+  values = np.asarray(_compress.encode(jnp.asarray(x), fmt).values)
+  np.testing.assert_array_equal(values[0, :3],
+                                np.asarray(codes).astype(values.dtype))
+  # The largest finite value takes the largest finite code, not a reserved
+  # one: 126, or 0x7D (416) in float8_e4m3fn.
+  assert values[0, 3] == {"int8": 126, "float8_e4m3fn": 0x7D}[fmt]
 
 
 # ---------------------------------------------------------------------------
