@@ -20,6 +20,7 @@ from lookahead_optax._ranger import ranger
 from lookahead_optax._replica_mean import ReplicaMeanState
 from lookahead_optax._replica_mean import replica_mean
 from lookahead_optax._replicas import check_replicas_agree
+from lookahead_optax._replicas import replicas_agree
 from lookahead_optax._ranger import scale_by_ranger_radam
 from lookahead_optax._sparse import SparseRows
 from lookahead_optax._sparse_grad import sparse_value_and_grad
@@ -50,6 +51,7 @@ __all__ = (
     "migrate_optax_state",
     "ranger",
     "replica_mean",
+    "replicas_agree",
     "scale_by_ranger_radam",
     "slow_params",
     "snoo",

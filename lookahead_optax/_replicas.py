@@ -1,8 +1,13 @@
-"""A check for data-parallel replicas: the same values on every replica."""
+"""Checks for data-parallel replicas: the same values on every replica.
+
+`check_replicas_agree` reads stacked arrays on the host (before training);
+`replicas_agree` runs inside the mapped step, from fingerprints of the bits.
+"""
 
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lookahead_optax import _tree
@@ -11,7 +16,7 @@ from lookahead_optax import _tree
 def check_replicas_agree(tree: Any, name: str = "params") -> None:
   """Raises unless every replica holds bitwise the same values.
 
-  DiLoCo (`lookahead(..., axis_name=)`) needs the initial params to be
+  DiLoCo (`diloco`) needs the initial params to be
   identical on all replicas: each replica's slow weights start as its own
   initial params and move by the averaged pseudo-gradient, so replicas that
   start apart (e.g. `jax.pmap(init)(keys)` with one key per device) stay
@@ -53,7 +58,88 @@ def check_replicas_agree(tree: Any, name: str = "params") -> None:
       if not np.array_equal(bits[r], bits[0]):
         raise ValueError(
             f"`{name}` leaf {_tree.path_str(path)} differs between replicas "
-            f"0 and {r}: DiLoCo (`axis_name`) needs the same initial params "
+            f"0 and {r}: DiLoCo needs the same initial params "
             "on every replica (initialise once and replicate, e.g. "
             "`jax.tree.map(lambda a: jnp.stack([a] * n), init)`, not "
             "`jax.pmap(init)(keys)` with one key per replica).")
+
+
+# An odd multiplier (Knuth's): position weights that differ in every bit.
+_POSITION_MULTIPLIER = np.uint32(2654435761)
+
+
+def _as_uint32(leaf: jax.Array) -> jax.Array:
+  """The bits of `leaf`'s values as a flat uint32 vector (no value cast)."""
+  x = jnp.ravel(jnp.asarray(leaf))
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    x = jnp.concatenate([jnp.real(x), jnp.imag(x)])
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  width = x.dtype.itemsize
+  if width == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if width == 8:
+    return jnp.ravel(jax.lax.bitcast_convert_type(x, jnp.uint32))
+  unsigned = {1: jnp.uint8, 2: jnp.uint16}[width]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def fingerprint(leaf: jax.Array) -> jax.Array:
+  """Two uint32 words of `leaf`'s bits: a position-weighted sum, an XOR.
+
+  Both wrap modulo $2^{32}$. The XOR fold changes with any single flipped
+  bit; the weighted sum with values that swap places.
+  """
+  bits = _as_uint32(leaf)
+  weights = (jnp.arange(bits.shape[0], dtype=jnp.uint32)
+             * _POSITION_MULTIPLIER + np.uint32(1))
+  weighted = jnp.sum(bits * weights, dtype=jnp.uint32)
+  folded = jax.lax.reduce(bits, np.uint32(0), jax.lax.bitwise_xor, (0,))
+  return jnp.stack([weighted, folded])
+
+
+def replicas_agree(tree: Any, axis_name: str) -> tuple[jax.Array, jax.Array]:
+  """Whether every replica holds bitwise the same `tree`, checked in a step.
+
+  Call it inside the mapped step (`jax.pmap`, `shard_map`, several
+  processes under `jax.distributed`): each replica fingerprints each leaf
+  (`fingerprint`: two uint32 words of its bits, so 8 bytes per leaf
+  travel), one `all_gather` hands every replica all of them, and every
+  replica compares them the same way, so both results are the same on
+  every replica.
+
+  Args:
+    tree: a pytree of arrays, this replica's copy (no replica axis), e.g.
+      `lo.slow_params(state)` or the outer state.
+    axis_name: the mapped axis of the replicas.
+
+  Returns:
+    `(agree, first)`: a bool scalar, True when every leaf's fingerprint is
+    the same on every replica, and the index (in `jax.tree.leaves` order)
+    of the first leaf that differs, -1 when none does (int32).
+
+  Raises:
+    ValueError: when `axis_name` is not a mapped axis where it is called.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import lookahead_optax as lo
+    >>> tree = {"a": jnp.zeros((2, 3)), "b": jnp.stack([jnp.ones(3),
+    ...                                                   jnp.ones(3) + 1e-7])}
+    >>> check = jax.pmap(lambda t: lo.replicas_agree(t, "r"), axis_name="r",
+    ...                  devices=jax.devices()[:2])
+    >>> agree, first = check(tree)
+    >>> print(agree, first)  # leaf 1 ("b") differs, on both replicas
+    [False False] [1 1]
+  """
+  from lookahead_optax import _arguments  # pylint: disable=g-import-not-at-top
+  _arguments.check_axis_bound(axis_name)
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.asarray(True), jnp.asarray(-1, jnp.int32)
+  prints = jnp.stack([fingerprint(x) for x in leaves])  # (leaves, 2)
+  gathered = jax.lax.all_gather(prints, axis_name)  # (replicas, leaves, 2)
+  differs = jnp.any(gathered != gathered[0], axis=(0, 2))
+  agree = ~jnp.any(differs)
+  first = jnp.where(agree, -1, jnp.argmax(differs)).astype(jnp.int32)
+  return agree, first
