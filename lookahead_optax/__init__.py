@@ -17,6 +17,7 @@ from lookahead_optax._lookahead import PullbackState
 from lookahead_optax._diloco import diloco
 from lookahead_optax._outer import snoo
 from lookahead_optax._ranger import ranger
+from lookahead_optax._participation import ReplicaCounts
 from lookahead_optax._replica_mean import ReplicaMeanState
 from lookahead_optax._replica_mean import replica_mean
 from lookahead_optax._replicas import check_replicas_agree
@@ -37,6 +38,7 @@ __all__ = (
     "LazyState",
     "LookaheadState",
     "PullbackState",
+    "ReplicaCounts",
     "ReplicaMeanState",
     "SparseRows",
     "StreamingState",

@@ -186,30 +186,39 @@ def _unflatten(flat: jax.Array, n: int, like: list) -> list:
   return [p.reshape(jnp.shape(x)) for p, x in zip(parts, like)]
 
 
-def mean(leaves: list, axis_name: str, fmt: Optional[str]
+def mean(leaves: list, axis_name: str, fmt: Optional[str],
+         total: Optional[jax.Array] = None
          ) -> tuple[list, Optional[list]]:
   """The mean over `axis_name` of float32 `leaves`, and what encoding dropped.
+
+  With `total` (a float32 scalar, the same on every replica), the leaves are
+  summed over the axis and divided by `total` instead of the number of
+  replicas: a weighted mean, when each replica sends its leaves times its
+  weight and `total` is the sum of the weights.
 
   Returns the mean leaves (bitwise equal on every replica) and, for a
   low-precision `fmt`, each leaf minus its decoded encoding on this replica
   (what `error_feedback` keeps; 0 where not finite), else None.
   """
-  if fmt is None:
-    return list(jax.lax.pmean(leaves, axis_name)), None
   replicas = jax.lax.axis_size(axis_name)
+  if fmt is None:
+    if total is None:
+      return list(jax.lax.pmean(leaves, axis_name)), None
+    return [x / total for x in jax.lax.psum(leaves, axis_name)], None
+  divisor = replicas if total is None else total
   blocks, n = _flatten(leaves, replicas)
   sent = encode(blocks, fmt)
   received = jax.tree.map(
       lambda a: jax.lax.all_to_all(a, axis_name, 0, 0), sent)
-  shard = jnp.sum(decode(received, fmt), axis=0) / replicas
+  shard = jnp.sum(decode(received, fmt), axis=0) / divisor
   shard_sent = encode(shard, fmt)
   gathered = jax.tree.map(
       lambda a: jax.lax.all_gather(a, axis_name), shard_sent)
   # What this replica's encodings dropped: of its own vector, and (the
   # shard it averaged) of the mean, which its next message makes up for
-  # (times `replicas`, as the mean divides it so).
+  # (times the divisor, as the mean divides it so).
   own = jnp.arange(replicas) == jax.lax.axis_index(axis_name)
   dropped = _dropped(blocks, sent, fmt) + jnp.where(
-      own[:, None, None], replicas * _dropped(shard, shard_sent, fmt), 0.0)
+      own[:, None, None], divisor * _dropped(shard, shard_sent, fmt), 0.0)
   return (_unflatten(decode(gathered, fmt), n, leaves),
           _unflatten(dropped, n, leaves))

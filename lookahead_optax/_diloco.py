@@ -10,12 +10,14 @@ import numbers
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from lookahead_optax import _arguments
 from lookahead_optax import _checks
 from lookahead_optax import _compress
+from lookahead_optax import _participation
 from lookahead_optax import _step
 from lookahead_optax import _streaming
 
@@ -45,6 +47,7 @@ class DilocoConfig:
   mix: Any  # a float in [0, 1], or a traced scalar
   inner_state: str
   slow_dtype: Any
+  min_replicas: Any  # an int >= 1, or a traced integer
 
 
 def _check_bool(name: str, value: Any) -> bool:
@@ -117,10 +120,31 @@ def _check_schedule(sync_period: Any, num: int, overlap: bool) -> None:
         "`sync_period=1` that is the slow weights themselves.")
 
 
+def _check_min_replicas(min_replicas: Any) -> Any:
+  """An integer >= 1 (None: 1); a traced integer scalar is taken as is."""
+  if min_replicas is None:
+    return 1
+  if _checks.is_traced(min_replicas):
+    if min_replicas.ndim or not jnp.issubdtype(min_replicas.dtype,
+                                               jnp.integer):
+      raise TypeError(
+          "`min_replicas` must be an integer >= 1, got a traced "
+          f"{min_replicas.dtype}{list(min_replicas.shape)}.")
+    return min_replicas
+  if not _streaming.is_fragment_number(min_replicas):
+    raise TypeError("`min_replicas` must be an integer >= 1 (at most the "
+                    f"number of replicas), got {min_replicas!r}.")
+  if int(min_replicas) < 1:
+    raise ValueError("`min_replicas` must be an integer >= 1 (at most the "
+                     f"number of replicas), got {min_replicas!r}.")
+  return int(min_replicas)
+
+
 def configure(*, inner: Any, sync_period: Any, axis_name: Any,
               learning_rate: Any, momentum: Any, outer: Any, fragments: Any,
               communication_dtype: Any, error_feedback: Any, overlap: Any,
-              mix: Any, inner_state: Any, slow_dtype: Any) -> DilocoConfig:
+              mix: Any, inner_state: Any, slow_dtype: Any,
+              min_replicas: Any) -> DilocoConfig:
   """`diloco`'s arguments, checked: every rule of what combines.
 
   Raises:
@@ -149,7 +173,8 @@ def configure(*, inner: Any, sync_period: Any, axis_name: Any,
   _checks.check_choice("inner_state", inner_state, ("keep", "reset"))
   return DilocoConfig(sync_period, axis_name, outer, fragments, num, fmt,
                       error_feedback, overlap, mix, inner_state,
-                      _arguments.check_slow_dtype(slow_dtype))
+                      _arguments.check_slow_dtype(slow_dtype),
+                      _check_min_replicas(min_replicas))
 
 
 def step_options(inner: Any, config: DilocoConfig) -> _step.Options:
@@ -177,6 +202,7 @@ def diloco(
     mix: Optional[float] = None,
     inner_state: str = "keep",
     slow_dtype: Optional[Any] = None,
+    min_replicas: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DiLoCo: replicas train apart and average the pseudo-gradient at a sync.
 
@@ -260,6 +286,23 @@ def diloco(
       (e.g. Adam moments) to their initial values, keeping step counts.
     slow_dtype: a floating dtype in which to keep the slow weights of
       floating params (e.g. `jnp.float32` for bfloat16 params), or None.
+    min_replicas: the quorum of a sync given weights (see below): with
+      fewer replicas of nonzero weight, the sync is skipped (the slow
+      weights and the outer state stay, every replica lands back on the
+      slow weights). An integer in [1, the number of replicas] (may be
+      traced); None means 1.
+
+  `update` takes one more keyword argument, `weight`: this replica's weight
+  for the coming sync (a real scalar per replica, e.g. the tokens it
+  trained on since the last sync; read at sync steps, ignored at others).
+  The mean pseudo-gradient is then $\sum_m w_m \Delta_m / \sum_m w_m$, in
+  every wire format (the weights travel as float32, one all-reduce of two
+  scalars per sync). A replica with weight 0 sits out: its pseudo-gradient
+  does not count, and it lands on the new slow weights like the others, so
+  it heals. A concrete negative or non-finite weight is an error; a traced
+  one sits out. `StreamingState.counts` (a `ReplicaCounts`) counts the
+  skipped syncs and the replicas that sat out. Without `weight` none of
+  this is traced.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -278,9 +321,12 @@ def diloco(
       fragment has no leaves, `mix` is outside [0, 1], `communication_dtype`
       is not supported, `error_feedback` is given without a low-precision
       `communication_dtype`, `overlap=True` with `sync_period=1`, or
-      `inner_state` is not 'keep' or 'reset'; at the first `update`, when
-      `axis_name` is not a mapped axis there, or the state's step counter
-      is not a scalar (a `shard_map` block that kept the replica axis).
+      `inner_state` is not 'keep' or 'reset', or `min_replicas` is not an
+      integer >= 1; at `update`, when `axis_name` is not a mapped axis
+      there, `min_replicas` exceeds the number of replicas, `weight` is
+      not a real scalar or (concretely) negative or not finite, or the
+      state's step counter is not a scalar (a `shard_map` block that kept
+      the replica axis).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -332,13 +378,20 @@ def diloco(
       learning_rate=learning_rate, momentum=momentum, outer=outer,
       fragments=fragments, communication_dtype=communication_dtype,
       error_feedback=error_feedback, overlap=overlap, mix=mix,
-      inner_state=inner_state, slow_dtype=slow_dtype)
+      inner_state=inner_state, slow_dtype=slow_dtype,
+      min_replicas=min_replicas)
   opts = step_options(inner, config)
 
   def init_fn(params):
     return _step.init(opts, None, params)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    return _step.update(opts, updates, state, params, extra_args)
+  def update_fn(updates, state, params=None, weight=None, **extra_args):
+    if not _checks.is_traced(config.min_replicas) and config.min_replicas > 1:
+      _arguments.check_axis_bound(config.axis_name)
+      _participation.check_min_replicas(config.min_replicas,
+                                        config.axis_name)
+    if weight is not None:
+      weight = _participation.check_weight(weight)
+    return _step.update(opts, updates, state, params, extra_args, weight)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

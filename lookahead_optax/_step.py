@@ -260,11 +260,11 @@ def dense_sync(opts: Options, form: Any, s: Step,
 
 
 def streaming_sync(opts: Options, s: Step, state: LookaheadState,
-                   step: jax.Array) -> _sync.Carry:
+                   step: jax.Array, weight: Any) -> _sync.Carry:
   """The fragments' syncs (`_streaming`), and the inner state's policy."""
   updates, slow, outer_state, flags = _streaming.sync(
       opts, s.params, s.inner_updates, state.slow_params, state.outer_state,
-      step)
+      step, weight)
   inner_state = s.new_inner
   if opts.inner_state == "reset":
     inner_state = _policies.reset_where_per_param(
@@ -282,14 +282,18 @@ def new_state(opts: Options, out: _sync.Carry, step: jax.Array,
 
 
 def update(opts: Options, grads: Any, state: Any, params: Any,
-           extra_args: dict) -> tuple[Any, LookaheadState]:
-  """`lookahead`'s `update_fn`: see the module docstring."""
+           extra_args: dict, weight: Any = None
+           ) -> tuple[Any, LookaheadState]:
+  """`update_fn` of `lookahead` and `diloco`: see the module docstring.
+
+  `weight`: `diloco`'s replica weight for the coming sync (or None).
+  """
   if isinstance(state, LookaheadState):  # containers may rebuild CycleRows
     state = state._replace(
         cycle_rows=_rows.restore_cycle_rows(state.cycle_rows))
   form, s, step = begin(opts, grads, state, params, extra_args)
   if opts.streaming is not None:
-    out = streaming_sync(opts, s, state, step)
+    out = streaming_sync(opts, s, state, step, weight)
   else:
     out = dense_sync(opts, form, s, state)
   if s.bad is not None:

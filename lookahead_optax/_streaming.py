@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from lookahead_optax import _compress
+from lookahead_optax import _participation
 from lookahead_optax import _sync
 from lookahead_optax import _tree
 from lookahead_optax._types import StreamingState
@@ -126,7 +127,7 @@ def init_state(config: Any, outer: optax.GradientTransformation,
       for f in range(config.num_fragments))
   residuals = (jax.tree.map(jnp.zeros_like, slow_c)
                if config.error_feedback else None)
-  return StreamingState(states, residuals)
+  return StreamingState(states, residuals, _participation.init_counts())
 
 
 class Fragment(NamedTuple):
@@ -139,13 +140,16 @@ class Fragment(NamedTuple):
 
 def outer_step(opts: Any, frag: Fragment, slow: list, params: list,
                inner_updates: Optional[list], outer_state: Any,
-               residual: Optional[list]) -> tuple[list, Any, Optional[list]]:
+               residual: Optional[list], weight: Optional[jax.Array],
+               counts: Any) -> tuple[list, Any, Optional[list], Any]:
   """One fragment's sync: mean pseudo-gradient, then the outer step.
 
   The pseudo-gradient is taken from the fast weights `params +
   inner_updates`, or with `overlap` (`inner_updates` None) from the params
-  entering the step. Returns the new slow weights (their dtypes), the
-  fragment's new outer state and its new error-feedback buffers.
+  entering the step. With this replica's `weight`, the mean is weighted and
+  needs a quorum (`_participation`). Returns the new slow weights (their
+  dtypes), the fragment's new outer state, its new error-feedback buffers
+  and the new `ReplicaCounts`.
   """
   sopts = opts.streaming
   slow_c = [s.astype(_sync.compute_dtype(s)) for s in slow]
@@ -155,9 +159,18 @@ def outer_step(opts: Any, frag: Fragment, slow: list, params: list,
     source = [_sync.fast_weights(p, u, s.dtype)
               for p, u, s in zip(params, inner_updates, slow_c)]
   delta = [s - x for s, x in zip(slow_c, source)]
-  if residual is not None:
-    delta = [d + r for d, r in zip(delta, residual)]
-  mean, dropped = _compress.mean(delta, opts.axis_name, sopts.fmt)
+  vote = None
+  if weight is None:
+    if residual is not None:
+      delta = [d + r for d, r in zip(delta, residual)]
+    mean, dropped = _compress.mean(delta, opts.axis_name, sopts.fmt)
+  else:
+    vote = _participation.vote(weight, opts.axis_name, sopts.min_replicas)
+    total = jnp.where(vote.total > 0, vote.total, 1.0)
+    mean, dropped = _compress.mean(
+        _participation.messages(delta, residual, vote), opts.axis_name,
+        sopts.fmt, total)
+  old_outer = outer_state
 
   def tree(values):
     full = [None] * frag.num_leaves
@@ -170,7 +183,13 @@ def outer_step(opts: Any, frag: Fragment, slow: list, params: list,
   # Every replica keeps the target itself (they must agree bitwise).
   stored = [_sync.stored_slow(p, None, t, s, keep_target=True)
             for p, t, s in zip(params, targets, slow)]
-  return stored, outer_state, dropped if residual is not None else None
+  if vote is None:
+    return stored, outer_state, dropped if residual is not None else None, (
+        counts)
+  stored, outer_state, residual = _participation.settle(
+      vote, (stored, outer_state), (slow, old_outer), residual, dropped)
+  return stored, outer_state, residual, _participation.counted(
+      counts, vote, opts.axis_name)
 
 
 def landing(p: jax.Array, u: jax.Array, slow_new: jax.Array, old_slow: Any,
@@ -195,11 +214,13 @@ class Leaves(NamedTuple):
 
 
 def fragment_sync(opts: Any, frag: Fragment, flag: jax.Array, x: Leaves,
-                  outer_state: Any) -> tuple[Leaves, Any]:
+                  outer_state: Any, weight: Optional[jax.Array],
+                  counts: Any) -> tuple[Leaves, Any, Any]:
   """Fragment `frag`'s sync where `flag`, in a `jax.lax.cond` of its own.
 
-  Returns the fragment's leaves (the updates in `inner_updates`) and its
-  outer state; where `flag` is False they are as the inner step left them.
+  Returns the fragment's leaves (the updates in `inner_updates`), its outer
+  state and the `ReplicaCounts`; where `flag` is False they are as the
+  inner step left them.
   """
   sopts = opts.streaming
   pick = lambda leaves: [leaves[i] for i in frag.leaves]  # pylint: disable=unnecessary-lambda-assignment
@@ -210,26 +231,27 @@ def fragment_sync(opts: Any, frag: Fragment, flag: jax.Array, x: Leaves,
   if sopts.overlap:
     # The conditional gets no operand that this step computes, so that its
     # collectives need not wait for the inner update; the landing follows.
-    new_slow, outer_state, res = jax.lax.cond(
+    new_slow, outer_state, res, counts = jax.lax.cond(
         flag, lambda ops: outer_step(opts, frag, *ops),
-        lambda ops: (ops[0], ops[3], ops[4]),
-        (slow, p, None, outer_state, res))
+        lambda ops: (ops[0], ops[3], ops[4], ops[6]),
+        (slow, p, None, outer_state, res, weight, counts))
     updates = [jnp.where(flag, a, b) for a, b in zip(lands(new_slow), u)]
-    return Leaves(p, updates, new_slow, res), outer_state
+    return Leaves(p, updates, new_slow, res), outer_state, counts
 
   def synced(ops):
-    new_slow, outer_f, res_f = outer_step(opts, frag, *ops)
-    return new_slow, lands(new_slow), outer_f, res_f
+    new_slow, outer_f, res_f, counts_f = outer_step(opts, frag, *ops)
+    return new_slow, lands(new_slow), outer_f, res_f, counts_f
 
   # The landing in the branch: a step without this sync returns `u` as is.
-  new_slow, updates, outer_state, res = jax.lax.cond(
-      flag, synced, lambda ops: (ops[0], ops[2], ops[3], ops[4]),
-      (slow, p, u, outer_state, res))
-  return Leaves(p, updates, new_slow, res), outer_state
+  new_slow, updates, outer_state, res, counts = jax.lax.cond(
+      flag, synced, lambda ops: (ops[0], ops[2], ops[3], ops[4], ops[6]),
+      (slow, p, u, outer_state, res, weight, counts))
+  return Leaves(p, updates, new_slow, res), outer_state, counts
 
 
 def sync(opts: Any, params: Any, inner_updates: Any, slow: Any, state: Any,
-         step: jax.Array) -> tuple[Any, Any, Any, list]:
+         step: jax.Array, weight: Optional[jax.Array] = None
+         ) -> tuple[Any, Any, Any, list]:
   """The fragments' syncs of this step (`fragment_sync` for each).
 
   Returns the updates, the slow weights, the `StreamingState` and, per
@@ -244,13 +266,14 @@ def sync(opts: Any, params: Any, inner_updates: Any, slow: Any, state: Any,
   out = Leaves(*(None if v is None else list(v) for v in x))
   frag_of = leaf_fragments(opts.streaming, params)
   outer_states, flags = list(state.outer_states), [None] * len(p_leaves)
+  counts = state.counts
   slots = sync_slots(opts.streaming.num_fragments, opts.sync_period)
   for f, slot in enumerate(slots):
     frag = Fragment([i for i, g in enumerate(frag_of) if g == f], treedef,
                     len(p_leaves))
     flag = step % opts.sync_period == slot
-    done, outer_states[f] = fragment_sync(opts, frag, flag, x,
-                                          outer_states[f])
+    done, outer_states[f], counts = fragment_sync(
+        opts, frag, flag, x, outer_states[f], weight, counts)
     for j, i in enumerate(frag.leaves):
       flags[i] = flag
       for field in ("inner_updates", "slow", "residuals"):
@@ -259,7 +282,7 @@ def sync(opts: Any, params: Any, inner_updates: Any, slow: Any, state: Any,
   unflat = lambda leaves: jax.tree.unflatten(treedef, leaves)  # pylint: disable=unnecessary-lambda-assignment
   residuals = None if out.residuals is None else unflat(out.residuals)
   return (unflat(out.inner_updates), unflat(out.slow),
-          StreamingState(tuple(outer_states), residuals),
+          StreamingState(tuple(outer_states), residuals, counts),
           _with_holes(flags, params))
 
 

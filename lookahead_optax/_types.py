@@ -84,7 +84,10 @@ class StreamingState(NamedTuple):
       replica's pseudo-gradient that encoding dropped at the fragment's last
       sync (float32, or the slow weights' compute dtype), added to its next
       pseudo-gradient; else None.
+    counts: a `ReplicaCounts`: the syncs skipped for want of a quorum and
+      the replicas that sat out (see `diloco`'s `weight`).
   """
 
   outer_states: tuple
   residuals: Any = None
+  counts: Any = None

@@ -765,7 +765,8 @@ def _jaxpr_and_structure(tx, replicas=2):
     ("fragments", None), ("fragments", 1), ("communication_dtype", None),
     ("communication_dtype", jnp.float32), ("error_feedback", False),
     ("overlap", False), ("mix", None), ("mix", 0.0), ("mix", 0),
-    ("inner_state", "keep"), ("slow_dtype", None),
+    ("inner_state", "keep"), ("slow_dtype", None), ("min_replicas", None),
+    ("min_replicas", 1),
 ])
 def test_passing_a_default_is_omitting_it(name, default):
   omitted = _jaxpr_and_structure(lo.diloco(optax.adam(0.1), 4, AXIS))
@@ -801,7 +802,7 @@ def test_help_lists_every_argument():
   assert names == [
       "inner", "sync_period", "axis_name", "learning_rate", "momentum",
       "outer", "fragments", "communication_dtype", "error_feedback",
-      "overlap", "mix", "inner_state", "slow_dtype"]
+      "overlap", "mix", "inner_state", "slow_dtype", "min_replicas"]
   assert not any(p.kind == p.VAR_KEYWORD for p in
                  inspect.signature(lo.diloco).parameters.values())
   assert len(inspect.signature(lo.lookahead).parameters) <= 9

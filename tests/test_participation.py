@@ -1,0 +1,197 @@
+"""`diloco`'s replica weights and quorum, against a NumPy simulation."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lookahead_optax as lo
+from tests._helpers import assert_bitwise
+
+N = 8  # replicas
+K = 2  # sync period
+AXIS = "data"
+LR, OUTER_LR, MU = 0.25, 0.8, 0.6
+DIM = 300  # two int8 blocks of 256 values
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < N, reason="needs 8 devices (see conftest.py)")
+
+
+START = 3.0  # weights far from 0 move by less than 2x: exact landings
+
+
+def targets(seed):
+  rng = np.random.default_rng(seed)
+  return (START + rng.normal(size=(N, DIM))).astype(np.float32)
+
+
+@functools.cache
+def program(fmt, min_replicas):
+  tx = lo.diloco(optax.sgd(LR), K, AXIS, OUTER_LR, MU,
+                 communication_dtype=fmt, min_replicas=min_replicas)
+
+  def step(p, s, target, w):
+    u, s = tx.update(p - target, s, p, weight=w)  # loss 0.5 (p - target)**2
+    return optax.apply_updates(p, u), s
+
+  return tx, jax.pmap(step, axis_name=AXIS)
+
+
+def run(fmt, min_replicas, weights, seed=0, syncs=2):
+  """`syncs` cycles with per-sync `weights` (syncs, N); NumPy results."""
+  tx, step = program(fmt, min_replicas)
+  params = jnp.full((N, DIM), START, jnp.float32)
+  state = jax.pmap(tx.init)(params)
+  tgt = targets(seed)
+  history = []
+  for c in range(syncs):
+    for _ in range(K):
+      params, state = step(params, state, tgt, jnp.asarray(weights[c]))
+    history.append(jax.tree.map(np.asarray, (params, state)))
+  return history
+
+
+def simulate(weights, min_replicas, seed=0, syncs=2):
+  """DiLoCo by hand: weighted mean, Nesterov outer step, quorum."""
+  tgt = targets(seed).astype(np.float64)
+  slow, b = np.full(DIM, START), np.zeros(DIM)
+  out = []
+  skipped = sat_out = 0
+  for c in range(syncs):
+    fast = np.broadcast_to(slow, (N, DIM)).copy()
+    for _ in range(K):
+      fast = fast - LR * (fast - tgt)
+    w = np.asarray(weights[c], np.float64)
+    use = w > 0
+    sat_out += N - use.sum()
+    bound = 0.0
+    if use.sum() >= min_replicas:
+      sent = w[:, None] * (slow - fast)
+      delta = sent.sum(0) / w.sum()
+      # int8: each message within amax / 252 of its block, the mean too.
+      bound = (np.abs(sent).max(1).sum() / w.sum()
+               + np.abs(delta).max()) / 252 * OUTER_LR * (1 + MU)
+      b = MU * b + delta
+      slow = slow - OUTER_LR * (MU * b + delta)
+    else:
+      skipped += 1
+    out.append(dict(slow=slow.copy(), b=b.copy(), skipped=skipped,
+                    sat_out=sat_out, last=N - use.sum(), bound=bound))
+  return out
+
+
+WEIGHTS = {
+    "tokens": [[3.0, 0.0, 1.0, 7.5, 2.0, 0.0, 4.0, 1.0],
+               [1.0, 2.0, 0.0, 0.0, 0.0, 5.0, 0.5, 3.0]],
+    "one_left": [[0.0] * 7 + [2.0], [1.0] * 8],
+    "none": [[0.0] * 8, [2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]],
+}
+
+
+@pytest.mark.parametrize("fmt", [None, jnp.int8])
+@pytest.mark.parametrize("case", sorted(WEIGHTS))
+def test_weighted_mean_matches_simulation(fmt, case):
+  weights = np.float32(WEIGHTS[case])
+  history = run(fmt, 1, weights)
+  ref = simulate(weights, 1)
+  bound = 0.0
+  for c, (params, state) in enumerate(history):
+    bound += ref[c]["bound"]  # int8: the errors of the syncs so far add up
+    atol = 2e-6 if fmt is None else 2e-6 + bound
+    slow = state.slow_params
+    assert_bitwise(slow, np.broadcast_to(slow[0], slow.shape))  # agree
+    assert_bitwise(params, slow)  # every replica lands, sat out or not
+    np.testing.assert_allclose(slow[0], ref[c]["slow"], rtol=0, atol=atol)
+    counts = state.outer_state.counts
+    np.testing.assert_array_equal(counts.skipped_syncs, ref[c]["skipped"])
+    np.testing.assert_array_equal(counts.sat_out, ref[c]["sat_out"])
+    np.testing.assert_array_equal(counts.sat_out_last, ref[c]["last"])
+  if case == "tokens":  # the weights matter: the plain mean is elsewhere
+    plain = simulate(np.ones((2, N)), 1)
+    assert np.max(np.abs(plain[0]["slow"] - ref[0]["slow"])) > 0.05
+
+
+def test_quorum_skips_the_sync_and_lands_back():
+  weights = np.float32([[1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+                        [1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 0.0, 0.0]])
+  history = run(None, 5, weights)
+  ref = simulate(weights, 5)
+  (p1, s1), (p2, s2) = history
+  np.testing.assert_array_equal(s1.slow_params, START)  # no move at sync 1
+  np.testing.assert_array_equal(p1, START)  # every replica back on them
+  momentum = s1.outer_state.outer_states[0][0].trace
+  np.testing.assert_array_equal(momentum, 0.0)  # the outer state stays
+  np.testing.assert_array_equal(s1.outer_state.counts.skipped_syncs, 1)
+  np.testing.assert_allclose(s2.slow_params[0], ref[1]["slow"], atol=2e-6)
+  np.testing.assert_array_equal(s2.outer_state.counts.skipped_syncs, 1)
+  np.testing.assert_array_equal(s2.outer_state.counts.sat_out_last, 2)
+  assert_bitwise(p2, s2.slow_params)
+
+
+def test_without_weight_the_program_is_plain_diloco():
+  tx = lo.diloco(optax.sgd(LR), K, AXIS, OUTER_LR, MU)
+  params = jnp.zeros((2, DIM))
+  state = jax.eval_shape(jax.vmap(tx.init), params)
+
+  def plain(p, s, g):
+    return tx.update(g, s, p)
+
+  def none(p, s, g):
+    return tx.update(g, s, p, weight=None)
+  a = jax.make_jaxpr(jax.vmap(plain, axis_name=AXIS))(params, state, params)
+  b = jax.make_jaxpr(jax.vmap(none, axis_name=AXIS))(params, state, params)
+  assert str(a) == str(b)
+  assert str(a).count("psum[") == 1  # the pmean of the pseudo-gradient
+  weighted = jax.make_jaxpr(jax.vmap(
+      lambda p, s, g: tx.update(g, s, p, weight=jnp.float32(1.0)),
+      axis_name=AXIS))(params, state, params)
+  # The weights' sum and count: two scalars more.
+  assert str(weighted).count("psum[") == 3
+
+
+@pytest.mark.parametrize("weight,error,match", [
+    (-1.0, ValueError, r"`weight` must be a finite number >= 0"),
+    (float("nan"), ValueError, r"`weight` must be a finite number >= 0"),
+    (float("inf"), ValueError, r"`weight` must be a finite number >= 0"),
+    (np.ones(2, np.float32), TypeError, r"`weight` must be a real scalar"),
+    ("3", TypeError, r"`weight` must be a real scalar"),
+    (True, TypeError, r"`weight` must be a real scalar"),
+])
+def test_bad_weight_is_named(weight, error, match):
+  tx = lo.diloco(optax.sgd(LR), K, AXIS)
+  params = jnp.zeros((2, 3))
+  state = jax.vmap(tx.init)(params)
+  with pytest.raises(error, match=match):
+    jax.vmap(lambda p, s: tx.update(p, s, p, weight=weight),
+             axis_name=AXIS)(params, state)
+
+
+def test_traced_weight_of_the_wrong_shape_is_named():
+  tx = lo.diloco(optax.sgd(LR), K, AXIS)
+  params = jnp.zeros((2, 3))
+  state = jax.vmap(tx.init)(params)
+  with pytest.raises(TypeError, match=r"`weight` must be a real scalar per "
+                     r"replica .* got float32\[2\]"):
+    jax.vmap(lambda p, s, w: tx.update(p, s, p, weight=w),
+             axis_name=AXIS)(params, state, jnp.ones((2, 2)))
+
+
+@pytest.mark.parametrize("value,error", [(0, ValueError), (-2, ValueError),
+                                         (1.5, TypeError), (True, TypeError),
+                                         ("2", TypeError)])
+def test_bad_min_replicas_at_construction(value, error):
+  with pytest.raises(error, match=r"`min_replicas` must be an integer >= 1"):
+    lo.diloco(optax.sgd(LR), K, AXIS, min_replicas=value)
+
+
+def test_min_replicas_above_the_replicas_at_the_first_update():
+  tx = lo.diloco(optax.sgd(LR), K, AXIS, min_replicas=3)
+  params = jnp.zeros((2, 3))
+  state = jax.vmap(tx.init)(params)
+  with pytest.raises(ValueError, match=r"`min_replicas=3` is more than the 2 "
+                     r"replicas of axis 'data'"):
+    jax.vmap(lambda p, s: tx.update(p, s, p), axis_name=AXIS)(params, state)
