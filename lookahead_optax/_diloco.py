@@ -18,6 +18,7 @@ from lookahead_optax import _arguments
 from lookahead_optax import _checks
 from lookahead_optax import _compress
 from lookahead_optax import _participation
+from lookahead_optax import _policies
 from lookahead_optax import _step
 from lookahead_optax import _streaming
 
@@ -46,6 +47,7 @@ class DilocoConfig:
   overlap: bool
   mix: Any  # a float in [0, 1], or a traced scalar
   inner_state: str
+  on_nonfinite: str
   slow_dtype: Any
   min_replicas: Any  # an int >= 1, or a traced integer
 
@@ -143,8 +145,8 @@ def _check_min_replicas(min_replicas: Any) -> Any:
 def configure(*, inner: Any, sync_period: Any, axis_name: Any,
               learning_rate: Any, momentum: Any, outer: Any, fragments: Any,
               communication_dtype: Any, error_feedback: Any, overlap: Any,
-              mix: Any, inner_state: Any, slow_dtype: Any,
-              min_replicas: Any) -> DilocoConfig:
+              mix: Any, inner_state: Any, on_nonfinite: Any,
+              slow_dtype: Any, min_replicas: Any) -> DilocoConfig:
   """`diloco`'s arguments, checked: every rule of what combines.
 
   Raises:
@@ -171,8 +173,10 @@ def configure(*, inner: Any, sync_period: Any, axis_name: Any,
       "mix", mix, allow_schedule=False)
   _check_schedule(sync_period, num, overlap)
   _checks.check_choice("inner_state", inner_state, ("keep", "reset"))
+  _checks.check_choice("on_nonfinite", on_nonfinite,
+                       _policies.NONFINITE_POLICIES)
   return DilocoConfig(sync_period, axis_name, outer, fragments, num, fmt,
-                      error_feedback, overlap, mix, inner_state,
+                      error_feedback, overlap, mix, inner_state, on_nonfinite,
                       _arguments.check_slow_dtype(slow_dtype),
                       _check_min_replicas(min_replicas))
 
@@ -182,7 +186,7 @@ def step_options(inner: Any, config: DilocoConfig) -> _step.Options:
   return _step.Options(
       inner=optax.with_extra_args_support(inner), outer=config.outer,
       sync_period=config.sync_period, slow_step_size=None,
-      inner_state=config.inner_state, on_nonfinite="propagate",
+      inner_state=config.inner_state, on_nonfinite=config.on_nonfinite,
       axis_name=config.axis_name, slow_dtype=config.slow_dtype, sync="cond",
       counts_syncs=False, streaming=config)
 
@@ -201,6 +205,7 @@ def diloco(
     overlap: bool = False,
     mix: Optional[float] = None,
     inner_state: str = "keep",
+    on_nonfinite: str = "propagate",
     slow_dtype: Optional[Any] = None,
     min_replicas: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -284,6 +289,19 @@ def diloco(
     inner_state: `"keep"` (default) leaves the inner state alone at a sync;
       `"reset"` resets the parameter-shaped leaves of the syncing fragment
       (e.g. Adam moments) to their initial values, keeping step counts.
+    on_nonfinite: `"propagate"` (default) applies non-finite updates as
+      they are (a NaN on one replica reaches every replica's slow weights at
+      the next sync). `"rollback"`: a replica whose inner update, or the
+      fast params it would give, is not finite goes back to the slow
+      weights at once (the step's update sends its params there) and resets
+      the parameter-shaped leaves of its inner state (keeping step counts),
+      as `lookahead`'s rollback does on one device; the other replicas are
+      not touched. On a step with a sync it sits that sync out (weight 0)
+      and lands on the new slow weights like the others, so every replica
+      ends every sync on the same slow weights with finite params. Its slow
+      weights are never moved by a rollback (they must agree across
+      replicas), so where a weight moved by more than a factor of two since
+      the last sync its params are one rounding off them.
     slow_dtype: a floating dtype in which to keep the slow weights of
       floating params (e.g. `jnp.float32` for bfloat16 params), or None.
     min_replicas: the quorum of a sync given weights (see below): with
@@ -378,8 +396,8 @@ def diloco(
       learning_rate=learning_rate, momentum=momentum, outer=outer,
       fragments=fragments, communication_dtype=communication_dtype,
       error_feedback=error_feedback, overlap=overlap, mix=mix,
-      inner_state=inner_state, slow_dtype=slow_dtype,
-      min_replicas=min_replicas)
+      inner_state=inner_state, on_nonfinite=on_nonfinite,
+      slow_dtype=slow_dtype, min_replicas=min_replicas)
   opts = step_options(inner, config)
 
   def init_fn(params):

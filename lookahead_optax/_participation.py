@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lookahead_optax import _checks
+from lookahead_optax import _policies
 
 
 class ReplicaCounts(NamedTuple):
@@ -82,6 +83,22 @@ def check_weight(weight: Any) -> jax.Array:
         f"`weight` must be a finite number >= 0 (0: sit out the sync), got "
         f"{weight!r}.")
   return jnp.asarray(array, jnp.float32)
+
+
+def rolled_back(bad: jax.Array, params: Any, inner_updates: Any, slow: Any,
+                weight: Optional[jax.Array]) -> tuple[Any, jax.Array]:
+  """`on_nonfinite="rollback"` on a replica: back to the slow weights.
+
+  Where this replica's inner step is not finite (`bad`), its update sends
+  the params back to the slow weights (so its fast weights are the slow
+  weights, and its pseudo-gradient is finite) and it sits out a sync of
+  this step (weight 0); the other replicas are not touched. Returns the
+  updates and the weight.
+  """
+  updates = _policies.rollback(bad, params, inner_updates, slow,
+                               inner_updates)
+  weight = jnp.ones([], jnp.float32) if weight is None else weight
+  return updates, jnp.where(bad, jnp.zeros([], jnp.float32), weight)
 
 
 def check_min_replicas(min_replicas: int, axis_name: str) -> None:

@@ -26,6 +26,7 @@ import optax
 
 from lookahead_optax import _arguments
 from lookahead_optax import _formulation
+from lookahead_optax import _participation
 from lookahead_optax import _policies
 from lookahead_optax import _rows
 from lookahead_optax import _sparse
@@ -261,11 +262,21 @@ def dense_sync(opts: Options, form: Any, s: Step,
 
 def streaming_sync(opts: Options, s: Step, state: LookaheadState,
                    step: jax.Array, weight: Any) -> _sync.Carry:
-  """The fragments' syncs (`_streaming`), and the inner state's policy."""
+  """The fragments' syncs (`_streaming`), and the inner state's policy.
+
+  With `on_nonfinite="rollback"`, a replica whose inner step is not finite
+  goes back to the slow weights and sits out a sync of this step
+  (`_participation.rolled_back`), its inner state reset.
+  """
+  inner_updates, inner_state = s.inner_updates, s.new_inner
+  if s.bad is not None:
+    inner_updates, weight = _participation.rolled_back(
+        s.bad, s.params, inner_updates, state.slow_params, weight)
+    inner_state = _policies.reset_where(s.bad, s.param_shaped, inner_state,
+                                        s.inner_init)
   updates, slow, outer_state, flags = _streaming.sync(
-      opts, s.params, s.inner_updates, state.slow_params, state.outer_state,
+      opts, s.params, inner_updates, state.slow_params, state.outer_state,
       step, weight)
-  inner_state = s.new_inner
   if opts.inner_state == "reset":
     inner_state = _policies.reset_where_per_param(
         flags, s.param_shaped, inner_state, s.inner_init)
@@ -296,7 +307,7 @@ def update(opts: Options, grads: Any, state: Any, params: Any,
     out = streaming_sync(opts, s, state, step, weight)
   else:
     out = dense_sync(opts, form, s, state)
-  if s.bad is not None:
+  if s.bad is not None and opts.streaming is None:
     out = out._replace(slow=rolled_back_slow(s, state, out.updates, out.slow))
   cycle_rows = state.cycle_rows
   if any(s.sparse):

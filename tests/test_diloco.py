@@ -727,7 +727,8 @@ def test_diloco_default_outer_is_nesterov_with_the_default_settings():
      "`momentum` and `outer` cannot both be given"),
     (dict(outer=3), TypeError, "`outer` must be an optax"),
     (dict(slow_step_size=0.5), TypeError, "slow_step_size"),
-    (dict(on_nonfinite="rollback"), TypeError, "on_nonfinite"),
+    (dict(on_nonfinite="skip"), ValueError,
+     "`on_nonfinite` must be one of 'propagate', 'rollback', got 'skip'"),
     (dict(sync="select"), TypeError, "sync"),
     (dict(momentum=1.0), ValueError, "momentum"),
     (dict(learning_rate=-0.1), ValueError, "learning_rate"),
@@ -765,7 +766,8 @@ def _jaxpr_and_structure(tx, replicas=2):
     ("fragments", None), ("fragments", 1), ("communication_dtype", None),
     ("communication_dtype", jnp.float32), ("error_feedback", False),
     ("overlap", False), ("mix", None), ("mix", 0.0), ("mix", 0),
-    ("inner_state", "keep"), ("slow_dtype", None), ("min_replicas", None),
+    ("inner_state", "keep"), ("on_nonfinite", "propagate"),
+    ("slow_dtype", None), ("min_replicas", None),
     ("min_replicas", 1),
 ])
 def test_passing_a_default_is_omitting_it(name, default):
@@ -802,7 +804,8 @@ def test_help_lists_every_argument():
   assert names == [
       "inner", "sync_period", "axis_name", "learning_rate", "momentum",
       "outer", "fragments", "communication_dtype", "error_feedback",
-      "overlap", "mix", "inner_state", "slow_dtype", "min_replicas"]
+      "overlap", "mix", "inner_state", "on_nonfinite", "slow_dtype",
+      "min_replicas"]
   assert not any(p.kind == p.VAR_KEYWORD for p in
                  inspect.signature(lo.diloco).parameters.values())
   assert len(inspect.signature(lo.lookahead).parameters) <= 9

@@ -195,3 +195,103 @@ def test_min_replicas_above_the_replicas_at_the_first_update():
   with pytest.raises(ValueError, match=r"`min_replicas=3` is more than the 2 "
                      r"replicas of axis 'data'"):
     jax.vmap(lambda p, s: tx.update(p, s, p), axis_name=AXIS)(params, state)
+
+
+# ---------------------------------------------------------------------------
+# on_nonfinite="rollback": a replica that goes wrong heals on its own.
+# ---------------------------------------------------------------------------
+
+MOMENTUM = 0.5  # the inner SGD's: a state that the rollback resets
+# (step t, replica, value): NaN off a sync, Inf on one, two at the last.
+FAULTS = [(0, 3, np.nan), (3, 5, np.inf), (5, 1, np.nan), (5, 2, -np.inf)]
+
+
+@functools.cache
+def rollback_program(fmt):
+  tx = lo.diloco(optax.sgd(LR, momentum=MOMENTUM), K, AXIS, OUTER_LR, MU,
+                 communication_dtype=fmt, on_nonfinite="rollback")
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  return tx, jax.pmap(step, axis_name=AXIS)
+
+
+def faulty_grads(params, tgt, t):
+  grads = np.asarray(params) - tgt
+  for when, replica, value in FAULTS:
+    if when == t:
+      grads[replica, 7] = value
+  return grads
+
+
+def simulate_rollback(steps, seed=0):
+  tgt = targets(seed).astype(np.float64)
+  slow, b = np.full(DIM, START), np.zeros(DIM)
+  fast = np.broadcast_to(slow, (N, DIM)).copy()
+  trace = np.zeros((N, DIM))
+  out = []
+  for t in range(steps):
+    grads = faulty_grads(fast, tgt, t)
+    bad = ~np.all(np.isfinite(grads), axis=1)
+    trace = np.where(bad[:, None], 0.0, MOMENTUM * trace + grads)
+    fast = np.where(bad[:, None], slow, fast - LR * trace)
+    if (t + 1) % K == 0:
+      use = ~bad
+      delta = (slow - fast)[use].sum(0) / use.sum()
+      b = MU * b + delta
+      slow = slow - OUTER_LR * (MU * b + delta)
+      fast = np.broadcast_to(slow, (N, DIM)).copy()
+      out.append(dict(slow=slow.copy(), sat_out=N - use.sum()))
+  return out, trace
+
+
+@pytest.mark.parametrize("fmt", [None, jnp.int8])
+def test_rollback_replicas_heal_and_match_simulation(fmt):
+  tx, step = rollback_program(fmt)
+  params = jnp.full((N, DIM), START, jnp.float32)
+  state = jax.pmap(tx.init)(params)
+  tgt = targets(0)
+  steps = 3 * K
+  ref, _ = simulate_rollback(steps)
+  syncs = 0
+  for t in range(steps):
+    params, state = step(params, state, faulty_grads(params, tgt, t))
+    p, slow = np.asarray(params), np.asarray(state.slow_params)
+    trace = np.asarray(state.inner_state[0].trace)
+    assert np.all(np.isfinite(p)), t
+    for when, replica, _ in FAULTS:
+      if when == t:  # back on the slow weights, its momentum reset
+        np.testing.assert_array_equal(trace[replica], 0.0)
+        if (t + 1) % K:
+          assert_bitwise(p[replica], slow[replica])
+    if (t + 1) % K == 0:
+      assert_bitwise(slow, np.broadcast_to(slow[0], slow.shape))
+      assert_bitwise(p, slow)  # every replica, the faulty ones too
+      atol = 2e-6 if fmt is None else 0.02
+      np.testing.assert_allclose(slow[0], ref[syncs]["slow"], rtol=0,
+                                 atol=atol)
+      np.testing.assert_array_equal(
+          state.outer_state.counts.sat_out_last, ref[syncs]["sat_out"])
+      syncs += 1
+  # The faults mattered: the healthy-only mean is not the plain one.
+  assert ref[1]["sat_out"] == 1 and ref[2]["sat_out"] == 2
+
+
+def test_rollback_without_faults_is_plain_diloco():
+  tx, step = rollback_program(None)
+  plain = lo.diloco(optax.sgd(LR, momentum=MOMENTUM), K, AXIS, OUTER_LR, MU)
+  plain_step = jax.pmap(lambda p, s, g: (lambda u_s: (
+      optax.apply_updates(p, u_s[0]), u_s[1]))(plain.update(g, s, p)),
+                        axis_name=AXIS)
+  tgt = targets(1)
+  runs = []
+  for t_x, st in ((tx, step), (plain, plain_step)):
+    params = jnp.full((N, DIM), START, jnp.float32)
+    state = jax.pmap(t_x.init)(params)
+    for _ in range(2 * K):
+      params, state = st(params, state, np.asarray(params) - tgt)
+    runs.append(np.asarray(state.slow_params))
+  # Two programs (a weighted mean of all-ones weights): to rounding.
+  np.testing.assert_allclose(runs[0], runs[1], rtol=0, atol=2e-6)
