@@ -50,6 +50,7 @@ class DilocoConfig:
   on_nonfinite: str
   slow_dtype: Any
   min_replicas: Any  # an int >= 1, or a traced integer
+  check_replicas: Optional[str]  # None, "detect" or "repair"
 
 
 def _check_bool(name: str, value: Any) -> bool:
@@ -142,11 +143,18 @@ def _check_min_replicas(min_replicas: Any) -> Any:
   return int(min_replicas)
 
 
+def _check_replicas_mode(mode: Any) -> Optional[str]:
+  if mode is None:
+    return None
+  return _checks.check_choice("check_replicas", mode, ("detect", "repair"))
+
+
 def configure(*, inner: Any, sync_period: Any, axis_name: Any,
               learning_rate: Any, momentum: Any, outer: Any, fragments: Any,
               communication_dtype: Any, error_feedback: Any, overlap: Any,
               mix: Any, inner_state: Any, on_nonfinite: Any,
-              slow_dtype: Any, min_replicas: Any) -> DilocoConfig:
+              slow_dtype: Any, min_replicas: Any,
+              check_replicas: Any) -> DilocoConfig:
   """`diloco`'s arguments, checked: every rule of what combines.
 
   Raises:
@@ -178,7 +186,8 @@ def configure(*, inner: Any, sync_period: Any, axis_name: Any,
   return DilocoConfig(sync_period, axis_name, outer, fragments, num, fmt,
                       error_feedback, overlap, mix, inner_state, on_nonfinite,
                       _arguments.check_slow_dtype(slow_dtype),
-                      _check_min_replicas(min_replicas))
+                      _check_min_replicas(min_replicas),
+                      _check_replicas_mode(check_replicas))
 
 
 def step_options(inner: Any, config: DilocoConfig) -> _step.Options:
@@ -208,6 +217,7 @@ def diloco(
     on_nonfinite: str = "propagate",
     slow_dtype: Optional[Any] = None,
     min_replicas: Optional[int] = None,
+    check_replicas: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DiLoCo: replicas train apart and average the pseudo-gradient at a sync.
 
@@ -309,6 +319,14 @@ def diloco(
       weights and the outer state stay, every replica lands back on the
       slow weights). An integer in [1, the number of replicas] (may be
       traced); None means 1.
+    check_replicas: None (default), `"detect"` or `"repair"`: after each
+      fragment sync, check that every replica holds bitwise the same slow
+      weights and outer state of the fragment (`replicas_agree`: 8 bytes
+      per leaf in one all-gather) and count the syncs where they did not
+      (`ReplicaCounts.disagreed`); with `"repair"`, every leaf that differs
+      takes on every replica the value held by the most replicas (ties: the
+      lowest replica index), moved by one collective of that leaf alone
+      (`ReplicaCounts.repaired` counts them).
 
   `update` takes one more keyword argument, `weight`: this replica's weight
   for the coming sync (a real scalar per replica, e.g. the tokens it
@@ -397,7 +415,8 @@ def diloco(
       fragments=fragments, communication_dtype=communication_dtype,
       error_feedback=error_feedback, overlap=overlap, mix=mix,
       inner_state=inner_state, on_nonfinite=on_nonfinite,
-      slow_dtype=slow_dtype, min_replicas=min_replicas)
+      slow_dtype=slow_dtype, min_replicas=min_replicas,
+      check_replicas=check_replicas)
   opts = step_options(inner, config)
 
   def init_fn(params):

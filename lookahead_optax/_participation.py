@@ -24,6 +24,7 @@ import numpy as np
 
 from lookahead_optax import _checks
 from lookahead_optax import _policies
+from lookahead_optax import _replicas
 
 
 class ReplicaCounts(NamedTuple):
@@ -38,16 +39,22 @@ class ReplicaCounts(NamedTuple):
     sat_out: int32, the replicas that sat out (weight 0), summed over the
       fragment syncs so far.
     sat_out_last: int32, the replicas that sat out the last fragment sync.
+    disagreed: int32, with `check_replicas`: the fragment syncs after which
+      the replicas' slow weights or outer state differed (before repair).
+    repaired: int32, with `check_replicas="repair"`: the leaves repaired,
+      summed over the syncs.
   """
 
   skipped_syncs: jax.Array
   sat_out: jax.Array
   sat_out_last: jax.Array
+  disagreed: jax.Array
+  repaired: jax.Array
 
 
 def init_counts() -> ReplicaCounts:
   zero = lambda: jnp.zeros([], jnp.int32)  # pylint: disable=unnecessary-lambda-assignment
-  return ReplicaCounts(zero(), zero(), zero())
+  return ReplicaCounts(zero(), zero(), zero(), zero(), zero())
 
 
 class Vote(NamedTuple):
@@ -150,6 +157,17 @@ def settle(v: Vote, synced: tuple, kept: tuple, residual: Optional[list],
 
 def counted(counts: ReplicaCounts, v: Vote, axis_name: str) -> ReplicaCounts:
   """`counts` after one fragment sync of this vote."""
-  sat_out = jax.lax.axis_size(axis_name) - v.count
-  return ReplicaCounts(counts.skipped_syncs + (~v.ok).astype(jnp.int32),
-                       counts.sat_out + sat_out, sat_out.astype(jnp.int32))
+  sat_out = (jax.lax.axis_size(axis_name) - v.count).astype(jnp.int32)
+  return counts._replace(
+      skipped_syncs=counts.skipped_syncs + (~v.ok).astype(jnp.int32),
+      sat_out=counts.sat_out + sat_out, sat_out_last=sat_out)
+
+
+def checked(tree: Any, counts: ReplicaCounts, axis_name: str, mode: str
+            ) -> tuple[Any, ReplicaCounts]:
+  """`check_replicas`: `tree` checked (and with "repair", made to agree)."""
+  tree, agree, _, repaired = _replicas.majority(tree, axis_name,
+                                                mode == "repair")
+  return tree, counts._replace(
+      disagreed=counts.disagreed + (~agree).astype(jnp.int32),
+      repaired=counts.repaired + repaired)

@@ -184,12 +184,15 @@ def outer_step(opts: Any, frag: Fragment, slow: list, params: list,
   stored = [_sync.stored_slow(p, None, t, s, keep_target=True)
             for p, t, s in zip(params, targets, slow)]
   if vote is None:
-    return stored, outer_state, dropped if residual is not None else None, (
-        counts)
-  stored, outer_state, residual = _participation.settle(
-      vote, (stored, outer_state), (slow, old_outer), residual, dropped)
-  return stored, outer_state, residual, _participation.counted(
-      counts, vote, opts.axis_name)
+    residual = dropped if residual is not None else None
+  else:
+    stored, outer_state, residual = _participation.settle(
+        vote, (stored, outer_state), (slow, old_outer), residual, dropped)
+    counts = _participation.counted(counts, vote, opts.axis_name)
+  if sopts.check_replicas is not None:
+    (stored, outer_state), counts = _participation.checked(
+        (stored, outer_state), counts, opts.axis_name, sopts.check_replicas)
+  return stored, outer_state, residual, counts
 
 
 def landing(p: jax.Array, u: jax.Array, slow_new: jax.Array, old_slow: Any,

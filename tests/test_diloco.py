@@ -736,6 +736,8 @@ def test_diloco_default_outer_is_nesterov_with_the_default_settings():
      "`inner_state` must be one of 'keep', 'reset', got 'pullback'"),
     (dict(slow_dtype=jnp.int32), TypeError, "`slow_dtype` must be a floating"),
     (dict(sync_period=0), ValueError, "sync_period"),
+    (dict(check_replicas="fix"), ValueError,
+     "`check_replicas` must be one of 'detect', 'repair', got 'fix'"),
 ])
 def test_diloco_bad_arguments(kwargs, error, match):
   args = dict(axis_name="data", sync_period=5)
@@ -768,7 +770,7 @@ def _jaxpr_and_structure(tx, replicas=2):
     ("overlap", False), ("mix", None), ("mix", 0.0), ("mix", 0),
     ("inner_state", "keep"), ("on_nonfinite", "propagate"),
     ("slow_dtype", None), ("min_replicas", None),
-    ("min_replicas", 1),
+    ("min_replicas", 1), ("check_replicas", None),
 ])
 def test_passing_a_default_is_omitting_it(name, default):
   omitted = _jaxpr_and_structure(lo.diloco(optax.adam(0.1), 4, AXIS))
@@ -805,7 +807,7 @@ def test_help_lists_every_argument():
       "inner", "sync_period", "axis_name", "learning_rate", "momentum",
       "outer", "fragments", "communication_dtype", "error_feedback",
       "overlap", "mix", "inner_state", "on_nonfinite", "slow_dtype",
-      "min_replicas"]
+      "min_replicas", "check_replicas"]
   assert not any(p.kind == p.VAR_KEYWORD for p in
                  inspect.signature(lo.diloco).parameters.values())
   assert len(inspect.signature(lo.lookahead).parameters) <= 9

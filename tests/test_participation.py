@@ -295,3 +295,86 @@ def test_rollback_without_faults_is_plain_diloco():
     runs.append(np.asarray(state.slow_params))
   # Two programs (a weighted mean of all-ones weights): to rounding.
   np.testing.assert_allclose(runs[0], runs[1], rtol=0, atol=2e-6)
+
+
+# ---------------------------------------------------------------------------
+# check_replicas: replicas that drifted apart are seen, and repaired.
+# ---------------------------------------------------------------------------
+
+
+@functools.cache
+def checked_program(mode):
+  tx = lo.diloco(optax.sgd(LR), K, AXIS, OUTER_LR, MU, check_replicas=mode)
+
+  def step(p, s, target):
+    g = jax.tree.map(lambda x, t: x - t, p, target)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  return tx, jax.pmap(step, axis_name=AXIS)
+
+
+def flipped(array, replica, index, bit):
+  out = np.array(array)
+  out[replica].reshape(-1).view(np.uint32)[index] ^= np.uint32(1 << bit)
+  return out
+
+
+def checked_run(mode, corrupt):
+  """Two steps (one sync); before the sync, optionally corrupt replicas."""
+  tx, step = checked_program(mode)
+  params = {"a": jnp.full((N, DIM), START), "b": jnp.full((N, 3), START)}
+  tgt = {"a": targets(2), "b": targets(3)[:, :3]}
+  state = jax.pmap(tx.init)(params)
+  params, state = step(params, state, tgt)
+  if corrupt:
+    slow = dict(state.slow_params, a=flipped(state.slow_params["a"], 3, 5, 3))
+    outer = state.outer_state
+    (trace, rest), = outer.outer_states  # the one fragment's Nesterov SGD
+    # The momentum is still 0 before the first sync: a low bit flipped
+    # there would round away at the sync, bit 30 makes it 2.0.
+    trace = trace._replace(trace=dict(
+        trace.trace, b=flipped(trace.trace["b"], 6, 1, 30)))
+    state = state._replace(slow_params=slow, outer_state=outer._replace(
+        outer_states=((trace, rest),)))
+  params, state = step(params, state, tgt)
+  return jax.tree.map(np.asarray, (params, state))
+
+
+def test_check_replicas_detects_and_repairs_a_flipped_bit():
+  clean = checked_run("repair", corrupt=False)
+  np.testing.assert_array_equal(clean[1].outer_state.counts.disagreed, 0)
+  detected = checked_run("detect", corrupt=True)
+  counts = detected[1].outer_state.counts
+  np.testing.assert_array_equal(counts.disagreed, 1)
+  np.testing.assert_array_equal(counts.repaired, 0)
+  slow_a = detected[1].slow_params["a"]
+  assert not np.array_equal(slow_a[3], slow_a[0])  # seen, left as it is
+  repaired = checked_run("repair", corrupt=True)
+  counts = repaired[1].outer_state.counts
+  np.testing.assert_array_equal(counts.disagreed, 1)
+  # Slow "a"; momentum "b", and the slow "b" its Nesterov step moved.
+  np.testing.assert_array_equal(counts.repaired, 3)
+  # Every replica now holds the majority's values bitwise, params (landed
+  # after the repair) included: those the healthy replicas computed (the
+  # corrupted slow weight also moved the mean, so not the clean run's).
+  for got, seen in zip(jax.tree.leaves(repaired), jax.tree.leaves(detected)):
+    assert_bitwise(got, np.broadcast_to(got[0], got.shape))
+    if got.dtype == np.float32:
+      np.testing.assert_allclose(got[0], seen[0], rtol=1e-6)
+  assert np.abs(repaired[1].slow_params["a"][3, 5] - slow_a[3, 5]) > 0
+
+
+def test_majority_takes_the_most_held_value_lowest_index_on_ties():
+  from lookahead_optax import _replicas  # pylint: disable=import-outside-toplevel
+  values = np.float32([1, 1, 2, 2, 2, 3, 3, 3])[:, None]  # 2 and 3: 3 each
+  ties = np.float32([5, 6, 5, 6, 7, 7, 8, 9])[:, None]  # 5, 6, 7: 2 each
+  zeros = np.float32([0, 0, -0.0, -0.0, -0.0, 0, 0, 0])[:, None]
+  fix = jax.pmap(lambda t: _replicas.majority(t, AXIS, True), axis_name=AXIS)
+  tree, agree, first, repaired = fix({"v": values, "t": ties, "z": zeros})
+  np.testing.assert_array_equal(tree["v"], 2.0)  # replica 2's, before 3's
+  np.testing.assert_array_equal(tree["t"], 5.0)
+  assert_bitwise(tree["z"], np.zeros((N, 1), np.float32))  # +0.0: 5 of 8
+  assert not np.any(agree)
+  np.testing.assert_array_equal(first, 0)  # "t" is leaf 0
+  np.testing.assert_array_equal(repaired, 3)
