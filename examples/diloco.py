@@ -6,7 +6,10 @@ characters, four equal hidden layers) on the text of Python's pydoc topics
 drawing its own batches:
 
 * data-parallel AdamW: every step all-reduces (`lax.pmean`) the gradients,
-  one parameter-sized message per step;
+  one parameter-sized message per step; and the same with the gradients'
+  mean sent in int8 with error feedback
+  (`optax.chain(lo.replica_mean(axis, jnp.int8, error_feedback=True),
+  adamw)`);
 * DiLoCo, k = 10, 20 and 50: `lo.diloco(adamw, k, axis_name=...)`. Each
   replica steps on its own gradients with its own AdamW state; every k steps
   the replicas average their pseudo-gradients (slow minus fast weights, one
@@ -165,13 +168,18 @@ def step_bytes(step, params, state, x, y):
   return sum(per_sync), max(per_sync)
 
 
-def run(name, tx, sync_period, data, steps, n_dev, fragments=1, seed=0):
+def run(name, tx, sync_period, data, steps, n_dev, fragments=1, seed=0,
+        pmean=None):
   """Trains on `n_dev` replicas; returns the validation curve and the bytes.
 
-  `sync_period` is None for data parallelism (an all-reduce every step).
+  `sync_period` is None for data parallelism (a mean of the gradients every
+  step: `jax.lax.pmean` in the step, unless `pmean=False`, where `tx`
+  averages them itself with `lo.replica_mean`).
   """
   train_ids, (x_valid, y_valid), vocab = data
-  step = make_step(tx, data_parallel=sync_period is None)
+  if pmean is None:
+    pmean = sync_period is None
+  step = make_step(tx, data_parallel=pmean)
   params = init_params(jax.random.PRNGKey(seed), vocab)
   replicated = jax.tree.map(
       lambda a: jnp.broadcast_to(a, (n_dev,) + a.shape), params)
@@ -222,6 +230,10 @@ def runs(adamw):
   diloco = lambda k, **kw: lo.diloco(adamw, k, AXIS, **kw)  # pylint: disable=unnecessary-lambda-assignment
   return [
       ("data-parallel AdamW", adamw, None, 1),
+      # The gradients' mean in int8 with error feedback, in the optimizer.
+      ("data-parallel, int8 mean", optax.chain(
+          lo.replica_mean(AXIS, jnp.int8, error_feedback=True), adamw),
+       None, 1),
       ("DiLoCo, k = 10", diloco(10), 10, 1),
       ("DiLoCo, k = 50", diloco(50), 50, 1),
       (f"DiLoCo, k = {K}", diloco(K), K, 1),
@@ -256,7 +268,7 @@ def plot(rows, out):
   for i, r in enumerate(rows):
     color = plt.cm.tab10(i)
     sent = r["bytes"] > 0  # log axis: from the first message on
-    ax_total.plot(r["bytes"][sent], r["loss"][sent], "-" if i < 4 else "--",
+    ax_total.plot(r["bytes"][sent], r["loss"][sent], "-" if i < 5 else "--",
                   color=color, label=r["name"])
     ax_peak.plot([r["peak"]], [r["final_loss"]], "o", color=color)
     ax_peak.annotate(r["name"], (r["peak"], r["final_loss"]), fontsize=7,
@@ -286,13 +298,14 @@ def main(args):
   # A decaying learning rate: the runs end at a settled loss to compare.
   adamw = optax.adamw(optax.cosine_decay_schedule(3e-3, steps, alpha=0.1),
                       weight_decay=1e-4)
-  rows = [run(name, tx, k, data, steps, n_dev, fragments=p)
+  rows = [run(name, tx, k, data, steps, n_dev, fragments=p,
+              pmean=False if "int8 mean" in name else None)
           for name, tx, k, p in runs(adamw)]
   n_params = sum(a.size for a in jax.tree.leaves(
       init_params(jax.random.PRNGKey(0), vocab)))
   print(f"char MLP LM on pydoc topics, {n_dev} replicas of batch {BATCH}, "
         f"{steps} steps, {n_params:,} params")
-  report(rows, rows[3])
+  report(rows, rows[4])
   plot(rows, args.out)
   if not all(r["agree"] for r in rows):
     print("the replicas' slow weights differ", file=sys.stderr)
