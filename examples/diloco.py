@@ -48,6 +48,10 @@ def _parse_args():
       smoke_help="a few steps (CI)")
   parser.set_defaults(out=".")
   _common.add_cpu_devices_flag(parser)
+  parser.add_argument(
+      "--faults", action="store_true",
+      help="instead: DiLoCo with one replica's data giving NaN at chosen "
+      "steps, with on_nonfinite='rollback' against 'propagate'")
   return parser.parse_args()
 
 
@@ -288,6 +292,69 @@ def plot(rows, out):
   _common.save_figure(fig, out, "diloco.png")
 
 
+def fault_steps(steps):
+  """(step index, replica) of the injected NaNs: off a sync, on a sync."""
+  return [(7, 3), (K - 1, 5), (steps // 2 + 3, 3)]
+
+
+def faulty_run(name, tx, data, steps, n_dev, seed=0):
+  """DiLoCo at k = K where a replica's gradients are NaN at chosen steps."""
+  train_ids, (x_valid, y_valid), vocab = data
+
+  @functools.partial(jax.pmap, axis_name=AXIS, donate_argnums=(0, 1))
+  def step(params, state, x, y, poison):
+    grads = jax.grad(loss_fn)(params, x, y)
+    grads = jax.tree.map(lambda g: g * poison, grads)  # NaN: a bad shard
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  params = init_params(jax.random.PRNGKey(seed), vocab)
+  params = jax.tree.map(lambda a: jnp.broadcast_to(a, (n_dev,) + a.shape),
+                        params)
+  state = jax.pmap(tx.init)(params)
+  starts = np.random.default_rng(seed + 1).integers(
+      0, len(train_ids) - CONTEXT, size=(steps, n_dev, BATCH))
+  faults = dict(fault_steps(steps))
+  for t in range(steps):
+    poison = np.ones(n_dev, np.float32)
+    if t in faults:
+      poison[faults[t]] = np.nan
+    x, y = windows(train_ids, starts[t])
+    params, state = jax.block_until_ready(step(params, state, x, y, poison))
+  slow = jax.tree.map(lambda a: a[0], lo.slow_params(state))
+  counts = jax.tree.map(lambda a: int(a[0]), state.outer_state.counts)
+  finite = all(bool(jnp.all(jnp.isfinite(a)))
+               for a in jax.tree.leaves(params))
+  return (name, float(evaluate(slow, x_valid, y_valid)), counts.sat_out,
+          "yes" if finite else "no")
+
+
+def main_faults(args):
+  """`--faults`: a replica's NaN stops DiLoCo, or rolls back on its own."""
+  n_dev = jax.local_device_count()
+  steps = args.steps or (2 * K + 12 if args.smoke else 600)
+  train_ids, valid_ids, vocab = load_text()
+  valid_starts = np.random.default_rng(0).integers(
+      0, len(valid_ids) - CONTEXT, EVAL_WINDOWS)
+  data = (train_ids, windows(valid_ids, valid_starts), vocab)
+  adamw = optax.adamw(optax.cosine_decay_schedule(3e-3, steps, alpha=0.1),
+                      weight_decay=1e-4)
+  print(f"NaN gradients on one replica at steps (index, replica) "
+        f"{fault_steps(steps)}; DiLoCo, k = {K}, {n_dev} replicas")
+  rows = [faulty_run(f"on_nonfinite={mode!r}", lo.diloco(
+      adamw, K, AXIS, on_nonfinite=mode), data, steps, n_dev)
+          for mode in ("propagate", "rollback")]
+  clean = run(f"DiLoCo, k = {K}, no faults", lo.diloco(adamw, K, AXIS), K,
+              data, steps, n_dev)
+  rows.append((clean["name"], clean["final_loss"], 0, "yes"))
+  _common.print_table(
+      [("run", "<30"), ("valid loss", ">11.4f"), ("sat out", ">8"),
+       ("params finite", ">14")], rows)
+  if rows[1][3] != "yes" or not np.isfinite(rows[1][1]):
+    print("rollback did not heal the replicas", file=sys.stderr)
+    sys.exit(1)
+
+
 def main(args):
   n_dev = jax.local_device_count()
   steps = args.steps or (2 * K + 12 if args.smoke else 1500)
@@ -313,4 +380,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-  main(ARGS)
+  if ARGS.faults:
+    main_faults(ARGS)
+  else:
+    main(ARGS)

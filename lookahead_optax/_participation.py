@@ -158,6 +158,8 @@ def settle(v: Vote, synced: tuple, kept: tuple, residual: Optional[list],
 def counted(counts: ReplicaCounts, v: Vote, axis_name: str) -> ReplicaCounts:
   """`counts` after one fragment sync of this vote."""
   sat_out = (jax.lax.axis_size(axis_name) - v.count).astype(jnp.int32)
+  # Typed per replica like the count it replaces (`shard_map`): + 0 * old.
+  sat_out = sat_out + 0 * counts.sat_out_last
   return counts._replace(
       skipped_syncs=counts.skipped_syncs + (~v.ok).astype(jnp.int32),
       sat_out=counts.sat_out + sat_out, sat_out_last=sat_out)

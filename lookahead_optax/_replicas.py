@@ -157,7 +157,10 @@ def _take_from(leaf: jax.Array, source: jax.Array, axis_name: str
 
   One all-reduce of the leaf's bits as unsigned integers, zero on every
   other replica: integer sums with zeros are exact (a float sum would turn
-  -0.0 into +0.0).
+  -0.0 into +0.0). Or-ed with this replica's zeros, the result has the
+  per-replica type of the leaf it replaces (under `shard_map`, a `psum` is
+  typed as the same on every replica, and a conditional's branches must
+  agree).
   """
   x = jnp.asarray(leaf)
   if x.dtype == jnp.bool_:
@@ -167,7 +170,8 @@ def _take_from(leaf: jax.Array, source: jax.Array, axis_name: str
                 8: jnp.uint64}[x.dtype.itemsize]
     bits = jax.lax.bitcast_convert_type(x, unsigned)
   mine = jax.lax.axis_index(axis_name) == source
-  bits = jax.lax.psum(jnp.where(mine, bits, jnp.zeros_like(bits)), axis_name)
+  zeros = bits & jnp.zeros_like(bits)  # this replica's: typed per replica
+  bits = jax.lax.psum(jnp.where(mine, bits, zeros), axis_name) | zeros
   if x.dtype == jnp.bool_:
     return bits.astype(jnp.bool_)
   return jax.lax.bitcast_convert_type(bits, x.dtype)

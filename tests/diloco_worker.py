@@ -54,12 +54,20 @@ def init_params():
 # error feedback and overlap, across the processes too.
 STREAMING = dict(communication_dtype="int8", error_feedback=True,
                  overlap=True)
+# Replicas that go wrong: replica 5 starts apart in one weight (repaired at
+# the first sync), replica 2's data gives a NaN at the second sync's step
+# (rolled back, it sits that sync out).
+FAULTS = dict(on_nonfinite="rollback", check_replicas="repair")
+APART = (5, (0, 0), 1e-3)  # replica, index of "w", offset
+NAN_AT = (2, 5)  # replica, step index (step 6, a sync)
 
 
-def train(mesh, steps=STEPS, streaming=False):
+def train(mesh, steps=STEPS, streaming=False, faults=False):
   """DiLoCo over the "data" axis of `mesh` with `jax.shard_map`.
 
-  With `streaming`, the pseudo-gradient travels as int8 (`STREAMING`).
+  With `streaming`, the pseudo-gradient travels as int8 (`STREAMING`);
+  with `faults`, replicas go wrong (`FAULTS`, `APART`, `NAN_AT`) and the
+  results end with the `ReplicaCounts`.
 
   Every array carries a leading replica axis of size 8, split over the mesh;
   each process builds only the blocks its own devices hold.
@@ -80,7 +88,7 @@ def train(mesh, steps=STEPS, streaming=False):
   tx = lo.diloco(
       optax.adamw(0.03, b1=0.8, b2=0.95, weight_decay=0.05), SYNC_PERIOD,
       "data", outer=optax.sgd(0.7, momentum=0.9, nesterov=True),
-      **(STREAMING if streaming else {}))
+      **(STREAMING if streaming else {}), **(FAULTS if faults else {}))
   sharding = NamedSharding(mesh, P("data"))
 
   def to_global(host_array):
@@ -110,9 +118,14 @@ def train(mesh, steps=STEPS, streaming=False):
 
   host_params = {k: np.broadcast_to(v, (REPLICAS,) + v.shape).copy()
                  for k, v in init_params().items()}
+  if faults:
+    host_params["w"][APART[0]][APART[1]] += APART[2]
   params = {k: to_global(v) for k, v in host_params.items()}
   state = init(params)
   xs, ys = make_data(steps)
+  if faults:
+    xs = xs.copy()
+    xs[NAN_AT[0], NAN_AT[1], 0, 0] = np.nan
   for i in range(steps):
     params, state = step(params, state, to_global(xs[:, i]),
                          to_global(ys[:, i]))
@@ -120,8 +133,11 @@ def train(mesh, steps=STEPS, streaming=False):
   gather = lambda tree: jax.tree.map(
       np.asarray, multihost_utils.process_allgather(tree, tiled=True))
   momentum = state.outer_state.outer_states[0][0].trace
-  return (gather(params), gather(lo.slow_params(state)), gather(momentum),
-          gather(state.step))
+  out = (gather(params), gather(lo.slow_params(state)), gather(momentum),
+         gather(state.step))
+  if faults:
+    out += (gather(state.outer_state.counts._asdict()),)
+  return out
 
 
 def main(argv=None):
@@ -139,6 +155,9 @@ def main(argv=None):
     params, slow, momentum, _ = train(mesh, streaming=True)
     results.update({"streaming_params": params, "streaming_slow": slow,
                     "streaming_momentum": momentum})
+    params, slow, _, _, counts = train(mesh, faults=True)
+    results.update({"faults_params": params, "faults_slow": slow,
+                    "faults_counts": counts})
     worker.save(jax, args, step, results, f"{STEPS} DiLoCo steps")
   finally:
     jax.distributed.shutdown()

@@ -672,6 +672,32 @@ def test_two_processes_streaming_int8_match_one_process(multiprocess_results):
   assert np.max(np.abs(first["streaming_slow/w"] - first["slow/w"])) > 1e-5
 
 
+def test_two_processes_heal_replicas_that_go_wrong(multiprocess_results):
+  """A replica started apart is repaired, a NaN rolled back, across hosts."""
+  first, second = multiprocess_results
+  for key in ("faults_slow/w", "faults_slow/b"):
+    assert_same_on_all_replicas(first[key], key)  # healed: one value
+  for key in ("faults_slow/w", "faults_slow/b", "faults_params/w",
+              "faults_params/b"):  # params: a step past the sync, apart
+    assert_bitwise(first[key], second[key], key)
+    assert np.all(np.isfinite(first[key])), key
+  counts = {k.split("/")[1]: first[k] for k in first
+            if k.startswith("faults_counts/")}
+  np.testing.assert_array_equal(counts["disagreed"], 1)  # replica 5, sync 1
+  assert np.all(counts["repaired"] >= 1)
+  np.testing.assert_array_equal(counts["sat_out"], 1)  # replica 2, sync 2
+  np.testing.assert_array_equal(counts["skipped_syncs"], 0)
+  mesh = jax.make_mesh((N,), (AXIS,), axis_types=(AxisType.Auto,))
+  params, slow, _, _, one = worker.train(mesh, faults=True)
+  for k in params:  # as one process with 8 devices, to float32 rounding
+    np.testing.assert_allclose(first[f"faults_slow/{k}"], slow[k], rtol=0,
+                               atol=1e-6)
+    np.testing.assert_allclose(first[f"faults_params/{k}"], params[k],
+                               rtol=0, atol=1e-6)
+  for k, v in one.items():
+    np.testing.assert_array_equal(counts[k], v, err_msg=k)
+
+
 def test_check_replicas_agree_names_the_leaf_and_replica():
   same = {"w": jnp.stack([jnp.arange(3.0)] * 4), "b": jnp.zeros((4, 2))}
   lo.check_replicas_agree(same)
