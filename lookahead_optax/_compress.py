@@ -41,7 +41,11 @@ finite code):
 | `"int4"` | [-6, 6], as nibbles `v + 8` | 0 | 15 | 1 |
 
 (float8_e4m3fn has no infinities: its largest finite values, +-448, stand
-for them.) Decoding maps the codes back to NaN and Inf, so the float32 sum
+for them.) A block that holds such a code travels with its scale negated,
+so that the common case, every value finite, encodes and decodes on a
+plain path (a conditional on the scales' signs; decoding the shards fuses
+with their sum there) and only a message with a marked block looks for the
+codes. Decoding maps the codes back to NaN and Inf, so the float32 sum
 of the shards does NaN and Inf arithmetic as float32 does, and the shard of
 the mean is encoded again by the same rule. Rounding to nearest, a finite
 value is off by at most `max |x| / 252` (int8), `/ 12` (int4), `2**-4 max |x|`
@@ -125,47 +129,102 @@ def _unmark(values: jax.Array, codes: jax.Array, fmt: str) -> jax.Array:
                     [jnp.nan, jnp.inf, -jnp.inf], values)
 
 
-def encode(x: jax.Array, fmt: str) -> Encoded:
-  """Encodes float32 blocks `x` of shape (..., BLOCK)."""
-  if fmt == "bfloat16":
-    return Encoded(_bits(x.astype(jnp.bfloat16), jnp.uint16), None)
+def _codes(y: jax.Array, fmt: str) -> jax.Array:
+  """The codes of values `y` already scaled into the format's range."""
+  if fmt == "float8_e4m3fn":
+    return _bits(y.astype(jnp.float8_e4m3fn), jnp.uint8)
+  codes = jnp.round(y).astype(jnp.int8)
+  if fmt == "int4":
+    return (codes + 8).astype(jnp.uint8)  # [2, 14]
+  return codes
+
+
+def _pack(codes: jax.Array, fmt: str) -> jax.Array:
+  if fmt == "int4":
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+  return codes
+
+
+def _encode_finite(x: jax.Array, amax: jax.Array, fmt: str) -> Encoded:
+  """Blocks with finite values only: scaled by `max |x|`, rounded."""
+  limit = _LIMITS[fmt]
+  scales = jnp.where(amax > 0, amax / limit, 1.0).astype(jnp.float32)
+  y = jnp.clip(x / scales[..., None], -limit, limit)
+  return Encoded(_pack(_codes(y, fmt), fmt), scales)
+
+
+def _encode_marked(x: jax.Array, fmt: str) -> Encoded:
+  """Any blocks: non-finite values coded, their blocks' scales negative."""
   limit = _LIMITS[fmt]
   scales = _scales(x, limit)
   y = jnp.clip(x / scales[..., None], -limit, limit)
   y = jnp.where(jnp.isfinite(x), y, 0.0)  # coded by `_mark`
-  if fmt == "float8_e4m3fn":
-    codes = _bits(y.astype(jnp.float8_e4m3fn), jnp.uint8)
-  else:
-    codes = jnp.round(y).astype(jnp.int8)
-  if fmt == "int4":
-    codes = (codes + 8).astype(jnp.uint8)  # [2, 14]
-  codes = _mark(codes, x, fmt)
-  if fmt == "int4":
-    codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-  return Encoded(codes, scales)
+  codes = _mark(_codes(y, fmt), x, fmt)
+  marked = ~jnp.all(jnp.isfinite(x), axis=-1)
+  return Encoded(_pack(codes, fmt), jnp.where(marked, -scales, scales))
 
 
-def decode(e: Encoded, fmt: str) -> jax.Array:
-  """The float32 values of encoded blocks."""
+def encode(x: jax.Array, fmt: str) -> Encoded:
+  """Encodes float32 blocks `x` of shape (..., BLOCK).
+
+  A block with a non-finite value gets the format's codes for NaN, +Inf
+  and -Inf there and a negative scale (its magnitude from the block's
+  finite values), so that decoding looks for the codes only when some
+  block has them: a conditional picks the plain path when every value is
+  finite (the max of `|x|` that the scale needs tells).
+  """
   if fmt == "bfloat16":
-    return _bits(e.values, jnp.bfloat16).astype(jnp.float32)
+    return Encoded(_bits(x.astype(jnp.bfloat16), jnp.uint16), None)
+  # Inf where a block has a NaN or an Inf: a float max may drop a NaN
+  # (XLA:CPU's fast min/max does), an Inf it keeps.
+  amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), jnp.inf), axis=-1)
+  return jax.lax.cond(jnp.all(jnp.isfinite(amax)),
+                      lambda x: _encode_finite(x, amax, fmt),
+                      lambda x: _encode_marked(x, fmt), x)
+
+
+def _unpack(e: Encoded, fmt: str) -> tuple[jax.Array, jax.Array]:
+  """The codes, one per value, and the values they stand for (unscaled)."""
   codes = e.values
   if fmt == "int4":
     codes = jnp.stack([codes & 15, codes >> 4], axis=-1).reshape(
         codes.shape[:-1] + (2 * codes.shape[-1],))
-    values = codes.astype(jnp.int8) - 8
-  elif fmt == "float8_e4m3fn":
-    values = _bits(codes, jnp.float8_e4m3fn)
-  else:
-    values = codes
-  values = values.astype(jnp.float32) * e.scales[..., None]
-  return _unmark(values, codes, fmt)
+    return codes, codes.astype(jnp.int8) - 8
+  if fmt == "float8_e4m3fn":
+    return codes, _bits(codes, jnp.float8_e4m3fn)
+  return codes, codes
+
+
+def decode(e: Encoded, fmt: str, reduce: Any = None) -> jax.Array:
+  """The float32 values of encoded blocks, or `reduce` of them.
+
+  The codes for NaN, +Inf and -Inf are looked for only when some block has
+  a negative scale, in a conditional that includes `reduce` (so that the
+  decoding fuses with it, e.g. a sum, on the common path).
+  """
+  reduce = (lambda v: v) if reduce is None else reduce
+  if fmt == "bfloat16":
+    return reduce(_bits(e.values, jnp.bfloat16).astype(jnp.float32))
+
+  def plain(e):
+    _, values = _unpack(e, fmt)
+    return reduce(values.astype(jnp.float32) * e.scales[..., None])
+
+  def marked(e):
+    codes, values = _unpack(e, fmt)
+    values = values.astype(jnp.float32) * jnp.abs(e.scales)[..., None]
+    return reduce(_unmark(values, codes, fmt))
+  return jax.lax.cond(jnp.any(e.scales < 0), marked, plain, e)
 
 
 def _dropped(x: jax.Array, e: Encoded, fmt: str) -> jax.Array:
   """`x` minus its decoded encoding `e`; 0 where that is not finite."""
   d = x - decode(e, fmt)
-  return jnp.where(jnp.isfinite(d), d, 0.0)
+  if e.scales is None:  # bfloat16: a value above its range is Inf
+    return jnp.where(jnp.isfinite(d), d, 0.0)
+  return jax.lax.cond(jnp.any(e.scales < 0),
+                      lambda d: jnp.where(jnp.isfinite(d), d, 0.0),
+                      lambda d: d, d)
 
 
 def _flatten(leaves: list, replicas: int) -> tuple[jax.Array, int]:
@@ -210,7 +269,7 @@ def mean(leaves: list, axis_name: str, fmt: Optional[str],
   sent = encode(blocks, fmt)
   received = jax.tree.map(
       lambda a: jax.lax.all_to_all(a, axis_name, 0, 0), sent)
-  shard = jnp.sum(decode(received, fmt), axis=0) / divisor
+  shard = decode(received, fmt, lambda v: jnp.sum(v, axis=0)) / divisor
   shard_sent = encode(shard, fmt)
   gathered = jax.tree.map(
       lambda a: jax.lax.all_gather(a, axis_name), shard_sent)
