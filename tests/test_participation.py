@@ -31,8 +31,10 @@ def targets(seed):
 
 @functools.cache
 def program(fmt, min_replicas):
+  dtype = {"bfloat16": jnp.bfloat16, "float8_e4m3fn": jnp.float8_e4m3fn,
+           "int8": jnp.int8}.get(fmt, fmt)
   tx = lo.diloco(optax.sgd(LR), K, AXIS, OUTER_LR, MU,
-                 communication_dtype=fmt, min_replicas=min_replicas)
+                 communication_dtype=dtype, min_replicas=min_replicas)
 
   def step(p, s, target, w):
     u, s = tx.update(p - target, s, p, weight=w)  # loss 0.5 (p - target)**2
@@ -72,9 +74,9 @@ def simulate(weights, min_replicas, seed=0, syncs=2):
     if use.sum() >= min_replicas:
       sent = w[:, None] * (slow - fast)
       delta = sent.sum(0) / w.sum()
-      # int8: each message within amax / 252 of its block, the mean too.
+      # Each message within QUANTUM * amax of its block, the mean too.
       bound = (np.abs(sent).max(1).sum() / w.sum()
-               + np.abs(delta).max()) / 252 * OUTER_LR * (1 + MU)
+               + np.abs(delta).max()) * OUTER_LR * (1 + MU)
       b = MU * b + delta
       slow = slow - OUTER_LR * (MU * b + delta)
     else:
@@ -92,7 +94,12 @@ WEIGHTS = {
 }
 
 
-@pytest.mark.parametrize("fmt", [None, jnp.int8])
+# Per encoding, a value's error over its block's max |x|.
+QUANTUM = {None: 0.0, "bfloat16": 2**-8, "float8_e4m3fn": 2**-4,
+           "int8": 1 / 252, "int4": 1 / 12}
+
+
+@pytest.mark.parametrize("fmt", sorted(QUANTUM, key=str))
 @pytest.mark.parametrize("case", sorted(WEIGHTS))
 def test_weighted_mean_matches_simulation(fmt, case):
   weights = np.float32(WEIGHTS[case])
@@ -100,8 +107,8 @@ def test_weighted_mean_matches_simulation(fmt, case):
   ref = simulate(weights, 1)
   bound = 0.0
   for c, (params, state) in enumerate(history):
-    bound += ref[c]["bound"]  # int8: the errors of the syncs so far add up
-    atol = 2e-6 if fmt is None else 2e-6 + bound
+    bound += QUANTUM[fmt] * ref[c]["bound"]  # the syncs' errors add up
+    atol = 2e-6 + bound
     slow = state.slow_params
     assert_bitwise(slow, np.broadcast_to(slow[0], slow.shape))  # agree
     assert_bitwise(params, slow)  # every replica lands, sat out or not
@@ -209,7 +216,8 @@ FAULTS = [(0, 3, np.nan), (3, 5, np.inf), (5, 1, np.nan), (5, 2, -np.inf)]
 @functools.cache
 def rollback_program(fmt):
   tx = lo.diloco(optax.sgd(LR, momentum=MOMENTUM), K, AXIS, OUTER_LR, MU,
-                 communication_dtype=fmt, on_nonfinite="rollback")
+                 communication_dtype=None if fmt is None else jnp.int8,
+                 on_nonfinite="rollback")
 
   def step(p, s, g):
     u, s = tx.update(g, s, p)
@@ -247,7 +255,7 @@ def simulate_rollback(steps, seed=0):
   return out, trace
 
 
-@pytest.mark.parametrize("fmt", [None, jnp.int8])
+@pytest.mark.parametrize("fmt", [None, "int8"])
 def test_rollback_replicas_heal_and_match_simulation(fmt):
   tx, step = rollback_program(fmt)
   params = jnp.full((N, DIM), START, jnp.float32)
