@@ -245,14 +245,21 @@ def _pmapped(tx: Any, params: dict) -> tuple:
               jax.pmap(tx.init, devices=devices)(stacked), grads)
 
 
+CHECK_CONFIGS = (
+    ("DiLoCo, float32", dict()),
+    ("check_replicas='detect'", dict(check_replicas="detect")),
+    ("check_replicas='repair'", dict(check_replicas="repair")),
+)
+
+
 def step_times(params: dict, names: Sequence[str], rounds: int = 7,
-               blocks: int = 4) -> dict:
+               blocks: int = 4, configs: Sequence = CONFIGS) -> dict:
   """Median step time of each config over DiLoCo's, timed round-robin.
 
   A block is `blocks * SYNC_PERIOD` steps (every fragment syncs `blocks`
   times); the ratio is the median of the per-round ratios.
   """
-  configs = dict(CONFIGS)
+  configs = dict(configs)
   runs = {}
   for name in names:
     fn, carry = _pmapped(lo.diloco(optax.adamw(1e-3), SYNC_PERIOD, AXIS,
@@ -387,7 +394,17 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
   parser.add_argument("--replica-mean", action="store_true",
                       help="the bytes of `lo.replica_mean` per format only "
                       "(on 4 matrices of 512 x 512)")
+  parser.add_argument("--check", action="store_true",
+                      help="the step time of `check_replicas` only (on 4 "
+                      "matrices of 1600 x 1600: 10M params)")
   args = parser.parse_args(argv)
+  if args.check:
+    names = [name for name, _ in CHECK_CONFIGS]
+    times = step_times(model_params(1600, 4), names, rounds=5, blocks=1,
+                       configs=CHECK_CONFIGS)
+    text = "\n".join(f"{name}: {times[name]:.3f}x" for name in names)
+    print(text)
+    return text
   if args.replica_mean:
     params = model_params(512, 4)
     text = replica_mean_markdown(replica_mean_rows(params), params)

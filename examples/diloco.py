@@ -292,6 +292,19 @@ def plot(rows, out):
   _common.save_figure(fig, out, "diloco.png")
 
 
+def setup(args, default_steps):
+  """The replicas, the steps, the data and the inner AdamW of a run."""
+  steps = args.steps or (2 * K + 12 if args.smoke else default_steps)
+  train_ids, valid_ids, vocab = load_text()
+  valid_starts = np.random.default_rng(0).integers(
+      0, len(valid_ids) - CONTEXT, EVAL_WINDOWS)
+  data = (train_ids, windows(valid_ids, valid_starts), vocab)
+  # A decaying learning rate: the runs end at a settled loss to compare.
+  adamw = optax.adamw(optax.cosine_decay_schedule(3e-3, steps, alpha=0.1),
+                      weight_decay=1e-4)
+  return jax.local_device_count(), steps, data, adamw
+
+
 def fault_steps(steps):
   """(step index, replica) of the injected NaNs: off a sync, on a sync."""
   return [(7, 3), (K - 1, 5), (steps // 2 + 3, 3)]
@@ -331,14 +344,7 @@ def faulty_run(name, tx, data, steps, n_dev, seed=0):
 
 def main_faults(args):
   """`--faults`: a replica's NaN stops DiLoCo, or rolls back on its own."""
-  n_dev = jax.local_device_count()
-  steps = args.steps or (2 * K + 12 if args.smoke else 600)
-  train_ids, valid_ids, vocab = load_text()
-  valid_starts = np.random.default_rng(0).integers(
-      0, len(valid_ids) - CONTEXT, EVAL_WINDOWS)
-  data = (train_ids, windows(valid_ids, valid_starts), vocab)
-  adamw = optax.adamw(optax.cosine_decay_schedule(3e-3, steps, alpha=0.1),
-                      weight_decay=1e-4)
+  n_dev, steps, data, adamw = setup(args, 600)
   print(f"NaN gradients on one replica at steps (index, replica) "
         f"{fault_steps(steps)}; DiLoCo, k = {K}, {n_dev} replicas")
   rows = [faulty_run(f"on_nonfinite={mode!r}", lo.diloco(
@@ -356,15 +362,7 @@ def main_faults(args):
 
 
 def main(args):
-  n_dev = jax.local_device_count()
-  steps = args.steps or (2 * K + 12 if args.smoke else 1500)
-  train_ids, valid_ids, vocab = load_text()
-  valid_starts = np.random.default_rng(0).integers(
-      0, len(valid_ids) - CONTEXT, EVAL_WINDOWS)
-  data = (train_ids, windows(valid_ids, valid_starts), vocab)
-  # A decaying learning rate: the runs end at a settled loss to compare.
-  adamw = optax.adamw(optax.cosine_decay_schedule(3e-3, steps, alpha=0.1),
-                      weight_decay=1e-4)
+  n_dev, steps, data, adamw = setup(args, 1500)
   rows = [run(name, tx, k, data, steps, n_dev, fragments=p,
               pmean=False if "int8 mean" in name else None)
           for name, tx, k, p in runs(adamw)]

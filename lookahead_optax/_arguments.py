@@ -36,6 +36,14 @@ MULTISTEPS_ERROR = (
     "optax.MultiSteps(lookahead(inner, ...), every_k_schedule=n).")
 
 
+def check_inner(inner: Any) -> None:
+  """`inner` is a gradient transformation, and not an `optax.MultiSteps`."""
+  _checks.check_transformation("inner", inner)
+  if is_multisteps(inner):
+    raise ValueError(f"`inner` must not be an optax.MultiSteps: "
+                     f"{MULTISTEPS_ERROR}")
+
+
 def check_slow_dtype(slow_dtype: Any) -> Any:
   if slow_dtype is None:
     return None

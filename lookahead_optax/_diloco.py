@@ -160,10 +160,7 @@ def configure(*, inner: Any, sync_period: Any, axis_name: Any,
   Raises:
     TypeError, ValueError: naming the argument.
   """
-  _checks.check_transformation("inner", inner)
-  if _arguments.is_multisteps(inner):
-    raise ValueError(f"`inner` must not be an optax.MultiSteps: "
-                     f"{_arguments.MULTISTEPS_ERROR}")
+  _arguments.check_inner(inner)
   _checks.check_sync_period(sync_period)
   if not isinstance(axis_name, str) or not axis_name:
     raise TypeError("`axis_name` of `diloco` must be a non-empty string (the "

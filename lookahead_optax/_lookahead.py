@@ -270,10 +270,7 @@ def options(inner: Any, sync_period: Any, slow_step_size: Any, *, outer: Any,
   Raises:
     TypeError, ValueError: naming the argument.
   """
-  _checks.check_transformation("inner", inner)
-  if _arguments.is_multisteps(inner):
-    raise ValueError(f"`inner` must not be an optax.MultiSteps: "
-                     f"{_arguments.MULTISTEPS_ERROR}")
+  _arguments.check_inner(inner)
   _checks.check_sync_period(sync_period)
   if slow_step_size is not None:
     _checks.check_unit_interval(
