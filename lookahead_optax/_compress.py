@@ -175,9 +175,12 @@ def encode(x: jax.Array, fmt: str) -> Encoded:
   """
   if fmt == "bfloat16":
     return Encoded(_bits(x.astype(jnp.bfloat16), jnp.uint16), None)
-  # Inf where a block has a NaN or an Inf: a float max may drop a NaN
-  # (XLA:CPU's fast min/max does), an Inf it keeps.
-  amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), jnp.inf), axis=-1)
+  # |x| with a NaN made +Inf, on the bits (an integer min, no select: this
+  # pass runs at every sync): a float max may drop a NaN (XLA:CPU's fast
+  # min/max does), an Inf it keeps.
+  magnitude = jnp.minimum(_bits(x, jnp.uint32) & np.uint32(0x7FFFFFFF),
+                          np.uint32(0x7F800000))
+  amax = jnp.max(_bits(magnitude, jnp.float32), axis=-1)
   return jax.lax.cond(jnp.all(jnp.isfinite(amax)),
                       lambda x: _encode_finite(x, amax, fmt),
                       lambda x: _encode_marked(x, fmt), x)
