@@ -342,3 +342,48 @@ def assert_bf16_lands_on_slow_weights(tx: Any, k: int) -> None:
         assert_tree_bitwise(lo.slow_params(s).astype(jnp.bfloat16), p)
   ratio = np.abs(np.asarray(pa, np.float32) / np.asarray(params, np.float32))
   assert (ratio > 4).any()
+
+
+# ---------------------------------------------------------------------------
+# Bodies shared by a feature test (on the default formulation) and
+# tests/test_formulations.py (on each formulation): one copy of each check.
+# ---------------------------------------------------------------------------
+
+
+def check_rollback_hand_worked(sync: str = "auto", jit: bool = False) -> None:
+  """A NaN mid-cycle and an overflow roll back, worked out by hand.
+
+  sgd(lr=0.5, momentum=0.5), k=4, alpha=0.75, params (8, -4); all values
+  dyadic, so exact in float32 in any program.
+  """
+  tx = lo.lookahead(optax.sgd(0.5, momentum=0.5), sync_period=4,
+                    slow_step_size=0.75, sync=sync, on_nonfinite="rollback")
+  g = lambda *v: jnp.array(v)  # pylint: disable=unnecessary-lambda-assignment
+  hist = trajectory(tx, jnp.array([8.0, -4.0]),
+                    [g(2.0, -2.0), g(2.0, -2.0), g(np.nan, 1.0),
+                     g(2.0, -2.0)], jit=jit)
+  # Step 1: trace 2, update -1 -> 7. Step 2: trace 2 + 1 = 3 -> 5.5.
+  assert_bitwise(hist[0][0], jnp.array([7.0, -3.0]))
+  assert_bitwise(hist[1][0], jnp.array([5.5, -1.5]))
+  # Step 3: NaN in one leaf element: the whole step rolls back to the slow
+  # weights (8, -4), resets the momentum, leaves the slow weights.
+  p3, s3 = hist[2]
+  assert_bitwise(p3, jnp.array([8.0, -4.0]))
+  assert_bitwise(s3.inner_state[0].trace, jnp.array([0.0, 0.0]))
+  assert_bitwise(lo.slow_params(s3), jnp.array([8.0, -4.0]))
+  assert int(s3.step) == 3
+  # Step 4 (sync): fresh momentum, trace (2, -2) -> fast (7, -3); slow
+  # 8 + 0.75 (7 - 8) = 7.25 and -4 + 0.75 (-3 + 4) = -3.25.
+  p4, s4 = hist[3]
+  assert_bitwise(p4, jnp.array([7.25, -3.25]))
+  assert_bitwise(lo.slow_params(s4), p4)
+  assert_bitwise(s4.inner_state[0].trace, jnp.array([2.0, -2.0]))
+  # A finite update whose fast params overflow to inf also rolls back.
+  big = np.float32(3e38)
+  tx = lo.lookahead(optax.sgd(1.0), sync_period=3, sync=sync,
+                    on_nonfinite="rollback")
+  params = jnp.array([big, 1.0])
+  hist = trajectory(tx, params, [jnp.array([1.0, 0.0]),
+                                 jnp.array([-big, 0.0])], jit=jit)
+  np.testing.assert_array_equal(hist[0][0], [big - 1.0, 1.0])
+  assert_bitwise(hist[1][0], params)
