@@ -456,3 +456,38 @@ def check_nan_on_a_sync_step(inner: str, inner_state: str, sync: str = "auto",
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(s6))
   # The sync moved the slow weights: 0.8 of the way to the fast weights.
   assert not np.array_equal(np.asarray(p6["w"]), np.asarray(params["w"]))
+
+
+def sync_invariant_run(dtype: Any, sync: str = "auto", jit: bool = False,
+                       steps: int = 9) -> tuple:
+  """`lookahead(adam(0.05), 3, 0.7)` in `dtype`; checks each sync's bits.
+
+  After every sync (k = 3) the params are the slow weights bitwise, and the
+  sync moved them; between syncs the slow weights keep their bits; params
+  and slow weights keep the params' dtypes. Returns the initial params and
+  the run (`trajectory`'s list), for comparisons across runs.
+  """
+  k = 3
+  rng = np.random.default_rng(3)
+  shapes = {"w": (3, 4), "b": (4,), "c": ()}
+  params0 = {n: jnp.asarray(rng.normal(size=s), dtype)
+             for n, s in shapes.items()}
+  grads = [{n: jnp.asarray(rng.normal(size=s), dtype)
+            for n, s in shapes.items()} for _ in range(steps)]
+  got = trajectory(lo.lookahead(optax.adam(0.05), k, 0.7, sync=sync),
+                   params0, grads, jit=jit)
+  dtypes = jax.tree.map(lambda x: x.dtype, params0)
+  prev_slow = params0
+  for t, (params, state) in enumerate(got):
+    slow = lo.slow_params(state)
+    msg = f"{sync} jit={jit} step {t + 1}"
+    assert jax.tree.map(lambda x: x.dtype, (params, slow)) == (
+        dtypes, dtypes), msg
+    if (t + 1) % k == 0:
+      assert_tree_bitwise(params, slow, msg)
+      # The sync moved the slow weights (alpha = 0.7).
+      assert not np.array_equal(bits(slow["w"]), bits(prev_slow["w"])), msg
+    else:
+      assert_tree_bitwise(slow, prev_slow, msg)
+    prev_slow = slow
+  return params0, got

@@ -22,10 +22,10 @@ from tests._helpers import assert_bitwise
 from tests._helpers import assert_tree_bitwise
 from tests._helpers import assert_no_shared_buffers
 from tests._helpers import assert_tree_within_ulps
-from tests._helpers import bits
 from tests._helpers import check_nan_on_a_sync_step
 from tests._helpers import check_rollback_hand_worked
 from tests._helpers import jitted_step
+from tests._helpers import sync_invariant_run
 from tests._helpers import trajectory
 from tests._helpers import ulp
 from tests._helpers import x64_if
@@ -406,35 +406,15 @@ def test_bf16_invariant_under_jit_fused_and_separate(sync, slow_dtype):
 def test_params_equal_slow_weights_bitwise_in_every_dtype(dtype):
   """After every sync the params are the slow weights, in every program.
 
-  The formulations compute the same sync, but not always to the last bit
+  The body of tests/test_lookahead.py's (there eagerly, on the default
+  formulation; "select" here is the default's program under jit). The
+  formulations compute the same sync, but not always to the last bit
   (XLA:CPU contracts multiply-adds into FMAs differently in each): their
   trajectories stay within a few ulps of each other.
   """
-  k = 3
   with x64_if(dtype):
-    rng = np.random.default_rng(3)
-    shapes = {"w": (3, 4), "b": (4,), "c": ()}
-    params0 = {n: jnp.asarray(rng.normal(size=s), dtype)
-               for n, s in shapes.items()}
-    grads = [{n: jnp.asarray(rng.normal(size=s), dtype)
-              for n, s in shapes.items()} for _ in range(9)]
-    runs = {}
-    for sync in SYNCS:
-      got = _run(lo.lookahead(optax.adam(0.05), k, 0.7, sync=sync),
-                 params0, grads)
-      prev_slow = params0
-      for t, (params, state) in enumerate(got):
-        slow = lo.slow_params(state)
-        msg = f"{sync} step {t + 1}"
-        assert jax.tree.map(lambda x: x.dtype, (params, slow)) == (
-            jax.tree.map(lambda x: x.dtype, (params0, params0)))
-        if (t + 1) % k == 0:
-          assert_tree_bitwise(params, slow, msg)
-          assert not np.array_equal(bits(slow["w"]), bits(prev_slow["w"]))
-        else:
-          assert_tree_bitwise(slow, prev_slow, msg)
-        prev_slow = slow
-      runs[sync] = got
+    runs = {sync: sync_invariant_run(jnp.dtype(dtype), sync, jit=True,
+                                     steps=9)[1] for sync in SYNCS}
     tol = 8 * float(jnp.finfo(dtype).eps)
     for sync in ("select", "cond"):
       for t, ((p_l, s_l), (p_o, s_o)) in enumerate(zip(runs["loop"],
