@@ -23,6 +23,7 @@ from tests._helpers import assert_tree_within_ulps
 from tests._helpers import assert_tree_bitwise
 from tests._helpers import check_nan_on_a_sync_step
 from tests._helpers import check_rollback_hand_worked
+from tests._helpers import jitted_step
 from tests._helpers import trajectory
 from tests._helpers import ulp
 
@@ -485,9 +486,13 @@ def _donation_cases():
                     "b": jnp.array([0.5, -0.25, 1.0]),
                     "s": jnp.array(0.75)}
   cases = []
+  # One `tx` per configuration: the states built otherwise (migrated) go
+  # through the same compiled steps (`jitted_step`).
+  policy_tx = {policy: lo.lookahead(optax.adam(0.1), 3, 0.8,
+                                    inner_state=policy)
+               for policy in ("keep", "reset", "pullback")}
   # Every formulation's init state: tests/test_formulations.py.
-  for policy in ("keep", "reset", "pullback"):
-    tx = lo.lookahead(optax.adam(0.1), 3, 0.8, inner_state=policy)
+  for policy, tx in policy_tx.items():
     cases.append((f"init-{policy}", tx, params, tx.init))
   tx = lo.lookahead(optax.adam(0.1), 3, 0.8, on_nonfinite="rollback")
   cases.append(("rollback", tx, params, tx.init))
@@ -502,7 +507,7 @@ def _donation_cases():
   cases.append(("lazy-pullback", tx, params, tx.init))
   # lo.lazy(lo.lookahead(...)) is rejected at init (tests/test_lazy.py).
   for policy in ("keep", "pullback"):
-    tx = lo.lookahead(optax.adam(0.1), 3, 0.8, inner_state=policy)
+    tx = policy_tx[policy]
     plain = optax.adam(0.1)
     migrate = lambda p, tx=tx, plain=plain: lo.migrate_optax_state(
         tx, plain.init(p), p, step=1)
@@ -524,16 +529,12 @@ def test_every_state_can_be_donated_with_the_params(case):
   grads = [jax.tree.map(lambda p: jnp.asarray(
       rng.normal(size=p.shape), p.dtype), make_params()) for _ in range(7)]
 
-  def step(params, state, g):
-    updates, state = tx.update(g, state, params)
-    return optax.apply_updates(params, updates), state
-
   # Reference: the same steps without donation.
   expected = []
   params = make_params()
   state = build(params)
   for g in grads:
-    params, state = jax.jit(step)(params, state, g)
+    params, state = jitted_step(tx)(params, state, g)
     expected.append((params, state))
 
   params = make_params()
@@ -542,7 +543,7 @@ def test_every_state_can_be_donated_with_the_params(case):
   # leaf (e.g. a pullback copy aliasing the live inner state): XLA refuses to
   # donate one buffer twice.
   assert_no_shared_buffers(params, state)
-  donated = jax.jit(step, donate_argnums=(0, 1))
+  donated = jitted_step(tx, donate=True)
   first = (params, state)
   for t, g in enumerate(grads):
     params, state = donated(params, state, g)
