@@ -15,3 +15,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # A mkdocs build extension, not library code (needs griffe from the docs extra).
 collect_ignore = ["docs/griffe_doctest_examples.py"]
+
+# Opt-in: compiles and CPU time per test (tests/_compile_counter.py).
+if os.environ.get("LOOKAHEAD_COUNT_COMPILES"):
+  pytest_plugins = ["tests._compile_counter"]

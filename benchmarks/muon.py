@@ -57,9 +57,11 @@ def _variant(name: str, tx, matrices: int, size: int) -> common.Variant:
   return common.Variant(name=name, fn=common.optimizer_step(tx), init=init)
 
 
-def _flops(tx, matrices: int, size: int) -> float:
+def _flops(variant: common.Variant, tx, matrices: int, size: int) -> float:
+  # The variant's own step function, jitted as `Variant.prepare` jits it: one
+  # compilation for the FLOPs and the timing.
   params = _params(matrices, size, 0)
-  compiled = jax.jit(common.optimizer_step(tx), donate_argnums=(0, 1)).lower(
+  compiled = jax.jit(variant.fn, donate_argnums=(0, 1)).lower(
       params, tx.init(params), params).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -76,13 +78,14 @@ def run(matrices: int = 6, size: int = 448, rounds: int = 9,
   base = optax.contrib.muon(LEARNING_RATE)
   variants = [_variant(MUON, base, matrices, size)]
   meta = {MUON: ("muon", "-", 1.0)}
-  base_flops = _flops(base, matrices, size)
+  base_flops = _flops(variants[0], base, matrices, size)
   for sync in syncs:
     for option, kwargs in OPTIONS:
       tx = make_tx(kwargs, sync)
       name = f"{option} ({sync})"
       variants.append(_variant(name, tx, matrices, size))
-      meta[name] = (option, sync, _flops(tx, matrices, size) / base_flops)
+      meta[name] = (option, sync,
+                    _flops(variants[-1], tx, matrices, size) / base_flops)
   log(f"  muon: {matrices} matrices of {size} x {size}, k = {SYNC_PERIOD} "
       f"({rounds} rounds)")
   timings = common.interleaved(

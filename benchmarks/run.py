@@ -693,8 +693,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
   if "traffic" not in skip:
     from benchmarks import traffic  # pylint: disable=g-import-not-at-top
     n = 100_000 if quick else 1_000_000
+    # Quick: one leaf (15 compiled steps of a tree are most of a quick run).
     sections["traffic"] = traffic.markdown(
-        traffic.run(n=n, layers=1 if quick else 8, log=_log),
+        traffic.run(n=n, layers=1 if quick else 8, log=_log,
+                    layout="leaf" if quick else "tree"),
         common.fmt_params(n))
 
   if "communication" not in skip:

@@ -45,9 +45,14 @@ def _bytes(compiled) -> float:
   return float(cost.get("bytes accessed", float("nan")))
 
 
-def run(n: int = 1_000_000, layers: int = 8, log=print) -> list:
-  """Rows: option, formulation, bytes vs adam, temp bytes."""
-  params = common.make_params("tree", n, seed=0, layers=layers)
+def run(n: int = 1_000_000, layers: int = 8, log=print,
+        layout: str = "tree") -> list:
+  """Rows: option, formulation, bytes vs adam, temp bytes.
+
+  `layout` "leaf" (one array, quick to compile: the tests) or "tree".
+  """
+  params = common.make_params(layout, n, seed=0, layers=layers)
+  leaves = len(jax.tree.leaves(params))
   base = _bytes(_compiled(optax.adam(1e-3), params))
   rows = []
   for name, kwargs in OPTIONS:
@@ -59,7 +64,7 @@ def run(n: int = 1_000_000, layers: int = 8, log=print) -> list:
     for sync in FORMULATIONS:
       compiled = _compiled(lo.lookahead(optax.adam(1e-3), 5, sync=sync,
                                         **kwargs), params)
-      rows.append(dict(option=name, formulation=sync,
+      rows.append(dict(option=name, formulation=sync, leaves=leaves,
                        bytes_ratio=_bytes(compiled) / base,
                        temp=compiled.memory_analysis().temp_size_in_bytes))
     log(f"  traffic: {name}")
@@ -79,7 +84,9 @@ def markdown(rows: list, n_text: str) -> str:
       cells.append(f"{r['bytes_ratio']:.2f}x ({common.fmt_mb(r['temp'])})")
     cells.append("select" if name == "keep" else "loop")
     lines.append(cells)
-  return (f"{n_text} float32 params in 100 leaves, donated step.\n\n"
+  leaves = rows[0]["leaves"]
+  return (f"{n_text} float32 params in {leaves} "
+          f"{'leaf' if leaves == 1 else 'leaves'}, donated step.\n\n"
           + common.markdown_table(header, lines))
 
 

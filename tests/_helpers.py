@@ -342,3 +342,152 @@ def assert_bf16_lands_on_slow_weights(tx: Any, k: int) -> None:
         assert_tree_bitwise(lo.slow_params(s).astype(jnp.bfloat16), p)
   ratio = np.abs(np.asarray(pa, np.float32) / np.asarray(params, np.float32))
   assert (ratio > 4).any()
+
+
+# ---------------------------------------------------------------------------
+# Bodies shared by a feature test (on the default formulation) and
+# tests/test_formulations.py (on each formulation): one copy of each check.
+# ---------------------------------------------------------------------------
+
+
+def check_rollback_hand_worked(sync: str = "auto", jit: bool = False) -> None:
+  """A NaN mid-cycle and an overflow roll back, worked out by hand.
+
+  sgd(lr=0.5, momentum=0.5), k=4, alpha=0.75, params (8, -4); all values
+  dyadic, so exact in float32 in any program.
+  """
+  tx = lo.lookahead(optax.sgd(0.5, momentum=0.5), sync_period=4,
+                    slow_step_size=0.75, sync=sync, on_nonfinite="rollback")
+  g = lambda *v: jnp.array(v)  # pylint: disable=unnecessary-lambda-assignment
+  hist = trajectory(tx, jnp.array([8.0, -4.0]),
+                    [g(2.0, -2.0), g(2.0, -2.0), g(np.nan, 1.0),
+                     g(2.0, -2.0)], jit=jit)
+  # Step 1: trace 2, update -1 -> 7. Step 2: trace 2 + 1 = 3 -> 5.5.
+  assert_bitwise(hist[0][0], jnp.array([7.0, -3.0]))
+  assert_bitwise(hist[1][0], jnp.array([5.5, -1.5]))
+  # Step 3: NaN in one leaf element: the whole step rolls back to the slow
+  # weights (8, -4), resets the momentum, leaves the slow weights.
+  p3, s3 = hist[2]
+  assert_bitwise(p3, jnp.array([8.0, -4.0]))
+  assert_bitwise(s3.inner_state[0].trace, jnp.array([0.0, 0.0]))
+  assert_bitwise(lo.slow_params(s3), jnp.array([8.0, -4.0]))
+  assert int(s3.step) == 3
+  # Step 4 (sync): fresh momentum, trace (2, -2) -> fast (7, -3); slow
+  # 8 + 0.75 (7 - 8) = 7.25 and -4 + 0.75 (-3 + 4) = -3.25.
+  p4, s4 = hist[3]
+  assert_bitwise(p4, jnp.array([7.25, -3.25]))
+  assert_bitwise(lo.slow_params(s4), p4)
+  assert_bitwise(s4.inner_state[0].trace, jnp.array([2.0, -2.0]))
+  # A finite update whose fast params overflow to inf also rolls back.
+  big = np.float32(3e38)
+  tx = lo.lookahead(optax.sgd(1.0), sync_period=3, sync=sync,
+                    on_nonfinite="rollback")
+  params = jnp.array([big, 1.0])
+  hist = trajectory(tx, params, [jnp.array([1.0, 0.0]),
+                                 jnp.array([-big, 0.0])], jit=jit)
+  np.testing.assert_array_equal(hist[0][0], [big - 1.0, 1.0])
+  assert_bitwise(hist[1][0], params)
+
+
+STATEFUL_INNERS = {
+    "momentum": lambda: optax.sgd(0.25, momentum=0.5),
+    "adam": lambda: optax.adam(0.25),
+}
+
+
+def check_nan_on_a_sync_step(inner: str, inner_state: str, sync: str = "auto",
+                             jit: bool = False) -> None:
+  """A NaN gradient on a sync step with a stateful inner optimizer.
+
+  k = 3, alpha = 0.8; two good steps, then a NaN gradient on step 3 (a sync
+  step). The step must roll back to the slow weights (theta_0), reset the
+  moments to zero, skip the sync, keep the last-synced copy of the inner
+  state (pullback) untouched and finite, and the next cycle must be that of
+  a fresh lookahead started from theta_0 with the inner counts going on
+  (under jit: in the same compiled program).
+  """
+  k = 3
+  tx = lo.lookahead(STATEFUL_INNERS[inner](), k, 0.8, sync=sync,
+                    inner_state=inner_state, on_nonfinite="rollback")
+  params = {"w": jnp.array([1.5, -2.0, 0.75]), "b": jnp.array(0.5)}
+  rng = np.random.default_rng(4)
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
+                                              jnp.float32), params)
+           for _ in range(2 * k)]
+  grads[k - 1] = {"w": jnp.array([1.0, np.nan, 1.0]), "b": jnp.array(1.0)}
+  hist = trajectory(tx, params, grads, jit=jit)
+  p3, s3 = hist[k - 1]
+  assert_tree_bitwise(p3, params)
+  assert_tree_bitwise(lo.slow_params(s3), params)
+  assert int(s3.step) == k
+  if inner_state == "pullback":
+    live, synced = s3.inner_state.inner_state, s3.inner_state.synced_inner_state
+  else:
+    live, synced = s3.inner_state, None
+  fresh = STATEFUL_INNERS[inner]().init(params)
+  moments = ("trace",) if inner == "momentum" else ("mu", "nu")
+  for name in moments:
+    assert_tree_bitwise(getattr(live[0], name), getattr(fresh[0], name))
+  if inner == "adam":
+    assert int(live[0].count) == k  # Schedules and bias correction go on.
+  if synced is not None:
+    # Nothing synced yet: the last-synced copy is still the initial state.
+    assert_tree_bitwise(synced, fresh)
+  # Steps k+1 .. 2k: a fresh cycle from theta_0 (the same state as a fresh
+  # lookahead's, but for the counts), ending in a sync.
+  start = tx.init(params)
+  if inner == "adam":
+    with_count = lambda st: (st[0]._replace(count=jnp.asarray(k, jnp.int32)),  # pylint: disable=g-long-lambda,unnecessary-lambda-assignment
+                             ) + tuple(st[1:])
+    if inner_state == "pullback":
+      start = start._replace(inner_state=lo.PullbackState(
+          with_count(start.inner_state.inner_state),
+          start.inner_state.synced_inner_state))
+    else:
+      start = start._replace(inner_state=with_count(start.inner_state))
+  start = start._replace(step=jnp.asarray(k, jnp.int32))
+  assert_tree_bitwise(s3, start)
+  # The same `tx`: under jit the same compiled step as the run above.
+  expected = trajectory(tx, params, grads[k:], state=start, jit=jit)
+  for (p, st), (p_ref, st_ref) in zip(hist[k:], expected):
+    assert_tree_bitwise((p, st), (p_ref, st_ref))
+  p6, s6 = hist[-1]
+  assert_tree_bitwise(lo.slow_params(s6), p6)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(s6))
+  # The sync moved the slow weights: 0.8 of the way to the fast weights.
+  assert not np.array_equal(np.asarray(p6["w"]), np.asarray(params["w"]))
+
+
+def sync_invariant_run(dtype: Any, sync: str = "auto", jit: bool = False,
+                       steps: int = 9) -> tuple:
+  """`lookahead(adam(0.05), 3, 0.7)` in `dtype`; checks each sync's bits.
+
+  After every sync (k = 3) the params are the slow weights bitwise, and the
+  sync moved them; between syncs the slow weights keep their bits; params
+  and slow weights keep the params' dtypes. Returns the initial params and
+  the run (`trajectory`'s list), for comparisons across runs.
+  """
+  k = 3
+  rng = np.random.default_rng(3)
+  shapes = {"w": (3, 4), "b": (4,), "c": ()}
+  params0 = {n: jnp.asarray(rng.normal(size=s), dtype)
+             for n, s in shapes.items()}
+  grads = [{n: jnp.asarray(rng.normal(size=s), dtype)
+            for n, s in shapes.items()} for _ in range(steps)]
+  got = trajectory(lo.lookahead(optax.adam(0.05), k, 0.7, sync=sync),
+                   params0, grads, jit=jit)
+  dtypes = jax.tree.map(lambda x: x.dtype, params0)
+  prev_slow = params0
+  for t, (params, state) in enumerate(got):
+    slow = lo.slow_params(state)
+    msg = f"{sync} jit={jit} step {t + 1}"
+    assert jax.tree.map(lambda x: x.dtype, (params, slow)) == (
+        dtypes, dtypes), msg
+    if (t + 1) % k == 0:
+      assert_tree_bitwise(params, slow, msg)
+      # The sync moved the slow weights (alpha = 0.7).
+      assert not np.array_equal(bits(slow["w"]), bits(prev_slow["w"])), msg
+    else:
+      assert_tree_bitwise(slow, prev_slow, msg)
+    prev_slow = slow
+  return params0, got

@@ -131,6 +131,21 @@ def test_quick_e2e_table_rows(quick_report):
     assert re.fullmatch(r"[+-][0-9.]+%", r[5])
 
 
+def test_quick_traffic_table_has_every_option_and_formulation(quick_report):
+  # The quick run counts the traffic of one leaf (a full run: 100 leaves).
+  from benchmarks import traffic  # pylint: disable=import-outside-toplevel
+  report, _, _ = quick_report
+  section = _section(report, "Memory traffic of each formulation")
+  assert "100k float32 params in 1 leaf, donated step." in section
+  rows = _table(section, "option")
+  assert [r[0] for r in rows] == [name for name, _ in traffic.OPTIONS]
+  for r in rows:
+    assert len(r) == 2 + len(traffic.FORMULATIONS), r
+    for cell in r[1:-1]:
+      assert re.fullmatch(r"[0-9.]+x \([0-9.]+\)", cell), cell
+    assert r[-1] == ("select" if r[0] == "keep" else "loop")
+
+
 def test_lookahead_state_is_adam_state_plus_params_plus_int32():
   # One state layout for every formulation: tests/test_formulations.py.
   params = common.transformer_params(100_000, layers=1)

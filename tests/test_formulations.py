@@ -22,12 +22,15 @@ from tests._helpers import assert_bitwise
 from tests._helpers import assert_tree_bitwise
 from tests._helpers import assert_no_shared_buffers
 from tests._helpers import assert_tree_within_ulps
-from tests._helpers import bits
+from tests._helpers import check_nan_on_a_sync_step
+from tests._helpers import check_rollback_hand_worked
 from tests._helpers import jitted_step
+from tests._helpers import sync_invariant_run
 from tests._helpers import trajectory
 from tests._helpers import ulp
 from tests._helpers import x64_if
-from tests.test_properties import _long_run
+from tests.test_properties import _long_runs
+from tests.test_properties import check_long_runs_50000_steps
 
 SNOO = optax.sgd(0.68, momentum=0.37, nesterov=True)
 CONFIGS = {
@@ -289,33 +292,11 @@ def _run(tx, params, grads, state=None):
 
 @pytest.mark.parametrize("sync", SYNCS)
 def test_rollback_mid_cycle_and_overflow_hand_worked(sync):
-  # sgd(lr=0.5, momentum=0.5), k=4, alpha=0.75, params 8 (worked out in
-  # tests/test_reliability.py): a NaN on step 3 rolls back to the slow
-  # weights and resets the momentum; the sync on step 4 starts from there.
-  tx = lo.lookahead(optax.sgd(0.5, momentum=0.5), sync_period=4,
-                    slow_step_size=0.75, sync=sync, on_nonfinite="rollback")
-  g = lambda *v: jnp.array(v)  # pylint: disable=unnecessary-lambda-assignment
-  hist = _run(tx, jnp.array([8.0, -4.0]),
-              [g(2.0, -2.0), g(2.0, -2.0), g(np.nan, 1.0), g(2.0, -2.0)])
-  assert_bitwise(hist[0][0], jnp.array([7.0, -3.0]))
-  assert_bitwise(hist[1][0], jnp.array([5.5, -1.5]))
-  p3, s3 = hist[2]
-  assert_bitwise(p3, jnp.array([8.0, -4.0]))
-  assert_bitwise(s3.inner_state[0].trace, jnp.array([0.0, 0.0]))
-  assert_bitwise(lo.slow_params(s3), jnp.array([8.0, -4.0]))
-  assert int(s3.step) == 3
-  p4, s4 = hist[3]
-  assert_bitwise(p4, jnp.array([7.25, -3.25]))
-  assert_bitwise(lo.slow_params(s4), p4)
-  assert_bitwise(s4.inner_state[0].trace, jnp.array([2.0, -2.0]))
-  # A finite update whose fast params overflow to inf also rolls back.
-  big = np.float32(3e38)
-  tx = lo.lookahead(optax.sgd(1.0), sync_period=3, sync=sync,
-                    on_nonfinite="rollback")
-  params = jnp.array([big, 1.0])
-  hist = _run(tx, params, [jnp.array([1.0, 0.0]), jnp.array([-big, 0.0])])
-  np.testing.assert_array_equal(hist[0][0], [big - 1.0, 1.0])
-  assert_bitwise(hist[1][0], params)
+  # The body of tests/test_reliability.py's hand-worked rollback (there
+  # eagerly, on the default formulation): a NaN on step 3 rolls back to the
+  # slow weights and resets the momentum, the sync on step 4 starts from
+  # there; an overflow rolls back too.
+  check_rollback_hand_worked(sync, jit=True)
 
 
 @pytest.mark.parametrize("sync", SYNCS)
@@ -393,40 +374,13 @@ def test_reset_keeps_dtypes_and_counts_and_clears_nans(sync):
 @pytest.mark.parametrize("sync", SYNCS)
 @pytest.mark.parametrize("inner_state", POLICIES)
 def test_nan_on_a_sync_step_with_stateful_inner(inner_state, sync):
-  # As in tests/test_reliability.py (adam, k = 3, alpha = 0.8): a NaN on
-  # step 3, a sync step, rolls back to theta_0, zeroes the moments, skips the
-  # sync and keeps the last-synced copy (pullback); the next cycle is that of
-  # a fresh lookahead from theta_0 with the count going on, in this program.
-  k = 3
-  tx = lo.lookahead(optax.adam(0.25), k, 0.8, sync=sync,
-                    inner_state=inner_state, on_nonfinite="rollback")
-  params = {"w": jnp.array([1.5, -2.0, 0.75]), "b": jnp.array(0.5)}
-  rng = np.random.default_rng(4)
-  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
-                                              jnp.float32), params)
-           for _ in range(2 * k)]
-  grads[k - 1] = {"w": jnp.array([1.0, np.nan, 1.0]), "b": jnp.array(1.0)}
-  hist = _run(tx, params, grads)
-  p3, s3 = hist[k - 1]
-  assert_tree_bitwise(p3, params)
-  start = tx.init(params)
-  with_count = lambda st: (st[0]._replace(count=jnp.asarray(k, jnp.int32)),  # pylint: disable=g-long-lambda,unnecessary-lambda-assignment
-                           ) + tuple(st[1:])
-  if inner_state == "pullback":
-    start = start._replace(inner_state=lo.PullbackState(
-        with_count(start.inner_state.inner_state),
-        start.inner_state.synced_inner_state))
-  else:
-    start = start._replace(inner_state=with_count(start.inner_state))
-  start = start._replace(step=jnp.asarray(k, jnp.int32))
-  assert_tree_bitwise(s3, start)
-  expected = _run(tx, params, grads[k:], state=start)
-  for (p, st), (p_ref, st_ref) in zip(hist[k:], expected):
-    assert_tree_bitwise((p, st), (p_ref, st_ref))
-  p6, s6 = hist[-1]
-  assert_tree_bitwise(lo.slow_params(s6), p6)
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(s6))
-  assert not np.array_equal(np.asarray(p6["w"]), np.asarray(params["w"]))
+  # The body of tests/test_reliability.py's (adam, k = 3, alpha = 0.8): a
+  # NaN on step 3, a sync step, rolls back to theta_0, zeroes the moments,
+  # skips the sync and keeps the last-synced copy (pullback); the next cycle
+  # is that of a fresh lookahead from theta_0 with the count going on, in
+  # this program. Under jit on the default formulation: the "select" case
+  # (what "auto" picks here, test_auto_picks_per_option_on_a_multi_device_cpu).
+  check_nan_on_a_sync_step("adam", inner_state, sync, jit=True)
 
 
 @pytest.mark.parametrize("slow_dtype", (None, jnp.float32))
@@ -445,35 +399,15 @@ def test_bf16_invariant_under_jit_fused_and_separate(sync, slow_dtype):
 def test_params_equal_slow_weights_bitwise_in_every_dtype(dtype):
   """After every sync the params are the slow weights, in every program.
 
-  The formulations compute the same sync, but not always to the last bit
+  The body of tests/test_lookahead.py's (there eagerly, on the default
+  formulation; "select" here is the default's program under jit). The
+  formulations compute the same sync, but not always to the last bit
   (XLA:CPU contracts multiply-adds into FMAs differently in each): their
   trajectories stay within a few ulps of each other.
   """
-  k = 3
   with x64_if(dtype):
-    rng = np.random.default_rng(3)
-    shapes = {"w": (3, 4), "b": (4,), "c": ()}
-    params0 = {n: jnp.asarray(rng.normal(size=s), dtype)
-               for n, s in shapes.items()}
-    grads = [{n: jnp.asarray(rng.normal(size=s), dtype)
-              for n, s in shapes.items()} for _ in range(9)]
-    runs = {}
-    for sync in SYNCS:
-      got = _run(lo.lookahead(optax.adam(0.05), k, 0.7, sync=sync),
-                 params0, grads)
-      prev_slow = params0
-      for t, (params, state) in enumerate(got):
-        slow = lo.slow_params(state)
-        msg = f"{sync} step {t + 1}"
-        assert jax.tree.map(lambda x: x.dtype, (params, slow)) == (
-            jax.tree.map(lambda x: x.dtype, (params0, params0)))
-        if (t + 1) % k == 0:
-          assert_tree_bitwise(params, slow, msg)
-          assert not np.array_equal(bits(slow["w"]), bits(prev_slow["w"]))
-        else:
-          assert_tree_bitwise(slow, prev_slow, msg)
-        prev_slow = slow
-      runs[sync] = got
+    runs = {sync: sync_invariant_run(jnp.dtype(dtype), sync, jit=True,
+                                     steps=9)[1] for sync in SYNCS}
     tol = 8 * float(jnp.finfo(dtype).eps)
     for sync in ("select", "cond"):
       for t, ((p_l, s_l), (p_o, s_o)) in enumerate(zip(runs["loop"],
@@ -506,28 +440,20 @@ def test_every_formulation_builds_the_same_state():
 OTHERS = ("loop", "cond")
 
 
-@pytest.mark.parametrize("sync", OTHERS)
-def test_long_run_5000_steps_no_drift(sync):
-  p, state, mismatches, target = _long_run(5000, jnp.float32, None, sync=sync)
-  assert mismatches == 0
-  assert int(state.step) == 5000
-  assert_tree_bitwise(lo.eval_params(state, p), p)  # 5000 is a sync step.
-  np.testing.assert_allclose(p, target, atol=0.05)
+def test_long_run_5000_steps_no_drift():
+  # The other formulations' runs in one scanned program.
+  runs = _long_runs(5000, [(jnp.float32, None, sync) for sync in OTHERS])
+  for sync, (p, state, mismatches, target) in zip(OTHERS, runs):
+    assert mismatches == 0, sync
+    assert int(state.step) == 5000, sync
+    assert_tree_bitwise(lo.eval_params(state, p), p, sync)  # a sync step
+    np.testing.assert_allclose(p, target, atol=0.05, err_msg=sync)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sync", ["cond"])  # as before; loop: the 5000 steps
-@pytest.mark.parametrize("dtype, slow_dtype", [
-    (jnp.float32, None), (jnp.bfloat16, None), (jnp.bfloat16, jnp.float32),
-    (jnp.float16, jnp.float32)])
-def test_long_run_50000_steps_no_drift(sync, dtype, slow_dtype):
-  p, state, mismatches, target = _long_run(50_000, dtype, slow_dtype, n=1024,
-                                           sync=sync)
-  assert mismatches == 0
-  assert int(state.step) == 50_000
-  assert_tree_bitwise(lo.eval_params(state, p), p)
-  error = np.abs(np.asarray(p, np.float32) - np.asarray(target))
-  assert error.mean() < 0.2 * np.abs(np.asarray(target)).mean()
+def test_long_run_50000_steps_no_drift():
+  # As before, "cond" (loop: the 5000 steps); every precision in one program.
+  check_long_runs_50000_steps("cond")
 
 
 # --- the formulation seam ---

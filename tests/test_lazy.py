@@ -517,6 +517,10 @@ def test_pmap_matches_per_device():
   # ulp or two (n = 2: one adam step of elementwise arithmetic, updates at
   # the weights' scale, the state at its own or its value before the step).
   single = _jit_update(tx)
+  # Device d's inputs and outputs as NumPy: slicing them eagerly would
+  # compile a program per device index, leaf shape and dtype.
+  params, grads, ids, updates, state, updates2, state2 = jax.tree.map(
+      np.asarray, (params, grads, ids, updates, state, updates2, state2))
   at = lambda tree, d: jax.tree.map(lambda x: x[d], tree)  # pylint: disable=unnecessary-lambda-assignment
   for d in range(n):
     weights = _weights(params[d])
@@ -894,6 +898,9 @@ def test_sparse_pmap_matches_per_device():
   # state to an ulp or two (n = 2: one adam step of elementwise arithmetic,
   # the update at the weights' scale); the ids are the same.
   single = jax.jit(tx.update)
+  # Device d's inputs and outputs as NumPy: slicing them eagerly would
+  # compile a program per device index, leaf shape and dtype.
+  params, updates, state = jax.tree.map(np.asarray, (params, updates, state))
   for d in range(n):
     g = lo.SparseRows(jnp.asarray(batches[d][0]), jnp.asarray(batches[d][1]))
     s0 = tx.init(params[d])

@@ -21,6 +21,7 @@ from tests import reference as ref
 from tests._helpers import assert_tree_within_ulps
 from tests._helpers import assert_tree_bitwise
 from tests._helpers import bits
+from tests._helpers import sync_invariant_run
 from tests._helpers import trajectory
 from tests._helpers import ulp
 from tests._helpers import x64_if
@@ -332,38 +333,17 @@ def test_update_is_a_plain_pytree_update():
 # 4. Bitwise: params == slow weights after every sync.
 
 
-def _bitwise_run(dtype, jit, num_steps):
-  params0, noise = make_problem(3, num_steps=num_steps)
-  params0 = jax.tree.map(lambda x: jnp.asarray(x, dtype), params0)
-  noise = jax.tree.map(lambda x: jnp.asarray(x, dtype), noise)
-  tx = lo.lookahead(optax.adam(0.05), 3, 0.7)
-  return params0, run_library(tx, params0, noise, jit=jit)
-
-
-@pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
-def test_params_equal_slow_weights_bitwise_after_sync(dtype, jit):
+def test_params_equal_slow_weights_bitwise_after_sync(dtype):
   """After every sync the params are the slow weights, bit for bit.
 
-  On the default formulation, eagerly and under jit; every formulation under
-  jit, and how close their runs stay: tests/test_formulations.py.
+  On the default formulation, eagerly. Under jit, the default's program (the
+  select's, test_auto_sync_is_select_on_cpu) and every other formulation's,
+  with the same body and problem, and how close their runs stay:
+  tests/test_formulations.py.
   """
-  k = 3
   with x64_if(dtype):
-    params0, got = _bitwise_run(jnp.dtype(dtype), jit, 9 if jit else 6)
-    prev_slow = params0
-    for t, (params, state) in enumerate(got):
-      slow = lo.slow_params(state)
-      msg = f"step {t + 1}"
-      chex.assert_trees_all_equal_dtypes(params, params0)
-      chex.assert_trees_all_equal_dtypes(slow, params0)
-      if (t + 1) % k == 0:
-        assert_tree_bitwise(params, slow, msg)
-        # The sync moved the slow weights (alpha = 0.7).
-        assert not np.array_equal(bits(slow["w"]), bits(prev_slow["w"]))
-      else:
-        assert_tree_bitwise(slow, prev_slow, msg)
-      prev_slow = slow
+    sync_invariant_run(jnp.dtype(dtype), jit=False, steps=6)
 
 
 def test_auto_sync_is_select_on_cpu():

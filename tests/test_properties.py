@@ -329,33 +329,51 @@ def test_bf16_invariant_under_jit_fused_and_separate(slow_dtype):
 # ---------------------------------------------------------------------------
 
 
-def _long_run(n_steps, dtype, slow_dtype, n=64, k=5, sync="auto"):
-  """Scans `n_steps` jitted steps; counts sync steps where params != slow."""
-  # adam's default eps (1e-8) underflows in float16 and its moments give NaN.
-  eps = 1e-3 if dtype == jnp.float16 else 1e-8
-  tx = lo.lookahead(optax.adam(1e-2, eps=eps), k, 0.5, sync=sync,
-                    slow_dtype=slow_dtype)
+def _long_runs(n_steps, configs, n=64, k=5):
+  """Scans `n_steps` jitted steps of each `(dtype, slow_dtype, sync)` run.
+
+  The runs are independent (each its own `tx`, params and state) but share
+  one compiled scan and each step's noise, drawn once for all of them. Each
+  returns `(params, state, mismatches, target)`, `mismatches` the number of
+  sync steps where the params differ from the slow weights.
+  """
   key = jax.random.PRNGKey(0)
   target = jax.random.normal(key, (n,))
-  params = jnp.zeros(n, dtype)
-  uint = jnp.dtype(f"uint{8 * jnp.dtype(dtype).itemsize}")
+  txs = []
+  for dtype, slow_dtype, sync in configs:
+    # adam's default eps (1e-8) underflows in float16 and its moments give
+    # NaN.
+    eps = 1e-3 if dtype == jnp.float16 else 1e-8
+    txs.append(lo.lookahead(optax.adam(1e-2, eps=eps), k, 0.5, sync=sync,
+                            slow_dtype=slow_dtype))
 
   def step(carry, t):
-    p, state, mismatches = carry
     noise = jax.random.normal(jax.random.fold_in(key, t), (n,))
-    g = (p.astype(jnp.float32) - target + 0.1 * noise).astype(dtype)
-    updates, state = tx.update(g, state, p)
-    p = optax.apply_updates(p, updates)
-    slow = state.slow_params.astype(dtype)
-    differ = jnp.any(jax.lax.bitcast_convert_type(slow, uint)
-                     != jax.lax.bitcast_convert_type(p, uint))
-    mismatches += jnp.where(state.step % k == 0, differ, False)
-    return (p, state, mismatches), None
+    out = []
+    for tx, (dtype, _, _), (p, state, mismatches) in zip(txs, configs, carry):
+      uint = jnp.dtype(f"uint{8 * jnp.dtype(dtype).itemsize}")
+      g = (p.astype(jnp.float32) - target + 0.1 * noise).astype(dtype)
+      updates, state = tx.update(g, state, p)
+      p = optax.apply_updates(p, updates)
+      slow = state.slow_params.astype(dtype)
+      differ = jnp.any(jax.lax.bitcast_convert_type(slow, uint)
+                       != jax.lax.bitcast_convert_type(p, uint))
+      mismatches += jnp.where(state.step % k == 0, differ, False)
+      out.append((p, state, mismatches))
+    return tuple(out), None
 
-  init = (params, tx.init(params), jnp.zeros([], jnp.int32))
+  init = tuple((jnp.zeros(n, dtype), tx.init(jnp.zeros(n, dtype)),
+                jnp.zeros([], jnp.int32))
+               for tx, (dtype, _, _) in zip(txs, configs))
   run = jax.jit(lambda c: jax.lax.scan(step, c, jnp.arange(n_steps))[0])
-  (p, state, mismatches) = run(init)
-  return p, state, int(mismatches), target
+  return [(p, state, int(mismatches), target)
+          for p, state, mismatches in run(init)]
+
+
+def _long_run(n_steps, dtype, slow_dtype, n=64, k=5, sync="auto"):
+  """One run of `_long_runs`."""
+  [run] = _long_runs(n_steps, [(dtype, slow_dtype, sync)], n=n, k=k)
+  return run
 
 
 def test_long_run_5000_steps_no_drift():
@@ -366,19 +384,32 @@ def test_long_run_5000_steps_no_drift():
   np.testing.assert_allclose(p, target, atol=0.05)
 
 
+# The precisions of the 50000-step runs: (params dtype, slow_dtype).
+LONG_RUN_PRECISIONS = ((jnp.float32, None), (jnp.bfloat16, None),
+                       (jnp.bfloat16, jnp.float32), (jnp.float16, jnp.float32))
+
+
+def check_long_runs_50000_steps(sync):
+  """The 50000-step runs of every precision under `sync`, in one program."""
+  runs = _long_runs(50_000, [(dtype, slow_dtype, sync) for dtype, slow_dtype
+                             in LONG_RUN_PRECISIONS], n=1024)
+  for (dtype, slow_dtype), (p, state, mismatches, target) in zip(
+      LONG_RUN_PRECISIONS, runs):
+    msg = f"{jnp.dtype(dtype).name} slow_dtype={slow_dtype} sync={sync}"
+    assert mismatches == 0, msg
+    assert int(state.step) == 50_000, msg
+    assert_tree_bitwise(lo.eval_params(state, p), p, msg)
+    # Low-precision fast weights stall near the optimum (adam's steps fall
+    # below half an ulp), so only check that training got most of the way.
+    error = np.abs(np.asarray(p, np.float32) - np.asarray(target))
+    assert error.mean() < 0.2 * np.abs(np.asarray(target)).mean(), msg
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype, slow_dtype", [
-    (jnp.float32, None), (jnp.bfloat16, None), (jnp.bfloat16, jnp.float32),
-    (jnp.float16, jnp.float32)])
-def test_long_run_50000_steps_no_drift(dtype, slow_dtype):
-  p, state, mismatches, target = _long_run(50_000, dtype, slow_dtype, n=1024)
-  assert mismatches == 0
-  assert int(state.step) == 50_000
-  assert_tree_bitwise(lo.eval_params(state, p), p)
-  # Low-precision fast weights stall near the optimum (adam's steps fall
-  # below half an ulp), so only check that training got most of the way.
-  error = np.abs(np.asarray(p, np.float32) - np.asarray(target))
-  assert error.mean() < 0.2 * np.abs(np.asarray(target)).mean()
+def test_long_run_50000_steps_no_drift():
+  # Every precision in one scanned program (one compilation; once parametrized
+  # by precision, four programs).
+  check_long_runs_50000_steps("auto")
 
 
 @SETTINGS

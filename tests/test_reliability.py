@@ -21,6 +21,9 @@ from tests._helpers import assert_bitwise
 from tests._helpers import assert_no_shared_buffers
 from tests._helpers import assert_tree_within_ulps
 from tests._helpers import assert_tree_bitwise
+from tests._helpers import check_nan_on_a_sync_step
+from tests._helpers import check_rollback_hand_worked
+from tests._helpers import jitted_step
 from tests._helpers import trajectory
 from tests._helpers import ulp
 
@@ -57,30 +60,14 @@ def assert_runs_close(actual, expected, msg=""):
 # ---------------------------------------------------------------------------
 
 
-def test_rollback_nan_gradient_mid_cycle_hand_worked():
-  # sgd(lr=0.5, momentum=0.5), k=4, alpha=0.75, params 8.
-  tx = lo.lookahead(optax.sgd(0.5, momentum=0.5), sync_period=4,
-                    slow_step_size=0.75, on_nonfinite="rollback")
-  params = jnp.array([8.0, -4.0])
-  g = lambda *v: jnp.array(v)
-  grads = [g(2.0, -2.0), g(2.0, -2.0), g(np.nan, 1.0), g(2.0, -2.0)]
-  hist = run(tx, params, grads)
-  # Step 1: trace 2, update -1 -> 7. Step 2: trace 2 + 1 = 3 -> 5.5.
-  assert_bitwise(hist[0][0], jnp.array([7.0, -3.0]))
-  assert_bitwise(hist[1][0], jnp.array([5.5, -1.5]))
-  # Step 3: NaN in one leaf element: the whole step rolls back to the slow
-  # weights (8, -4), resets the momentum, leaves the slow weights.
-  p3, s3 = hist[2]
-  assert_bitwise(p3, jnp.array([8.0, -4.0]))
-  assert_bitwise(s3.inner_state[0].trace, jnp.array([0.0, 0.0]))
-  assert_bitwise(lo.slow_params(s3), jnp.array([8.0, -4.0]))
-  assert int(s3.step) == 3
-  # Step 4 (sync): fresh momentum, trace (2, -2) -> fast (7, -3); slow
-  # 8 + 0.75 (7 - 8) = 7.25 and -4 + 0.75 (-3 + 4) = -3.25.
-  p4, s4 = hist[3]
-  assert_bitwise(p4, jnp.array([7.25, -3.25]))
-  assert_bitwise(lo.slow_params(s4), p4)
-  assert_bitwise(s4.inner_state[0].trace, jnp.array([2.0, -2.0]))
+def test_rollback_nan_gradient_mid_cycle_and_overflow_hand_worked():
+  # Eagerly on the default formulation; the same body on each formulation
+  # under jit: tests/test_formulations.py. sgd(lr=0.5, momentum=0.5), k=4,
+  # alpha=0.75, params 8: a NaN on step 3 rolls back to the slow weights and
+  # resets the momentum, the sync on step 4 starts from there (the values
+  # are worked out in the body); a finite update whose fast params overflow
+  # to inf also rolls back.
+  check_rollback_hand_worked()
 
 
 @pytest.mark.parametrize("inner_state", ("keep", "reset", "pullback"))
@@ -103,16 +90,6 @@ def test_rollback_on_sync_step_skips_the_sync(inner_state):
   expected = {"a": jnp.array([1.0]), "b": jnp.array(2.0)}
   assert_tree_bitwise(hist[3][0], expected)
   assert_tree_bitwise(lo.slow_params(hist[3][1]), expected)
-
-
-def test_rollback_overflowing_fast_params():
-  # A finite update whose fast params overflow to inf also rolls back.
-  big = np.float32(3e38)
-  tx = lo.lookahead(optax.sgd(1.0), sync_period=3, on_nonfinite="rollback")
-  params = jnp.array([big, 1.0])
-  hist = run(tx, params, [jnp.array([1.0, 0.0]), jnp.array([-big, 0.0])])
-  np.testing.assert_array_equal(hist[0][0], [big - 1.0, 1.0])
-  assert_bitwise(hist[1][0], params)
 
 
 def test_rollback_resets_adam_moments_and_keeps_count():
@@ -482,78 +459,20 @@ def test_mismatch_error_names_nested_path():
 # A NaN on a sync step with a stateful inner optimizer
 # ---------------------------------------------------------------------------
 
-STATEFUL_INNERS = {
-    "momentum": lambda: optax.sgd(0.25, momentum=0.5),
-    "adam": lambda: optax.adam(0.25),
-}
-
-
-def _inner_and_synced(state, inner_state):
-  if inner_state == "pullback":
-    return state.inner_state.inner_state, state.inner_state.synced_inner_state
-  return state.inner_state, None
-
-
 @pytest.mark.parametrize("inner_state", ("keep", "reset", "pullback"))
 @pytest.mark.parametrize("inner,jit", [
-    ("adam", False), ("adam", True), ("momentum", False),
+    ("adam", False), ("momentum", False),
     # The same program shapes as adam under jit: kept for the full run.
     pytest.param("momentum", True, marks=pytest.mark.slow),
 ])
 def test_nan_on_a_sync_step_with_stateful_inner(inner, inner_state, jit):
   # k = 3, alpha = 0.8; two good steps, then a NaN gradient on step 3 (a
-  # sync step). The step must roll back to the slow weights (theta_0), reset
-  # the moments to zero, skip the sync, keep the last-synced copy of the
-  # inner state (pullback) untouched and finite, and the next cycle must be
-  # that of a fresh lookahead started from theta_0 with the inner counts
-  # going on.
-  k, alpha = 3, 0.8
-  tx = lo.lookahead(STATEFUL_INNERS[inner](), k, alpha,
-                    inner_state=inner_state, on_nonfinite="rollback")
-  params = {"w": jnp.array([1.5, -2.0, 0.75]), "b": jnp.array(0.5)}
-  rng = np.random.default_rng(4)
-  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
-                                              jnp.float32), params)
-           for _ in range(2 * k)]
-  grads[k - 1] = {"w": jnp.array([1.0, np.nan, 1.0]), "b": jnp.array(1.0)}
-  hist = run(tx, params, grads, jit=jit)
-  p3, s3 = hist[k - 1]
-  assert_tree_bitwise(p3, params)
-  assert_tree_bitwise(lo.slow_params(s3), params)
-  assert int(s3.step) == k
-  live, synced = _inner_and_synced(s3, inner_state)
-  fresh = STATEFUL_INNERS[inner]().init(params)
-  moments = ("trace",) if inner == "momentum" else ("mu", "nu")
-  for name in moments:
-    assert_tree_bitwise(getattr(live[0], name), getattr(fresh[0], name))
-  if inner == "adam":
-    assert int(live[0].count) == k  # Schedules and bias correction go on.
-  if synced is not None:
-    # Nothing synced yet: the last-synced copy is still the initial state.
-    assert_tree_bitwise(synced, fresh)
-  # Steps k+1 .. 2k: a fresh cycle from theta_0 (the same state as a fresh
-  # lookahead's, but for the counts), ending in a sync.
-  start = tx.init(params)
-  if inner == "adam":
-    with_count = lambda st: (st[0]._replace(count=jnp.asarray(k, jnp.int32)),
-                             ) + tuple(st[1:])
-    if inner_state == "pullback":
-      start = start._replace(inner_state=lo.PullbackState(
-          with_count(start.inner_state.inner_state),
-          start.inner_state.synced_inner_state))
-    else:
-      start = start._replace(inner_state=with_count(start.inner_state))
-  start = start._replace(step=jnp.asarray(k, jnp.int32))
-  assert_tree_bitwise(s3, start)
-  # The same `tx`: under jit the same compiled step as the run above.
-  expected = run(tx, params, grads[k:], state=start, jit=jit)
-  for (p, st), (p_ref, st_ref) in zip(hist[k:], expected):
-    assert_tree_bitwise((p, st), (p_ref, st_ref))
-  p6, s6 = hist[-1]
-  assert_tree_bitwise(lo.slow_params(s6), p6)
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(s6))
-  # The sync moved the slow weights: 0.8 of the way to the fast weights.
-  assert not np.array_equal(np.asarray(p6["w"]), np.asarray(params["w"]))
+  # sync step): a rollback to theta_0, zero moments, no sync, the last-synced
+  # copy (pullback) untouched, then a fresh cycle from theta_0 with the inner
+  # counts going on (the body is tests/_helpers.py's). Adam under jit on the
+  # default formulation is the "select" case of the same body in
+  # tests/test_formulations.py ("auto" picks it there).
+  check_nan_on_a_sync_step(inner, inner_state, jit=jit)
 
 
 # ---------------------------------------------------------------------------
@@ -567,9 +486,13 @@ def _donation_cases():
                     "b": jnp.array([0.5, -0.25, 1.0]),
                     "s": jnp.array(0.75)}
   cases = []
+  # One `tx` per configuration: the states built otherwise (migrated) go
+  # through the same compiled steps (`jitted_step`).
+  policy_tx = {policy: lo.lookahead(optax.adam(0.1), 3, 0.8,
+                                    inner_state=policy)
+               for policy in ("keep", "reset", "pullback")}
   # Every formulation's init state: tests/test_formulations.py.
-  for policy in ("keep", "reset", "pullback"):
-    tx = lo.lookahead(optax.adam(0.1), 3, 0.8, inner_state=policy)
+  for policy, tx in policy_tx.items():
     cases.append((f"init-{policy}", tx, params, tx.init))
   tx = lo.lookahead(optax.adam(0.1), 3, 0.8, on_nonfinite="rollback")
   cases.append(("rollback", tx, params, tx.init))
@@ -584,7 +507,7 @@ def _donation_cases():
   cases.append(("lazy-pullback", tx, params, tx.init))
   # lo.lazy(lo.lookahead(...)) is rejected at init (tests/test_lazy.py).
   for policy in ("keep", "pullback"):
-    tx = lo.lookahead(optax.adam(0.1), 3, 0.8, inner_state=policy)
+    tx = policy_tx[policy]
     plain = optax.adam(0.1)
     migrate = lambda p, tx=tx, plain=plain: lo.migrate_optax_state(
         tx, plain.init(p), p, step=1)
@@ -606,16 +529,12 @@ def test_every_state_can_be_donated_with_the_params(case):
   grads = [jax.tree.map(lambda p: jnp.asarray(
       rng.normal(size=p.shape), p.dtype), make_params()) for _ in range(7)]
 
-  def step(params, state, g):
-    updates, state = tx.update(g, state, params)
-    return optax.apply_updates(params, updates), state
-
   # Reference: the same steps without donation.
   expected = []
   params = make_params()
   state = build(params)
   for g in grads:
-    params, state = jax.jit(step)(params, state, g)
+    params, state = jitted_step(tx)(params, state, g)
     expected.append((params, state))
 
   params = make_params()
@@ -624,7 +543,7 @@ def test_every_state_can_be_donated_with_the_params(case):
   # leaf (e.g. a pullback copy aliasing the live inner state): XLA refuses to
   # donate one buffer twice.
   assert_no_shared_buffers(params, state)
-  donated = jax.jit(step, donate_argnums=(0, 1))
+  donated = jitted_step(tx, donate=True)
   first = (params, state)
   for t, g in enumerate(grads):
     params, state = donated(params, state, g)
