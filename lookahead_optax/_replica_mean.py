@@ -186,9 +186,9 @@ def replica_mean(
     >>> state = jax.pmap(tx.init, devices=jax.devices()[:2])(params)
     >>> grads = jnp.array([[1.0, -0.5], [3.0, 0.25]])
     >>> params, state = step(params, state, grads)
-    >>> print(params)
-    [[-2.          0.12698413]
-     [-2.          0.12698413]]
+    >>> print(jnp.round(params, 5))  # to rounding (XLA may fuse the sum)
+    [[-2.       0.12698]
+     [-2.       0.12698]]
     >>> print(state[0].residuals[:, 1])
     [-0.0079  0.0119]
 
