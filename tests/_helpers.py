@@ -409,12 +409,15 @@ def check_nan_on_a_sync_step(inner: str, inner_state: str, sync: str = "auto",
   k = 3
   tx = lo.lookahead(STATEFUL_INNERS[inner](), k, 0.8, sync=sync,
                     inner_state=inner_state, on_nonfinite="rollback")
-  params = {"w": jnp.array([1.5, -2.0, 0.75]), "b": jnp.array(0.5)}
+  # float32, not weak-typed Python scalars: one compiled step for the run.
+  params = {"w": jnp.array([1.5, -2.0, 0.75]),
+            "b": jnp.array(0.5, jnp.float32)}
   rng = np.random.default_rng(4)
   grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
                                               jnp.float32), params)
            for _ in range(2 * k)]
-  grads[k - 1] = {"w": jnp.array([1.0, np.nan, 1.0]), "b": jnp.array(1.0)}
+  grads[k - 1] = {"w": jnp.array([1.0, np.nan, 1.0]),
+                  "b": jnp.array(1.0, jnp.float32)}
   hist = trajectory(tx, params, grads, jit=jit)
   p3, s3 = hist[k - 1]
   assert_tree_bitwise(p3, params)

@@ -524,7 +524,8 @@ def test_linen_train_state_matches_plain_updates():
 def test_pmap_matches_one_device():
   n = jax.local_device_count()
   tx = lo.lazy(optax.adamw(LR, b1=B1, b2=B2, weight_decay=WD), catch_up=True)
-  params = jnp.stack([jnp.full((V, D), 1.0 + d) for d in range(n)])
+  params = jnp.stack([jnp.full((V, D), 1.0 + d, jnp.float32)
+                      for d in range(n)])
   state = jax.pmap(tx.init)(params)
   step = jax.pmap(tx.update)
   for t in range(3):
@@ -533,7 +534,8 @@ def test_pmap_matches_one_device():
     u, state = step(grads, state, params)
     params = params + u
   single = jax.jit(tx.update)
-  p, s = jnp.full((V, D), 1.0 + n - 1), tx.init(jnp.full((V, D), 1.0 + n - 1))
+  p = jnp.full((V, D), 1.0 + n - 1, jnp.float32)
+  s = tx.init(p)
   for t in range(3):
     grads = jnp.zeros((V, D)).at[(t * 3) % V].set(1.0).at[2].set(
         0.5 * (t != 1))

@@ -357,7 +357,8 @@ def test_reset_keeps_dtypes_and_counts_and_clears_nans(sync):
   [(params, state)] = _run(tx, params, [g])
   # Poison a moment: a multiplicative reset (0 * NaN) would keep the NaN.
   adam = state.inner_state.inner_state[0]
-  adam = adam._replace(mu={"w": jnp.full(3, np.nan), "h": adam.mu["h"]})
+  adam = adam._replace(mu={"w": jnp.full(3, np.nan, jnp.float32),
+                           "h": adam.mu["h"]})
   state = state._replace(inner_state=state.inner_state._replace(
       inner_state=(adam,) + tuple(state.inner_state.inner_state[1:])))
   before = jax.tree.map(lambda x: x.dtype, state)

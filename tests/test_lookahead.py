@@ -432,7 +432,7 @@ def test_inject_hyperparams_static_sync_period():
   for t, noise_t in enumerate(noise[:3]):
     if t == 2:
       # Change alpha at run time, before the first sync.
-      state.hyperparams["slow_step_size"] = jnp.asarray(0.25)
+      state.hyperparams["slow_step_size"] = jnp.asarray(0.25, jnp.float32)
     # The same step as the plain lookahead's, from the same params and state.
     before = (params, state.inner_state)
     expected = plain_step(*before, noise_t)
@@ -470,8 +470,9 @@ def test_inject_hyperparams_traced_sync_period():
   chex.assert_trees_all_close((params, lo.slow_params(state)),
                               (static[-1][0], lo.slow_params(static[-1][1])),
                               rtol=1e-5, atol=1e-6)
-  # Change k at run time (no retrace): with k = 2 the 8th step syncs.
-  state.hyperparams["sync_period"] = jnp.asarray(2, jnp.int32)
+  # Change k at run time (no retrace: the same weakly typed int32 as the
+  # one inject_hyperparams stored): with k = 2 the 8th step syncs.
+  state.hyperparams["sync_period"] = jnp.asarray(2)
   params7, state7 = step(params, state, noise[0])
   assert not np.array_equal(bits(params7["w"]),
                             bits(lo.slow_params(state7)["w"]))

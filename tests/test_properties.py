@@ -23,6 +23,8 @@ promise about eager execution (alpha = 1 is the inner optimizer bitwise) runs
 eagerly.
 """
 
+import functools
+
 import hypothesis
 from hypothesis import strategies as st
 import jax
@@ -117,15 +119,41 @@ def _arrays(rng, shape_tree, dtype, scale=1.0):
 def _make_tx(problem, alpha=None):
   if problem.get("outer") is not None:
     inner_state = "reset" if problem["inner_state"] == "reset" else "keep"
-    return lo.lookahead(
-        INNERS[problem["inner"]](), problem["k"],
-        outer=OUTERS[problem["outer"]](), inner_state=inner_state,
-        on_nonfinite=problem["on_nonfinite"])
-  return lo.lookahead(
-      INNERS[problem["inner"]](), problem["k"],
-      problem["alpha"] if alpha is None else alpha,
-      inner_state=problem["inner_state"],
-      on_nonfinite=problem["on_nonfinite"])
+    return _lookahead(problem["inner"], problem["k"], None, inner_state,
+                      problem["on_nonfinite"], problem["outer"])
+  return _lookahead(problem["inner"], problem["k"],
+                    problem["alpha"] if alpha is None else alpha,
+                    problem["inner_state"], problem["on_nonfinite"], None)
+
+
+# One `tx` per configuration: examples that differ only in their data (seed,
+# cycles, tree) share its jitted step (`jitted_step`, one compilation per
+# shapes and dtype), as do the examples' inner steps below.
+@functools.lru_cache(maxsize=None)
+def _lookahead(inner, k, alpha, inner_state, on_nonfinite, outer):
+  if outer is not None:
+    return lo.lookahead(INNERS[inner](), k, outer=OUTERS[outer](),
+                        inner_state=inner_state, on_nonfinite=on_nonfinite)
+  return lo.lookahead(INNERS[inner](), k, alpha, inner_state=inner_state,
+                      on_nonfinite=on_nonfinite)
+
+
+@functools.lru_cache(maxsize=None)
+def _outer_sgd_lookahead(inner, k, a, inner_state):
+  return lo.lookahead(INNERS[inner](), k, outer=optax.sgd(a),
+                      inner_state=inner_state)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_inner_step(inner):
+  inner = INNERS[inner]()
+
+  @jax.jit
+  def inner_step(g, inner_state, params):
+    updates, inner_state = inner.update(g, inner_state, params)
+    return optax.apply_updates(params, updates), inner_state
+
+  return inner_step
 
 
 def _trajectory(problem, alpha=None, tx=None, jit=True):
@@ -235,13 +263,7 @@ def test_alpha_one_equals_inner_optimizer_jit_to_ulps(problem):
   # step at a time, so errors do not compound.
   with x64_if(problem["dtype"]):
     params_seq, states, grads = _trajectory(problem)
-    inner = INNERS[problem["inner"]]()
-
-    @jax.jit
-    def inner_step(g, inner_state, params):
-      updates, inner_state = inner.update(g, inner_state, params)
-      return optax.apply_updates(params, updates), inner_state
-
+    inner_step = _jitted_inner_step(problem["inner"])
     for t, g in enumerate(grads, start=1):
       params, inner_state = inner_step(g, states[t - 1].inner_state,
                                        params_seq[t - 1])
@@ -422,8 +444,7 @@ def test_outer_sgd_equals_the_interpolation(problem, a):
   problem = dict(problem, inner_state=policy, on_nonfinite="propagate")
   with x64_if(problem["dtype"]):
     blended, _, _ = _trajectory(problem, alpha=a)
-    outer = lo.lookahead(INNERS[problem["inner"]](), problem["k"],
-                         outer=optax.sgd(a), inner_state=policy)
+    outer = _outer_sgd_lookahead(problem["inner"], problem["k"], a, policy)
     stepped, _, _ = _trajectory(problem, tx=outer)
     eps = float(jnp.finfo(problem["dtype"]).eps)
     for t in range(len(blended)):

@@ -75,7 +75,7 @@ def test_rollback_on_sync_step_skips_the_sync(inner_state):
   # k=2: a NaN on step 2 (a sync step) does no sync; the next one is step 4.
   tx = lo.lookahead(optax.sgd(1.0), sync_period=2, slow_step_size=0.75,
                     inner_state=inner_state, on_nonfinite="rollback")
-  params = {"a": jnp.array([4.0]), "b": jnp.array(2.0)}
+  params = {"a": jnp.array([4.0]), "b": jnp.array(2.0, jnp.float32)}
   grads = [
       {"a": jnp.array([1.0]), "b": jnp.array(1.0)},
       {"a": jnp.array([1.0]), "b": jnp.array(np.inf)},
@@ -484,7 +484,7 @@ def _donation_cases():
   """(name, tx, params, state builder) for every way to build a state."""
   params = lambda: {"w": jnp.arange(6.0).reshape(2, 3) / 8,
                     "b": jnp.array([0.5, -0.25, 1.0]),
-                    "s": jnp.array(0.75)}
+                    "s": jnp.array(0.75, jnp.float32)}
   cases = []
   # One `tx` per configuration: the states built otherwise (migrated) go
   # through the same compiled steps (`jitted_step`).
