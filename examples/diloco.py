@@ -367,7 +367,7 @@ def main(args):
               pmean=False if "int8 mean" in name else None)
           for name, tx, k, p in runs(adamw)]
   n_params = sum(a.size for a in jax.tree.leaves(
-      init_params(jax.random.PRNGKey(0), vocab)))
+      init_params(jax.random.PRNGKey(0), data[2])))
   print(f"char MLP LM on pydoc topics, {n_dev} replicas of batch {BATCH}, "
         f"{steps} steps, {n_params:,} params")
   report(rows, rows[4])
