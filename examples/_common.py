@@ -30,7 +30,7 @@ matplotlib.rcParams.update({
 })
 # The scripts take pyplot from here (`from _common import plt`), after the
 # backend is set.
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import matplotlib.pyplot as plt  # noqa: F401  # pylint: disable=g-import-not-at-top
 import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split

@@ -1,4 +1,4 @@
-"""`lookahead`'s argument checks, and the checks of `update`'s arguments.
+"""Argument checks shared by the factories, and the checks of `update`'s arguments.
 
 Every check raises a `TypeError` or `ValueError` that names the argument (and
 the leaf path, for trees) at the first wrong call; those on `update` inspect
@@ -9,9 +9,11 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lookahead_optax import _checks
+from lookahead_optax import _compress
 from lookahead_optax import _sparse
 from lookahead_optax import _tree
 from lookahead_optax._types import LookaheadState
@@ -73,6 +75,39 @@ def check_outer(outer: Any, slow_step_size: Any, inner_state: str) -> None:
         "`inner_state='pullback'` interpolates the inner state with "
         "`slow_step_size` and cannot combine with `outer`; use 'keep' or "
         "'reset'.")
+
+
+def check_bool(name: str, value: Any) -> bool:
+  """`value` as a bool, or a TypeError naming `name`."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+  return bool(value)
+
+
+def check_replica_axis(axis_name: Any, owner: str = "") -> str:
+  """`axis_name` of `diloco` or `replica_mean` (`owner`), checked."""
+  if not isinstance(axis_name, str) or not axis_name:
+    of = f" of `{owner}`" if owner else ""
+    raise TypeError(
+        f"`axis_name`{of} must be a non-empty string (the mapped axis of the "
+        f"replicas), got {axis_name!r}.")
+  return axis_name
+
+
+def check_wire(communication_dtype: Any, error_feedback: Any
+               ) -> tuple[Optional[str], bool]:
+  """The format name of `communication_dtype` and `error_feedback`, checked.
+
+  Raises:
+    TypeError, ValueError: naming the argument.
+  """
+  fmt = _compress.format_name(communication_dtype)
+  error_feedback = check_bool("error_feedback", error_feedback)
+  if error_feedback and fmt is None:
+    raise ValueError(
+        "`error_feedback=True` needs a low-precision `communication_dtype` "
+        "(in float32 nothing is dropped to feed back).")
+  return fmt, error_feedback
 
 
 def check_axis_bound(axis_name: Optional[str]) -> None:

@@ -164,10 +164,15 @@ def check_unit_interval(name: str, value: Any, *, allow_schedule: bool) -> Any:
   return value
 
 
+def is_transformation(value: Any) -> bool:
+  """Whether `value` looks like an optax gradient transformation."""
+  return (callable(getattr(value, "init", None))
+          and callable(getattr(value, "update", None)))
+
+
 def check_transformation(name: str, value: Any) -> None:
   """Checks that `value` looks like an optax gradient transformation."""
-  if not (callable(getattr(value, "init", None))
-          and callable(getattr(value, "update", None))):
+  if not is_transformation(value):
     raise TypeError(
         f"`{name}` must be an optax GradientTransformation (an object with "
         f"`init` and `update`), got {value!r}."

@@ -11,12 +11,10 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from lookahead_optax import _arguments
 from lookahead_optax import _checks
-from lookahead_optax import _compress
 from lookahead_optax import _participation
 from lookahead_optax import _policies
 from lookahead_optax import _step
@@ -51,12 +49,6 @@ class DilocoConfig:
   slow_dtype: Any
   min_replicas: Any  # an int >= 1, or a traced integer
   check_replicas: Optional[str]  # None, "detect" or "repair"
-
-
-def _check_bool(name: str, value: Any) -> bool:
-  if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"`{name}` must be True or False, got {value!r}.")
-  return bool(value)
 
 
 def _count_fragments(fragments: Any) -> int:
@@ -162,18 +154,12 @@ def configure(*, inner: Any, sync_period: Any, axis_name: Any,
   """
   _arguments.check_inner(inner)
   _checks.check_sync_period(sync_period)
-  if not isinstance(axis_name, str) or not axis_name:
-    raise TypeError("`axis_name` of `diloco` must be a non-empty string (the "
-                    f"mapped axis of the replicas), got {axis_name!r}.")
+  _arguments.check_replica_axis(axis_name, "diloco")
   outer = _outer_of(outer, learning_rate, momentum)
   num = _count_fragments(fragments)
-  fmt = _compress.format_name(communication_dtype)
-  error_feedback = _check_bool("error_feedback", error_feedback)
-  overlap = _check_bool("overlap", overlap)
-  if error_feedback and fmt is None:
-    raise ValueError(
-        "`error_feedback=True` needs a low-precision `communication_dtype` "
-        "(in float32 nothing is dropped to feed back).")
+  fmt, error_feedback = _arguments.check_wire(communication_dtype,
+                                              error_feedback)
+  overlap = _arguments.check_bool("overlap", overlap)
   mix = 0.0 if mix is None else _checks.check_unit_interval(
       "mix", mix, allow_schedule=False)
   _check_schedule(sync_period, num, overlap)

@@ -29,7 +29,7 @@ def _shown(value: Any) -> str:
   name = getattr(value, "__name__", None)
   if isinstance(value, type) and name:
     return f"jnp.{name}"
-  if isinstance(value, (tuple,)) and hasattr(value, "update"):
+  if _checks.is_transformation(value):
     return "outer"
   text = repr(value)
   return text if len(text) <= 40 else "..."

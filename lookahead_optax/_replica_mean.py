@@ -8,7 +8,6 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from lookahead_optax import _arguments
@@ -29,28 +28,6 @@ class ReplicaMeanState(NamedTuple):
   """
 
   residuals: Optional[optax.Updates]
-
-
-def _check_args(axis_name: Any, communication_dtype: Any,
-                error_feedback: Any) -> Optional[str]:
-  """The format name of `communication_dtype`, after checking every argument.
-
-  Raises:
-    TypeError, ValueError: naming the argument.
-  """
-  if not isinstance(axis_name, str) or not axis_name:
-    raise TypeError(
-        "`axis_name` must be a non-empty string (the mapped axis of the "
-        f"replicas), got {axis_name!r}.")
-  fmt = _compress.format_name(communication_dtype)
-  if not isinstance(error_feedback, (bool, np.bool_)):
-    raise TypeError(
-        f"`error_feedback` must be True or False, got {error_feedback!r}.")
-  if error_feedback and fmt is None:
-    raise ValueError(
-        "`error_feedback=True` needs a low-precision `communication_dtype` "
-        "(in float32 nothing is dropped to feed back).")
-  return fmt
 
 
 def _averaged(x: Any) -> bool:
@@ -197,7 +174,9 @@ def replica_mean(
     (2 replicas) $-0.1310 + 8 \cdot 2 / 126$. Both go into the next step's
     mean.
   """
-  fmt = _check_args(axis_name, communication_dtype, error_feedback)
+  _arguments.check_replica_axis(axis_name)
+  fmt, error_feedback = _arguments.check_wire(communication_dtype,
+                                              error_feedback)
   error_feedback = bool(error_feedback)
 
   def init_fn(params: optax.Params) -> ReplicaMeanState:

@@ -134,14 +134,7 @@ def replicas_agree(tree: Any, axis_name: str) -> tuple[jax.Array, jax.Array]:
   """
   from lookahead_optax import _arguments  # pylint: disable=g-import-not-at-top
   _arguments.check_axis_bound(axis_name)
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.asarray(True), jnp.asarray(-1, jnp.int32)
-  prints = jnp.stack([fingerprint(x) for x in leaves])  # (leaves, 2)
-  gathered = jax.lax.all_gather(prints, axis_name)  # (replicas, leaves, 2)
-  differs = jnp.any(gathered != gathered[0], axis=(0, 2))
-  agree = ~jnp.any(differs)
-  first = jnp.where(agree, -1, jnp.argmax(differs)).astype(jnp.int32)
+  _, agree, first, _ = majority(tree, axis_name, repair=False)
   return agree, first
 
 

@@ -101,7 +101,7 @@ def test_nnx_checkpoint_recipe_restores_mid_cycle():
   ns = _run_page("multi_device.md")
   lo, nnx = ns["lo"], ns["nnx"]
   model, optimizer = ns["model"], ns["optimizer"]
-  model2, optimizer2 = ns["model2"], ns["optimizer2"]
+  optimizer2 = ns["optimizer2"]
   leaves = jax.tree.leaves(nnx.state((model, optimizer)))
   assert len(leaves) >= 9  # params, mu, nu, count, slow weights, step...
   assert int(optimizer2.opt_state.step[...]) == 10  # 7 restored + 3

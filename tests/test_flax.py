@@ -13,10 +13,8 @@ from flax import nnx
 from flax.training import train_state
 
 import lookahead_optax as lo
-from tests._helpers import assert_bitwise
 from tests._helpers import assert_tree_bitwise
 from tests._helpers import assert_tree_within_ulps
-from tests._helpers import ulp
 
 
 def _assert_trees_close(actual, expected, atol):

@@ -24,7 +24,6 @@ from tests._helpers import assert_no_shared_buffers
 from tests._helpers import assert_tree_within_ulps
 from tests._helpers import check_nan_on_a_sync_step
 from tests._helpers import check_rollback_hand_worked
-from tests._helpers import jitted_step
 from tests._helpers import sync_invariant_run
 from tests._helpers import trajectory
 from tests._helpers import ulp

@@ -21,7 +21,6 @@ import pytest
 import lookahead_optax as lo
 from tests._helpers import assert_bitwise
 from tests._helpers import assert_tree_within_ulps
-from tests._helpers import ulp
 
 V, D = 40, 3
 LR, B1, B2, EPS = 1e-2, 0.9, 0.999, 1e-8

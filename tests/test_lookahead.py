@@ -23,7 +23,6 @@ from tests._helpers import assert_tree_bitwise
 from tests._helpers import bits
 from tests._helpers import sync_invariant_run
 from tests._helpers import trajectory
-from tests._helpers import ulp
 from tests._helpers import x64_if
 
 SHAPES = {"w": (3, 4), "b": (4,), "c": ()}

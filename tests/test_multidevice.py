@@ -20,7 +20,6 @@ from benchmarks.communication import COLLECTIVE
 from tests._helpers import assert_bitwise
 from tests._helpers import assert_tree_bitwise
 from tests._helpers import assert_tree_within_ulps
-from tests._helpers import ulp
 
 N_DEVICES = 8
 # HLO instructions that move data between devices (`COLLECTIVE`). Async

@@ -25,7 +25,6 @@ from tests._helpers import check_nan_on_a_sync_step
 from tests._helpers import check_rollback_hand_worked
 from tests._helpers import jitted_step
 from tests._helpers import trajectory
-from tests._helpers import ulp
 
 # Features are tested on the default formulation; every formulation keeps
 # these promises in tests/test_formulations.py.

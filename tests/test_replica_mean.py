@@ -19,7 +19,6 @@ from benchmarks import communication
 from tests import _helpers
 from tests import reference
 from tests._helpers import assert_bitwise
-from tests._helpers import assert_tree_bitwise
 
 N = 8  # replicas
 AXIS = "data"

@@ -24,7 +24,6 @@ from tests._helpers import assert_bitwise
 from tests._helpers import assert_tree_bitwise
 from tests._helpers import assert_tree_within_ulps
 from tests._helpers import bits
-from tests._helpers import ulp
 
 V, D, N, K = 40, 3, 5, 3
 
