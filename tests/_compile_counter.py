@@ -4,7 +4,8 @@
 end of the session, the files and the tests that compiled the most (backend
 compiles, their seconds, and the process CPU seconds of each test, its
 subprocesses included). `LOOKAHEAD_COUNT_COMPILES=path.json` also writes
-every test's numbers there (one file per xdist worker: `path.json.gw0`...).
+every test's numbers there (one file per xdist worker: `path.json.gw0`...;
+under xdist only the files have them, pytest shows no worker's summary).
 Loaded by the root conftest.py only when the variable is set.
 """
 
@@ -58,6 +59,8 @@ def _by_file():
 
 
 def pytest_terminal_summary(terminalreporter):
+  if not _per_test:  # an xdist controller: its workers ran the tests
+    return
   path = os.environ.get("LOOKAHEAD_COUNT_COMPILES", "")
   if path not in ("", "1"):
     worker = os.environ.get("PYTEST_XDIST_WORKER")
