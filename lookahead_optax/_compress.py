@@ -41,20 +41,20 @@ finite code):
 | `"int4"` | [-6, 6], as nibbles `v + 8` | 0 | 15 | 1 |
 
 (float8_e4m3fn has no infinities: its largest finite values, +-448, stand
-for them.) A block that holds such a code travels with its scale negated,
-so that the common case, every value finite, encodes and decodes on a
-plain path (a conditional on the scales' signs; decoding the shards fuses
-with their sum there) and only a message with a marked block looks for the
-codes. Decoding maps the codes back to NaN and Inf, so the float32 sum
-of the shards does NaN and Inf arithmetic as float32 does, and the shard of
-the mean is encoded again by the same rule. Rounding to nearest, a finite
-value is off by at most `max |x| / 252` (int8), `/ 12` (int4), `2**-4 max |x|`
-(float8) or `2**-8 |x|` (bfloat16) of its block per encoding. What encoding
-dropped (`mean`'s second result, the error-feedback residual) is 0 where a
-value or the mean is not finite, so no NaN or Inf is fed back. (Without the
-codes, a NaN made its block's `max |x|` NaN, the scale fell back to 1 and
-the NaN encoded as 0: dropped, and the block's other values averaged with
-a wrong scale.)
+for them.) No finite value takes these codes, so decoding maps them back to
+NaN and Inf with a select and no flag, and the float32 sum of the shards
+does NaN and Inf arithmetic as float32 does; the shard of the mean is
+encoded again by the same rule. Encoding and decoding are branch-free
+elementwise passes (one reduction for the scales), which XLA fuses with the
+flattening, the sum and the unflattening around them.
+
+Rounding to nearest, a finite value is off by at most `max |x| / 252`
+(int8), `/ 12` (int4), `2**-4 max |x|` (float8) or `2**-8 |x|` (bfloat16)
+of its block per encoding. What encoding dropped (`mean`'s second result,
+the error-feedback residual) is 0 where a value or the mean is not finite,
+so no NaN or Inf is fed back. (Without the codes, a NaN made its block's
+`max |x|` NaN, the scale fell back to 1 and the NaN encoded as 0: dropped,
+and the block's other values averaged with a wrong scale.)
 """
 
 from typing import Any, NamedTuple, Optional
@@ -108,13 +108,6 @@ class Encoded(NamedTuple):
   scales: Optional[jax.Array]  # (...,) float32; None for bfloat16
 
 
-def _scales(x: jax.Array, limit: float) -> jax.Array:
-  """Per block, `max |x|` over the finite values over `limit` (else 1)."""
-  amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0), axis=-1)
-  scales = (amax / limit).astype(jnp.float32)
-  return jnp.where(scales > 0, scales, 1.0)
-
-
 def _mark(codes: jax.Array, x: jax.Array, fmt: str) -> jax.Array:
   """`codes`, with the format's code for NaN, +Inf, -Inf where `x` is one."""
   nan, pos, neg = _CODES[fmt]
@@ -125,8 +118,12 @@ def _mark(codes: jax.Array, x: jax.Array, fmt: str) -> jax.Array:
 def _unmark(values: jax.Array, codes: jax.Array, fmt: str) -> jax.Array:
   """`values`, with NaN, +Inf, -Inf where `codes` is the format's code."""
   nan, pos, neg = _CODES[fmt]
-  return jnp.select([codes == nan, codes == pos, codes == neg],
-                    [jnp.nan, jnp.inf, -jnp.inf], values)
+  # Nested selects: `jnp.select` stacks its conditions and reduces them
+  # (a variadic reduce XLA:CPU runs as a scalar loop).
+  special = jnp.where(codes == pos, jnp.inf, -jnp.inf)
+  special = jnp.where(codes == nan, jnp.nan, special)
+  return jnp.where((codes == nan) | (codes == pos) | (codes == neg),
+                   special, values)
 
 
 def _codes(y: jax.Array, fmt: str) -> jax.Array:
@@ -145,45 +142,32 @@ def _pack(codes: jax.Array, fmt: str) -> jax.Array:
   return codes
 
 
-def _encode_finite(x: jax.Array, amax: jax.Array, fmt: str) -> Encoded:
-  """Blocks with finite values only: scaled by `max |x|`, rounded."""
-  limit = _LIMITS[fmt]
-  scales = jnp.where(amax > 0, amax / limit, 1.0).astype(jnp.float32)
-  y = jnp.clip(x / scales[..., None], -limit, limit)
-  return Encoded(_pack(_codes(y, fmt), fmt), scales)
+def _finite_amax(x: jax.Array) -> jax.Array:
+  """Per block, `max |x|` over the finite values (0 when there are none).
 
-
-def _encode_marked(x: jax.Array, fmt: str) -> Encoded:
-  """Any blocks: non-finite values coded, their blocks' scales negative."""
-  limit = _LIMITS[fmt]
-  scales = _scales(x, limit)
-  y = jnp.clip(x / scales[..., None], -limit, limit)
-  y = jnp.where(jnp.isfinite(x), y, 0.0)  # coded by `_mark`
-  codes = _mark(_codes(y, fmt), x, fmt)
-  marked = ~jnp.all(jnp.isfinite(x), axis=-1)
-  return Encoded(_pack(codes, fmt), jnp.where(marked, -scales, scales))
+  A float max (which XLA:CPU runs vectorised; its integer max is a scalar
+  loop) of values made finite first: XLA:CPU's float max may drop a NaN,
+  so none may reach it. The codes see the NaNs, value by value.
+  """
+  return jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0), axis=-1)
 
 
 def encode(x: jax.Array, fmt: str) -> Encoded:
   """Encodes float32 blocks `x` of shape (..., BLOCK).
 
-  A block with a non-finite value gets the format's codes for NaN, +Inf
-  and -Inf there and a negative scale (its magnitude from the block's
-  finite values), so that decoding looks for the codes only when some
-  block has them: a conditional picks the plain path when every value is
-  finite (the max of `|x|` that the scale needs tells).
+  One pass for the scales, one for the codes, with no conditional: the
+  scale is the block's largest finite `|x|` over the format's largest
+  finite code, and a NaN, +Inf or -Inf gets its own code (which no finite
+  value takes, so `decode` needs no flag to find it).
   """
   if fmt == "bfloat16":
     return Encoded(_bits(x.astype(jnp.bfloat16), jnp.uint16), None)
-  # |x| with a NaN made +Inf, on the bits (an integer min, no select: this
-  # pass runs at every sync): a float max may drop a NaN (XLA:CPU's fast
-  # min/max does), an Inf it keeps.
-  magnitude = jnp.minimum(_bits(x, jnp.uint32) & np.uint32(0x7FFFFFFF),
-                          np.uint32(0x7F800000))
-  amax = jnp.max(_bits(magnitude, jnp.float32), axis=-1)
-  return jax.lax.cond(jnp.all(jnp.isfinite(amax)),
-                      lambda x: _encode_finite(x, amax, fmt),
-                      lambda x: _encode_marked(x, fmt), x)
+  limit = _LIMITS[fmt]
+  amax = _finite_amax(x)
+  scales = jnp.where(amax > 0, amax / limit, 1.0).astype(jnp.float32)
+  y = jnp.clip(x / scales[..., None], -limit, limit)
+  y = jnp.where(jnp.isfinite(x), y, 0.0)  # coded by `_mark`
+  return Encoded(_pack(_mark(_codes(y, fmt), x, fmt), fmt), scales)
 
 
 def _unpack(e: Encoded, fmt: str) -> tuple[jax.Array, jax.Array]:
@@ -198,36 +182,33 @@ def _unpack(e: Encoded, fmt: str) -> tuple[jax.Array, jax.Array]:
   return codes, codes
 
 
-def decode(e: Encoded, fmt: str, reduce: Any = None) -> jax.Array:
-  """The float32 values of encoded blocks, or `reduce` of them.
-
-  The codes for NaN, +Inf and -Inf are looked for only when some block has
-  a negative scale, in a conditional that includes `reduce` (so that the
-  decoding fuses with it, e.g. a sum, on the common path).
-  """
-  reduce = (lambda v: v) if reduce is None else reduce
+def decode(e: Encoded, fmt: str) -> jax.Array:
+  """The float32 values of encoded blocks (NaN and Inf where coded)."""
   if fmt == "bfloat16":
-    return reduce(_bits(e.values, jnp.bfloat16).astype(jnp.float32))
-
-  def plain(e):
-    _, values = _unpack(e, fmt)
-    return reduce(values.astype(jnp.float32) * e.scales[..., None])
-
-  def marked(e):
-    codes, values = _unpack(e, fmt)
-    values = values.astype(jnp.float32) * jnp.abs(e.scales)[..., None]
-    return reduce(_unmark(values, codes, fmt))
-  return jax.lax.cond(jnp.any(e.scales < 0), marked, plain, e)
+    return _bits(e.values, jnp.bfloat16).astype(jnp.float32)
+  codes, values = _unpack(e, fmt)
+  values = values.astype(jnp.float32) * e.scales[..., None]
+  return _unmark(values, codes, fmt)
 
 
 def _dropped(x: jax.Array, e: Encoded, fmt: str) -> jax.Array:
   """`x` minus its decoded encoding `e`; 0 where that is not finite."""
   d = x - decode(e, fmt)
-  if e.scales is None:  # bfloat16: a value above its range is Inf
-    return jnp.where(jnp.isfinite(d), d, 0.0)
-  return jax.lax.cond(jnp.any(e.scales < 0),
-                      lambda d: jnp.where(jnp.isfinite(d), d, 0.0),
-                      lambda d: d, d)
+  return jnp.where(jnp.isfinite(d), d, 0.0)
+
+
+def _sum_in_order(x: jax.Array) -> jax.Array:
+  """`x[0] + x[1] + ...`, in that order, over the (static) leading axis.
+
+  Written out rather than `jnp.sum(x, axis=0)`: XLA:CPU emits that
+  reduction over the major axis, fused with the decoding before it, as a
+  scalar loop, 20-30x slower than the adds of the slices (which also fix
+  the order of the float32 sum).
+  """
+  total = x[0]
+  for row in range(1, x.shape[0]):
+    total = total + x[row]
+  return total
 
 
 def _flatten(leaves: list, replicas: int) -> tuple[jax.Array, int]:
@@ -272,15 +253,16 @@ def mean(leaves: list, axis_name: str, fmt: Optional[str],
   sent = encode(blocks, fmt)
   received = jax.tree.map(
       lambda a: jax.lax.all_to_all(a, axis_name, 0, 0), sent)
-  shard = decode(received, fmt, lambda v: jnp.sum(v, axis=0)) / divisor
+  shard = _sum_in_order(decode(received, fmt)) / divisor
   shard_sent = encode(shard, fmt)
   gathered = jax.tree.map(
       lambda a: jax.lax.all_gather(a, axis_name), shard_sent)
   # What this replica's encodings dropped: of its own vector, and (the
   # shard it averaged) of the mean, which its next message makes up for
   # (times the divisor, as the mean divides it so).
-  own = jnp.arange(replicas) == jax.lax.axis_index(axis_name)
-  dropped = _dropped(blocks, sent, fmt) + jnp.where(
-      own[:, None, None], divisor * _dropped(shard, shard_sent, fmt), 0.0)
+  # (Added to this replica's row in place: a select over every row would
+  # let XLA fuse the shard's decoding and sum into each row's pass.)
+  dropped = _dropped(blocks, sent, fmt).at[jax.lax.axis_index(axis_name)].add(
+      divisor * _dropped(shard, shard_sent, fmt))
   return (_unflatten(decode(gathered, fmt), n, leaves),
           _unflatten(dropped, n, leaves))
