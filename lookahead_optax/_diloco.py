@@ -315,8 +315,8 @@ def diloco(
   for the coming sync (a real scalar per replica, e.g. the tokens it
   trained on since the last sync; read at sync steps, ignored at others).
   The mean pseudo-gradient is then $\sum_m w_m \Delta_m / \sum_m w_m$, in
-  every wire format (the weights travel as float32, one all-reduce of two
-  scalars per sync). A replica with weight 0 sits out: its pseudo-gradient
+  every wire format (the weights travel as float32, one scalar per replica
+  all-gathered per sync). A replica with weight 0 sits out: its pseudo-gradient
   does not count, and it lands on the new slow weights like the others, so
   it heals. A concrete negative or non-finite weight is an error; a traced
   one sits out. `StreamingState.counts` (a `ReplicaCounts`) counts the

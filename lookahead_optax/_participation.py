@@ -4,8 +4,8 @@
 the coming sync (a float32 scalar, e.g. the tokens it trained on since the
 last one; read at sync steps only). A fragment's sync then averages
 $\\sum_m w_m \\Delta_m / \\sum_m w_m$ instead of the plain mean (`vote`:
-one all-reduce of two scalars, then the pseudo-gradients times their
-weights through the usual wire format, divided by the weights' sum). A
+one float32 scalar per replica all-gathered, then the pseudo-gradients times
+their weights through the usual wire format, divided by the weights' sum). A
 replica with weight 0 (or a negative or non-finite weight) sits out: it
 sends zeros, keeps its error-feedback buffer, and lands on the new slow
 weights with the others. With fewer than `min_replicas` replicas of nonzero
@@ -119,15 +119,17 @@ def check_min_replicas(min_replicas: int, axis_name: str) -> None:
 
 
 def vote(weight: jax.Array, axis_name: str, min_replicas: int) -> Vote:
-  """The participation of a sync: one all-reduce of two scalars.
+  """The participation of a sync: one float32 scalar per replica gathered.
 
-  A traced weight that is negative or not finite sits out.
+  Every replica sums the same gathered weights in the same order and counts
+  the nonzero ones, so `total` and `count` are bitwise the same on all of
+  them. A traced weight that is negative or not finite sits out.
   """
   use = jnp.isfinite(weight) & (weight > 0)
   weight = jnp.where(use, weight, 0.0)
-  total, count = jax.lax.psum((weight, use.astype(jnp.float32)), axis_name)
-  count = count.astype(jnp.int32)
-  return Vote(use, weight, total, count, count >= min_replicas)
+  weights = jax.lax.all_gather(weight, axis_name)  # (replicas,)
+  count = jnp.sum(weights > 0).astype(jnp.int32)
+  return Vote(use, weight, jnp.sum(weights), count, count >= min_replicas)
 
 
 def messages(delta: list, residual: Optional[list], v: Vote) -> list:

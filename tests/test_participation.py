@@ -122,6 +122,39 @@ def test_weighted_mean_matches_simulation(fmt, case):
     assert np.max(np.abs(plain[0]["slow"] - ref[0]["slow"])) > 0.05
 
 
+def test_shard_map_matches_pmap_with_weights():
+  """The weights' all-gather under `shard_map`, against the pmapped run."""
+  weights = np.float32(WEIGHTS["tokens"])
+  expected = run("int8", 2, weights)[-1]
+  tx, _ = program("int8", 2)
+  mesh = jax.make_mesh((N,), (AXIS,))
+  shard = lambda tree: jax.device_put(  # pylint: disable=unnecessary-lambda-assignment
+      tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))
+
+  def block(p, s, target, w):
+    p, s, target, w = jax.tree.map(lambda a: a[0], (p, s, target, w))
+    u, s = tx.update(p - target, s, p, weight=w)
+    return jax.tree.map(lambda a: a[None], (optax.apply_updates(p, u), s))
+
+  step = jax.jit(jax.shard_map(block, mesh=mesh,
+                               in_specs=jax.sharding.PartitionSpec(AXIS),
+                               out_specs=jax.sharding.PartitionSpec(AXIS)))
+  params = jnp.full((N, DIM), START, jnp.float32)
+  state = shard(jax.pmap(tx.init)(params))
+  params = shard(params)
+  tgt = shard(jnp.asarray(targets(0)))
+  for c in range(2):
+    for _ in range(K):
+      params, state = step(params, state, tgt, shard(jnp.asarray(weights[c])))
+  slow = np.asarray(state.slow_params)
+  assert_bitwise(slow, np.broadcast_to(slow[0], slow.shape))
+  np.testing.assert_allclose(slow, expected[1].slow_params, rtol=0,
+                             atol=1e-5)
+  np.testing.assert_array_equal(state.outer_state.counts.sat_out,
+                                expected[1].outer_state.counts.sat_out)
+  np.testing.assert_array_equal(state.outer_state.counts.sat_out, 5)
+
+
 def test_quorum_skips_the_sync_and_lands_back():
   weights = np.float32([[1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0],
                         [1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 0.0, 0.0]])
@@ -156,8 +189,29 @@ def test_without_weight_the_program_is_plain_diloco():
   weighted = jax.make_jaxpr(jax.vmap(
       lambda p, s, g: tx.update(g, s, p, weight=jnp.float32(1.0)),
       axis_name=AXIS))(params, state, params)
-  # The weights' sum and count: two scalars more.
-  assert str(weighted).count("psum[") == 3
+  # The weights: one float32 scalar per replica, all-gathered.
+  assert str(weighted).count("psum[") == 1
+  # (Under `vmap` an all-gather is no collective: look under `pmap`.)
+  pmapped = jax.make_jaxpr(jax.pmap(
+      lambda p, s, g: tx.update(g, s, p, weight=jnp.float32(1.0)),
+      axis_name=AXIS, devices=jax.devices()[:2]))(params, state, params)
+  assert [(v.aval.shape, v.aval.dtype) for v in _operands(
+      pmapped.jaxpr, "all_gather")] == [((), jnp.float32)]
+  assert len(_operands(pmapped.jaxpr, "psum")) == 1  # the pseudo-gradient
+
+
+def _operands(jaxpr, primitive):
+  """The operands of every `primitive` equation, nested jaxprs included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == primitive:
+      found += eqn.invars
+    for value in eqn.params.values():
+      for item in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(item, "jaxpr", item)
+        if hasattr(inner, "eqns"):
+          found += _operands(inner, primitive)
+  return found
 
 
 @pytest.mark.parametrize("weight,error,match", [
