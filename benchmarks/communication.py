@@ -23,7 +23,6 @@ the table into the report).
 
 import argparse
 import os
-import re
 import statistics
 import sys
 import time
@@ -47,137 +46,16 @@ SYNC_PERIOD = 8
 START = "<!-- communication table: start -->"
 END = "<!-- communication table: end -->"
 
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
-_CALLS = re.compile(
-    r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)"
-    r"=%?([\w.\-]+)")
-_CALL_LISTS = re.compile(
-    r"\b(?:branch_computations|called_computations|calls)=\{([^}]*)\}")
-COLLECTIVE = re.compile(
-    r"\s(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all|"
-    r"collective-broadcast|ragged-all-to-all)(-start)?\(")
-_TYPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
-
-
-def parse_hlo(text: str) -> tuple[dict, str]:
-  """The computations of an HLO module: `({name: lines}, entry name)`."""
-  computations, entry, name = {}, None, None
-  for line in text.splitlines():
-    match = _HEADER.match(line)
-    if match and name is None:
-      name = match.group(2)
-      computations[name] = []
-      if match.group(1):
-        entry = name
-    elif line.strip() == "}" and name is not None:
-      name = None
-    elif name is not None:
-      computations[name].append(line)
-  assert entry is not None, text[:2000]
-  return computations, entry
-
-
-def callees(lines: list) -> set:
-  """The computations that the instructions `lines` call."""
-  out = set()
-  for line in lines:
-    out.update(_CALLS.findall(line))
-    for names in _CALL_LISTS.findall(line):
-      out.update(n.strip().lstrip("%") for n in names.split(",") if n.strip())
-  return out
-
-
-def reachable(computations: dict, start: str, skip: Any = ()) -> set:
-  """The computations reachable from `start` (not entering `skip`)."""
-  seen, todo = set(), [start]
-  while todo:
-    name = todo.pop()
-    if name in seen or name in skip:
-      continue
-    seen.add(name)
-    todo.extend(callees(computations[name]))
-  return seen
-
-
-def collectives(computations: dict, names: Any) -> list:
-  """`(op, computation)` for each collective op in the computations `names`."""
-  return [(m.group(1), name) for name in sorted(names)
-          for line in computations[name] for m in COLLECTIVE.finditer(line)]
-
-
-def _width(kind: str) -> int:
-  """Bytes per element of an HLO element type (`f32`, `bf16`, `u8`, ...)."""
-  if kind == "pred" or kind.startswith("f8"):
-    return 1
-  return int(kind.lstrip("bfsu")) // 8
-
-
-def _type_bytes(text: str) -> int:
-  """The bytes of the array types written in `text`."""
-  return sum(_width(kind) * int(np.prod([int(d) for d in dims.split(",") if d]))
-             for kind, dims in _TYPE.findall(text))
-
-
-def _group_size(line: str) -> int:
-  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)
-  if iota:
-    return int(iota.group(2))
-  groups = re.search(r"replica_groups=\{\{([^}]*)\}", line)
-  return len(groups.group(1).split(",")) if groups else 1
-
-
-def operand_bytes(line: str) -> int:
-  """The operand bytes (one replica's) of one collective instruction."""
-  op = COLLECTIVE.search(line).group(1)
-  result = _type_bytes(line.split("=", 1)[1].split(op, 1)[0])
-  if op == "all-gather":
-    return result // _group_size(line)
-  if op == "reduce-scatter":
-    return result * _group_size(line)
-  return result
-
-
-def ring_bytes(line: str) -> float:
-  """The bytes one replica sends for one collective with ring algorithms.
-
-  With M replicas and operand bytes b: an all-reduce sends 2 (M - 1) / M b
-  (a reduce-scatter, then an all-gather), an all-to-all and a
-  reduce-scatter (M - 1) / M b, an all-gather (of a shard of b bytes)
-  (M - 1) b, a collective-permute b.
-  """
-  op = COLLECTIVE.search(line).group(1)
-  b, m = operand_bytes(line), _group_size(line)
-  factor = {"all-reduce": 2 * (m - 1) / m, "all-to-all": (m - 1) / m,
-            "reduce-scatter": (m - 1) / m, "all-gather": m - 1}
-  return b * factor.get(op, 1.0)
-
-
-def bytes_by_conditional(text: str, measure: Any = None
-                         ) -> tuple[list, int]:
-  """Collective bytes per conditional of the entry, and outside them.
-
-  Returns `(per_conditional, outside)`: for each conditional instruction of
-  the entry computation, the bytes of the collectives its branches reach
-  (the larger branch), and the bytes of collectives reached otherwise.
-  `measure` maps a collective's line to its bytes: `operand_bytes` (None,
-  the default) or `ring_bytes`.
-  """
-  computations, entry = parse_hlo(text)
-  measure = operand_bytes if measure is None else measure
-
-  def bytes_in(names):
-    return sum(measure(line) for name in names
-               for line in computations[name] if COLLECTIVE.search(line))
-
-  per_cond, branches = [], set()
-  for line in computations[entry]:
-    if " conditional(" not in line:
-      continue
-    names = sorted(callees([line]))
-    branches.update(names)
-    per_cond.append(max(bytes_in(reachable(computations, n)) for n in names))
-  outside = bytes_in(reachable(computations, entry, skip=branches))
-  return per_cond, outside
+# The HLO reading lives in the package (`lo.communication_report`); the
+# names are re-exported for the tests.
+from lookahead_optax._report import COLLECTIVE  # noqa: F401
+from lookahead_optax._report import bytes_by_conditional
+from lookahead_optax._report import callees  # noqa: F401
+from lookahead_optax._report import collectives  # noqa: F401
+from lookahead_optax._report import operand_bytes
+from lookahead_optax._report import parse_hlo  # noqa: F401
+from lookahead_optax._report import reachable  # noqa: F401
+from lookahead_optax._report import ring_bytes
 
 
 def model_params(width: int = 128, blocks: int = 4) -> dict:

@@ -21,6 +21,9 @@ from lookahead_optax._participation import ReplicaCounts
 from lookahead_optax._replica_mean import ReplicaMeanState
 from lookahead_optax._replica_mean import replica_mean
 from lookahead_optax._replicas import check_replicas_agree
+from lookahead_optax._report import CommunicationReport
+from lookahead_optax._report import Collective
+from lookahead_optax._report import communication_report
 from lookahead_optax._replicas import replicas_agree
 from lookahead_optax._ranger import scale_by_ranger_radam
 from lookahead_optax._sparse import SparseRows
@@ -34,6 +37,8 @@ __version__ = "0.1.0"
 
 __all__ = (
     "CatchUpState",
+    "Collective",
+    "CommunicationReport",
     "CycleRows",
     "LazyState",
     "LookaheadState",
@@ -44,6 +49,7 @@ __all__ = (
     "StreamingState",
     "check_replicas_agree",
     "check_state_structure",
+    "communication_report",
     "diloco",
     "eval_model",
     "eval_params",
