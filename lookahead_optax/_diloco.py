@@ -32,7 +32,8 @@ class DilocoConfig:
   """`diloco`'s arguments, checked and resolved (static).
 
   `_streaming` reads `fragments`, `num_fragments`, `fmt`, `error_feedback`,
-  `overlap` and `mix`.
+  `overlap` and `mix`; `slices` sends every sync through `_slices` instead
+  (`fragments="slices"`, `num_fragments` is then `sync_period`).
   """
 
   sync_period: Any
@@ -49,12 +50,40 @@ class DilocoConfig:
   slow_dtype: Any
   min_replicas: Any  # an int >= 1, or a traced integer
   check_replicas: Optional[str]  # None, "detect" or "repair"
+  slices: bool = False  # `fragments="slices"`
+
+
+SLICES = "slices"
+
+
+def is_slices(fragments: Any) -> bool:
+  """Whether `fragments` asks for a slice of every leaf every step."""
+  return isinstance(fragments, str) and fragments == SLICES
+
+
+def _check_slices(sync_period: Any, inner_state: Any) -> int:
+  """`fragments="slices"`: the number of slices, `sync_period` (checked)."""
+  if not isinstance(sync_period, int) or isinstance(sync_period, bool):
+    raise TypeError(
+        "`sync_period` must be a Python int with `fragments='slices'` (the "
+        f"number of slices of every leaf), got {sync_period!r}.")
+  if inner_state == "reset":
+    raise ValueError(
+        "`inner_state='reset'` cannot be combined with `fragments='slices'`: "
+        "a slice of every leaf syncs at every step, so resetting the inner "
+        "state at a sync would reset it at every step. Use "
+        "`inner_state='keep'`, or an int or a tree of `fragments`.")
+  return sync_period
 
 
 def _count_fragments(fragments: Any) -> int:
   """P for None, an int or a prefix tree of fragment numbers (checked)."""
   if fragments is None:
     return 1
+  if isinstance(fragments, str):
+    raise ValueError(
+        "`fragments` must be None, an integer >= 1, 'slices', or a pytree of "
+        f"fragment numbers, got {fragments!r}.")
   if _streaming.is_fragment_number(fragments):
     if int(fragments) < 1:
       raise ValueError(
@@ -156,7 +185,9 @@ def configure(*, inner: Any, sync_period: Any, axis_name: Any,
   _checks.check_sync_period(sync_period)
   _arguments.check_replica_axis(axis_name, "diloco")
   outer = _outer_of(outer, learning_rate, momentum)
-  num = _count_fragments(fragments)
+  slices = is_slices(fragments)
+  num = (_check_slices(sync_period, inner_state) if slices
+         else _count_fragments(fragments))
   fmt, error_feedback = _arguments.check_wire(communication_dtype,
                                               error_feedback)
   overlap = _arguments.check_bool("overlap", overlap)
@@ -170,7 +201,7 @@ def configure(*, inner: Any, sync_period: Any, axis_name: Any,
                       error_feedback, overlap, mix, inner_state, on_nonfinite,
                       _arguments.check_slow_dtype(slow_dtype),
                       _check_min_replicas(min_replicas),
-                      _check_replicas_mode(check_replicas))
+                      _check_replicas_mode(check_replicas), slices)
 
 
 def step_options(inner: Any, config: DilocoConfig) -> _step.Options:
