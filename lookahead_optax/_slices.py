@@ -40,9 +40,10 @@ Nothing forces their order against the step's compute: XLA's
 latency-hiding scheduler may overlap an asynchronous collective with
 independent compute of the same computation (on GPU), which no conditional
 now hides. JAX 0.10.2 ships `jax.experimental.control_deps.control_dep`
-(an experimental custom call); it is not used: ordering the whole
-collective before the compute would make the step wait for it, not
-overlap it.
+(experimental, a side-effecting FFI custom call; earlier versions were not
+checked); it is not used: ordering the whole collective before the
+compute would make the step wait for it, not overlap it, and data
+independence is what lets the scheduler start it early.
 """
 
 from typing import Any, Optional
