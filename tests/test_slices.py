@@ -234,9 +234,12 @@ def test_sync_period_one_is_plain_diloco():
   sliced = run(steps, k=1, mix=0.0)
   tx = lo.diloco(_inner(False), 1, AXIS, LR, MU)
   params0, curv, target, noise = problem(steps)
-  step = jax.pmap(lambda p, s, c, t, z: (lambda u_s: (  # pylint: disable=g-long-lambda
-      optax.apply_updates(p, u_s[0]), u_s[1]))(
-          tx.update(jax.tree.map(grad, p, c, t, z), s, p)), axis_name=AXIS)
+
+  def step(p, s, c, t, z):
+    updates, s = tx.update(jax.tree.map(grad, p, c, t, z), s, p)
+    return optax.apply_updates(p, updates), s
+
+  step = jax.pmap(step, axis_name=AXIS)
   params = replicate(params0, N)
   state = jax.pmap(tx.init)(params)
   for t in range(steps):
@@ -401,7 +404,7 @@ def test_hlo_collectives_carry_a_slice_in_the_entry(fmt):
 
 def test_hlo_bytes_with_padding():
   """Leaves that do not divide k: the slices' padding, and no more."""
-  tx, step, init = program(weighted=False)
+  _, step, init = program(weighted=False)
   params0, curv, target, noise = problem(1)
   params = replicate(params0, N)
   state = init(params)
