@@ -2,7 +2,8 @@
 
 `diloco` checks its arguments once, in `configure` (the one place where the
 rules of what combines live), and runs every step through `_step.update`
-with the sync of `_streaming` (one fragment is the paper's DiLoCo).
+with the sync of `_streaming` (one fragment is the paper's DiLoCo), or with
+`fragments="slices"` that of `_slices` (a slice of every leaf every step).
 """
 
 import dataclasses
@@ -32,7 +33,8 @@ class DilocoConfig:
   """`diloco`'s arguments, checked and resolved (static).
 
   `_streaming` reads `fragments`, `num_fragments`, `fmt`, `error_feedback`,
-  `overlap` and `mix`.
+  `overlap` and `mix`; `slices` sends every sync through `_slices` instead
+  (`fragments="slices"`, `num_fragments` is then `sync_period`).
   """
 
   sync_period: Any
@@ -49,12 +51,40 @@ class DilocoConfig:
   slow_dtype: Any
   min_replicas: Any  # an int >= 1, or a traced integer
   check_replicas: Optional[str]  # None, "detect" or "repair"
+  slices: bool = False  # `fragments="slices"`
+
+
+SLICES = "slices"
+
+
+def is_slices(fragments: Any) -> bool:
+  """Whether `fragments` asks for a slice of every leaf every step."""
+  return isinstance(fragments, str) and fragments == SLICES
+
+
+def _check_slices(sync_period: Any, inner_state: Any) -> int:
+  """`fragments="slices"`: the number of slices, `sync_period` (checked)."""
+  if not isinstance(sync_period, int) or isinstance(sync_period, bool):
+    raise TypeError(
+        "`sync_period` must be a Python int with `fragments='slices'` (the "
+        f"number of slices of every leaf), got {sync_period!r}.")
+  if inner_state == "reset":
+    raise ValueError(
+        "`inner_state='reset'` cannot be combined with `fragments='slices'`: "
+        "a slice of every leaf syncs at every step, so resetting the inner "
+        "state at a sync would reset it at every step. Use "
+        "`inner_state='keep'`, or an int or a tree of `fragments`.")
+  return sync_period
 
 
 def _count_fragments(fragments: Any) -> int:
   """P for None, an int or a prefix tree of fragment numbers (checked)."""
   if fragments is None:
     return 1
+  if isinstance(fragments, str):
+    raise ValueError(
+        "`fragments` must be None, an integer >= 1, 'slices', or a pytree of "
+        f"fragment numbers, got {fragments!r}.")
   if _streaming.is_fragment_number(fragments):
     if int(fragments) < 1:
       raise ValueError(
@@ -156,7 +186,9 @@ def configure(*, inner: Any, sync_period: Any, axis_name: Any,
   _checks.check_sync_period(sync_period)
   _arguments.check_replica_axis(axis_name, "diloco")
   outer = _outer_of(outer, learning_rate, momentum)
-  num = _count_fragments(fragments)
+  slices = is_slices(fragments)
+  num = (_check_slices(sync_period, inner_state) if slices
+         else _count_fragments(fragments))
   fmt, error_feedback = _arguments.check_wire(communication_dtype,
                                               error_feedback)
   overlap = _arguments.check_bool("overlap", overlap)
@@ -170,7 +202,7 @@ def configure(*, inner: Any, sync_period: Any, axis_name: Any,
                       error_feedback, overlap, mix, inner_state, on_nonfinite,
                       _arguments.check_slow_dtype(slow_dtype),
                       _check_min_replicas(min_replicas),
-                      _check_replicas_mode(check_replicas))
+                      _check_replicas_mode(check_replicas), slices)
 
 
 def step_options(inner: Any, config: DilocoConfig) -> _step.Options:
@@ -222,7 +254,8 @@ def diloco(
   weights). The initial params must be the same on every replica
   (`check_replicas_agree`). With `fragments`, the params are split into P
   fragments that sync at staggered steps (Streaming DiLoCo); one fragment is
-  the paper's DiLoCo, on the same code path.
+  the paper's DiLoCo, on the same code path. With `fragments="slices"`, a
+  slice of every leaf syncs at every step, outside any conditional.
 
   The state is a `LookaheadState` (so `slow_params`, `eval_params` and the
   Flax helpers work) whose `outer_state` is a `StreamingState`: one outer
@@ -262,6 +295,24 @@ def diloco(
       (scanned) layer of shape `(L, ...)` is one leaf in one fragment; pass
       a prefix tree or unstack it to split layers. `sync_period` must be a
       multiple of P.
+
+      `"slices"`: a slice of every leaf syncs at every step, with no
+      conditional. Each leaf of n values is cut into `sync_period` slices
+      of $m = \lceil n / \text{sync\_period} \rceil$ consecutive values
+      of its flattened values (zero-padded at the end; a leaf with fewer
+      than `sync_period` values has slices of padding alone, whose syncs
+      move nothing), and slice j of every leaf syncs after the steps t with
+      `t % sync_period == (j + 1) % sync_period` (the schedule of
+      `fragments=sync_period`): step 1 syncs slice 0, step `sync_period`
+      the last. Every step's collectives carry 1/`sync_period` of the
+      model (padding aside), at static shapes outside any conditional, and
+      every value syncs once every `sync_period` steps; each slice has its
+      own outer state (stacked on a leading axis of `sync_period` in
+      `StreamingState.outer_states[0]`). Works with every wire format,
+      `error_feedback`, `overlap`, `mix`, `weight`, `min_replicas`,
+      `on_nonfinite` and `check_replicas` (on the synced slices and their
+      outer state); not with `inner_state="reset"`. `sync_period` must be
+      a Python int; 1 is plain DiLoCo syncing every step.
     communication_dtype: how the pseudo-gradient travels: None (float32,
       one all-reduce), `jnp.bfloat16`, `jnp.float8_e4m3fn`, `jnp.int8` or
       `"int4"` (two values per byte). The low-precision formats carry a
@@ -275,7 +326,11 @@ def diloco(
       of that fragment.
     overlap: the pseudo-gradient of a fragment that syncs at step t is taken
       from the params as they enter step t, so its collective depends on
-      nothing the step computes. Needs `sync_period >= 2`.
+      nothing the step computes. Needs `sync_period >= 2`. Nothing orders
+      the collective against the step's compute: whether it runs during
+      the forward and backward pass is the scheduler's choice (XLA's
+      latency-hiding scheduler on GPU), possible only with
+      `fragments="slices"`, whose collectives sit in no conditional.
     mix: in [0, 1], None meaning 0: after a fragment's outer step its params
       become `mix * fast + (1 - mix) * slow`, with `fast` the fast weights
       after this step's inner update; 0 lands them on the new slow weights.
@@ -331,16 +386,17 @@ def diloco(
     TypeError: if `inner` or `outer` is not a gradient transformation,
       `axis_name` is not a non-empty string, `learning_rate` or `momentum`
       is not a real number (a schedule is fine for `learning_rate`),
-      `fragments` is not None, an int or a tree of ints, a boolean option is
-      not a bool, `sync_period` is not a Python int with `fragments` or
-      `overlap`, or `slow_dtype` is not a floating dtype.
+      `fragments` is not None, an int, `"slices"` or a tree of ints, a
+      boolean option is not a bool, `sync_period` is not a Python int with
+      `fragments` or `overlap`, or `slow_dtype` is not a floating dtype.
     ValueError: if `sync_period` is out of range or not a multiple of P,
       `momentum` is outside [0, 1), `learning_rate` is not a finite number
       >= 0, `outer` is combined with `learning_rate` or `momentum`, a
       fragment has no leaves, `mix` is outside [0, 1], `communication_dtype`
       is not supported, `error_feedback` is given without a low-precision
       `communication_dtype`, `overlap=True` with `sync_period=1`, or
-      `inner_state` is not 'keep' or 'reset', or `min_replicas` is not an
+      `inner_state` is not 'keep' or 'reset' (or is 'reset' with
+      `fragments="slices"`), or `min_replicas` is not an
       integer >= 1; at `update`, when `axis_name` is not a mapped axis
       there, `min_replicas` exceeds the number of replicas, `weight` is
       not a real scalar or (concretely) negative or not finite, or the

@@ -29,6 +29,7 @@ from lookahead_optax import _formulation
 from lookahead_optax import _participation
 from lookahead_optax import _policies
 from lookahead_optax import _rows
+from lookahead_optax import _slices
 from lookahead_optax import _sparse
 from lookahead_optax import _streaming
 from lookahead_optax import _sync
@@ -80,7 +81,9 @@ def init(opts: Options, rows_per_step: Any,
 
   slow = jax.tree.map(slow_copy, params)
   if opts.streaming is not None:
-    outer_state = _streaming.init_state(opts.streaming, opts.outer, slow)
+    init_state = (_slices.init_state if opts.streaming.slices
+                  else _streaming.init_state)
+    outer_state = init_state(opts.streaming, opts.outer, slow)
   elif opts.outer is not None:
     outer_state = opts.outer.init(_sync.in_compute_dtype(slow))
   elif opts.counts_syncs:
@@ -262,7 +265,8 @@ def dense_sync(opts: Options, form: Any, s: Step,
 
 def streaming_sync(opts: Options, s: Step, state: LookaheadState,
                    step: jax.Array, weight: Any) -> _sync.Carry:
-  """The fragments' syncs (`_streaming`), and the inner state's policy.
+  """The fragments' syncs (`_streaming`, or with `fragments="slices"`
+  `_slices`), and the inner state's policy.
 
   With `on_nonfinite="rollback"`, a replica whose inner step is not finite
   goes back to the slow weights and sits out a sync of this step
@@ -274,7 +278,8 @@ def streaming_sync(opts: Options, s: Step, state: LookaheadState,
         s.bad, s.params, inner_updates, state.slow_params, weight)
     inner_state = _policies.reset_where(s.bad, s.param_shaped, inner_state,
                                         s.inner_init)
-  updates, slow, outer_state, flags = _streaming.sync(
+  sync = _slices.sync if opts.streaming.slices else _streaming.sync
+  updates, slow, outer_state, flags = sync(
       opts, s.params, inner_updates, state.slow_params, state.outer_state,
       step, weight)
   if opts.inner_state == "reset":

@@ -1,7 +1,8 @@
 """DiLoCo's sync: fragments that sync at staggered steps, compressed means.
 
-Every `diloco` step runs its sync here (one fragment is the paper's DiLoCo;
-there is no other path):
+Every `diloco` step runs its sync here (one fragment is the paper's DiLoCo),
+except with `fragments="slices"`, whose sync (`_slices`) cuts every leaf
+instead and reuses `outer_step` and `landing`:
 
 * the params leaves are split into P fragments (`leaf_fragments`: whole
   leaves, largest first, each to the fragment with the fewest values so

@@ -79,7 +79,10 @@ class StreamingState(NamedTuple):
     outer_states: one outer state per fragment (a tuple of P, one with
       `fragments=None`): the outer transformation's state initialised on
       that fragment's slow weights alone (`optax.MaskedNode()` at the other
-      leaves). A fragment's state moves only at its own syncs.
+      leaves). A fragment's state moves only at its own syncs. With
+      `fragments="slices"`, a 1-tuple: the outer state of each of the
+      `sync_period` slices (initialised on the slice's values, leaves of
+      shape `(m,)`), stacked along a leading axis of `sync_period`.
     residuals: with `error_feedback=True`, per params leaf the part of this
       replica's pseudo-gradient that encoding dropped at the fragment's last
       sync (float32, or the slow weights' compute dtype), added to its next
