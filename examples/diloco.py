@@ -16,11 +16,12 @@ drawing its own batches:
   parameter-sized all-reduce) and the slow weights take a Nesterov step.
   Nothing is communicated on the other k - 1 steps;
 * Streaming DiLoCo at k = 20: `fragments=4` (a quarter of the model syncs
-  every 5 steps: the peak bandwidth drops fourfold), and the pseudo-gradient
+  every 5 steps: the peak bandwidth drops fourfold), `fragments="slices"`
+  (a twentieth of every leaf syncs at every step), and the pseudo-gradient
   sent as int8 or packed 4-bit values (with and without `error_feedback`).
 
 The bytes of each run are read from the compiled HLO of its step
-(`benchmarks/communication.py`). The script evaluates the shared model (the
+(`lo.communication_report`). The script evaluates the shared model (the
 params of the data-parallel run, the slow weights of DiLoCo) on held-out
 text, prints a table and saves `diloco.png`: validation loss against the
 total bytes sent, and the final loss against the largest bytes one step
@@ -61,7 +62,6 @@ if ARGS is not None:
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import functools
-import pathlib
 import time
 
 import jax
@@ -71,9 +71,6 @@ import optax
 from pydoc_data import topics
 
 import lookahead_optax as lo
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks import communication  # counts bytes in the compiled HLO
 
 AXIS = "replicas"
 CONTEXT = 8  # characters the model sees
@@ -158,18 +155,17 @@ def make_step(tx, data_parallel):
   return step
 
 
-def step_bytes(step, params, state, x, y):
+def step_bytes(step, params, state, x, y, sync_period):
   """Bytes one replica sends: (per sync period, largest single step).
 
-  Read from the compiled HLO of the step (`benchmarks/communication.py`):
-  a data-parallel step's all-reduce, or each fragment's collectives, which
-  sit in that fragment's sync conditional.
+  Read from the compiled HLO of the step (`lo.communication_report`): a
+  data-parallel step's all-reduce (every step), each fragment's
+  collectives (in that fragment's sync conditional, once a period), or the
+  slices' (every step).
   """
-  text = step.lower(params, state, x, y).compile().as_text()
-  per_sync, every_step = communication.bytes_by_conditional(text)
-  if every_step:  # data parallel
-    return every_step, every_step
-  return sum(per_sync), max(per_sync)
+  report = lo.communication_report(step, params, state, x, y,
+                                   sync_period=sync_period or 1)
+  return report.per_period, report.largest_step
 
 
 def run(name, tx, sync_period, data, steps, n_dev, fragments=1, seed=0,
@@ -194,7 +190,7 @@ def run(name, tx, sync_period, data, steps, n_dev, fragments=1, seed=0,
   starts = np.random.default_rng(seed + 1).integers(
       0, len(train_ids) - CONTEXT, size=(steps, n_dev, BATCH))
   per_period, peak = step_bytes(step, params, state,
-                                *windows(train_ids, starts[0]))
+                                *windows(train_ids, starts[0]), sync_period)
 
   shared = lambda params, state: jax.tree.map(
       lambda a: a[0], params if sync_period is None else lo.slow_params(
@@ -242,6 +238,7 @@ def runs(adamw):
       ("DiLoCo, k = 50", diloco(50), 50, 1),
       (f"DiLoCo, k = {K}", diloco(K), K, 1),
       (f"streaming, k = {K}, P = 4", diloco(K, fragments=4), K, 4),
+      (f"slices, k = {K}", diloco(K, fragments="slices"), K, K),
       (f"int8, k = {K}", diloco(K, communication_dtype=jnp.int8), K, 1),
       (f"int4, k = {K}", diloco(K, communication_dtype="int4"), K, 1),
       (f"int4 + feedback, k = {K}",
