@@ -12,7 +12,10 @@ that fragment's sync steps only, so:
 * bytes per `sync_period` steps: the sum over the conditionals (each is
   taken once per period);
 * a step that syncs nothing communicates nothing: no collective sits
-  outside a conditional (checked).
+  outside a conditional (checked);
+* with `fragments="slices"` a slice of every leaf syncs at every step, with
+  its collectives in the entry computation (no conditional): every step
+  carries 1 / `sync_period` of a period's bytes.
 
 The byte counts are static counts of one compiled program; the step times
 (interleaved, as ratios to DiLoCo's) measure the compute that the options
@@ -56,6 +59,7 @@ from lookahead_optax._report import operand_bytes
 from lookahead_optax._report import parse_hlo  # noqa: F401
 from lookahead_optax._report import reachable  # noqa: F401
 from lookahead_optax._report import ring_bytes
+from lookahead_optax import _report as lo_report
 
 
 def model_params(width: int = 128, blocks: int = 4) -> dict:
@@ -84,6 +88,10 @@ CONFIGS = (
     ("P = 4, int4 + error feedback", dict(fragments=4,
                                           communication_dtype="int4",
                                           error_feedback=True)),
+    ("slices", dict(fragments="slices")),
+    ("slices, int8, overlap", dict(fragments="slices",
+                                   communication_dtype=jnp.int8,
+                                   overlap=True)),
 )
 
 
@@ -100,11 +108,13 @@ def run(params: Optional[dict] = None,
       continue
     tx = lo.diloco(optax.adamw(1e-3), SYNC_PERIOD, AXIS, **kwargs)
     text = compiled_step_text(tx, params)
-    per_cond, outside = bytes_by_conditional(text)
-    ring, _ = bytes_by_conditional(text, ring_bytes)
-    rows.append(dict(name=name, peak=max(per_cond), period=sum(per_cond),
-                     outside=outside, conditionals=len(per_cond),
-                     ring_period=round(sum(ring))))
+    report = lo_report.report_of_text(text, SYNC_PERIOD)
+    ring, ring_outside = bytes_by_conditional(text, ring_bytes)
+    rows.append(dict(name=name, peak=report.largest_step,
+                     period=report.per_period, outside=report.every_step,
+                     conditionals=len(report.per_conditional),
+                     ring_period=round(sum(ring)
+                                       + SYNC_PERIOD * ring_outside)))
   return rows
 
 
@@ -183,7 +193,7 @@ def markdown(rows: list, params: dict,
     lines.append(f"| {r['name']} | {r['peak']:,} B | {r['peak'] / base:.3f}x"
                  f" | {r['period']:,} B | {r['period'] / base:.3f}x | "
                  f"{r['ring_period']:,} B | "
-                 f"{r['ring_period'] / ring_base:.3f}x | {r['outside']} B | "
+                 f"{r['ring_period'] / ring_base:.3f}x | {r['outside']:,} B | "
                  f"{'-' if ratio is None else f'{ratio:.2f}x'} |")
   if times:
     lines += ["", TIMING_NOTE.format(n=_size(TIMING_PARAMS()))]
