@@ -278,6 +278,7 @@ def plot(rows, out):
   ax_total.set_ylim(best - 0.05, best + 1.0)
   for ax in (ax_total, ax_peak):
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_ylabel("validation loss (nats/char)")
     ax.grid(alpha=0.3, which="both")
   ax_total.set_xlabel("bytes sent per replica (total)")
