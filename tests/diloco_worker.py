@@ -54,6 +54,10 @@ def init_params():
 # error feedback and overlap, across the processes too.
 STREAMING = dict(communication_dtype="int8", error_feedback=True,
                  overlap=True)
+# A slice of every leaf at every step, int8, with overlap and a mix: its
+# collectives outside any conditional, across the processes.
+SLICES = dict(fragments="slices", communication_dtype="int8", overlap=True,
+              mix=0.25)
 # Replicas that go wrong: replica 5 starts apart in one weight (repaired at
 # the first sync), replica 2's data gives a NaN at the second sync's step
 # (rolled back, it sits that sync out).
@@ -62,10 +66,11 @@ APART = (5, (0, 0), 1e-3)  # replica, index of "w", offset
 NAN_AT = (2, 5)  # replica, step index (step 6, a sync)
 
 
-def train(mesh, steps=STEPS, streaming=False, faults=False):
+def train(mesh, steps=STEPS, streaming=False, faults=False, slices=False):
   """DiLoCo over the "data" axis of `mesh` with `jax.shard_map`.
 
   With `streaming`, the pseudo-gradient travels as int8 (`STREAMING`);
+  with `slices`, a slice of every leaf syncs at every step (`SLICES`);
   with `faults`, replicas go wrong (`FAULTS`, `APART`, `NAN_AT`) and the
   results end with the `ReplicaCounts`.
 
@@ -88,7 +93,8 @@ def train(mesh, steps=STEPS, streaming=False, faults=False):
   tx = lo.diloco(
       optax.adamw(0.03, b1=0.8, b2=0.95, weight_decay=0.05), SYNC_PERIOD,
       "data", outer=optax.sgd(0.7, momentum=0.9, nesterov=True),
-      **(STREAMING if streaming else {}), **(FAULTS if faults else {}))
+      **(STREAMING if streaming else {}), **(FAULTS if faults else {}),
+      **(SLICES if slices else {}))
   sharding = NamedSharding(mesh, P("data"))
 
   def to_global(host_array):
@@ -155,6 +161,9 @@ def main(argv=None):
     params, slow, momentum, _ = train(mesh, streaming=True)
     results.update({"streaming_params": params, "streaming_slow": slow,
                     "streaming_momentum": momentum})
+    params, slow, momentum, _ = train(mesh, slices=True)
+    results.update({"slices_params": params, "slices_slow": slow,
+                    "slices_momentum": momentum})
     params, slow, _, _, counts = train(mesh, faults=True)
     results.update({"faults_params": params, "faults_slow": slow,
                     "faults_counts": counts})

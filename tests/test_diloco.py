@@ -672,6 +672,25 @@ def test_two_processes_streaming_int8_match_one_process(multiprocess_results):
   assert np.max(np.abs(first["streaming_slow/w"] - first["slow/w"])) > 1e-5
 
 
+def test_two_processes_slices_match_one_process(multiprocess_results):
+  """fragments="slices": collectives at every step, across processes."""
+  first, second = multiprocess_results
+  for key in ("slices_slow/w", "slices_slow/b"):
+    assert_same_on_all_replicas(first[key], key)
+    assert_bitwise(first[key], second[key], key)
+  mesh = jax.make_mesh((N,), (AXIS,), axis_types=(AxisType.Auto,))
+  params, slow, momentum, _ = worker.train(mesh, slices=True)
+  for k in params:  # as one process with 8 devices, to float32 rounding
+    np.testing.assert_allclose(first[f"slices_slow/{k}"], slow[k], rtol=0,
+                               atol=1e-6)
+    np.testing.assert_allclose(first[f"slices_momentum/{k}"], momentum[k],
+                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(first[f"slices_params/{k}"], params[k],
+                               rtol=0, atol=1e-6)
+  # A slice a step is not the whole model every 3 steps.
+  assert np.max(np.abs(first["slices_slow/w"] - first["slow/w"])) > 1e-4
+
+
 def test_two_processes_heal_replicas_that_go_wrong(multiprocess_results):
   """A replica started apart is repaired, a NaN rolled back, across hosts."""
   first, second = multiprocess_results
