@@ -249,6 +249,19 @@ def replicate(tree: Any, n: int) -> Any:
       lambda a: jnp.broadcast_to(jnp.asarray(a), (n,) + np.shape(a)), tree)
 
 
+def on_replicas(tree: Any, axis_name: str) -> Any:
+  """`tree` (a leading replica axis) placed as `jax.pmap` places its outputs.
+
+  `jax.pmap` compiles one program per placement of its inputs: a step first
+  called on one device's arrays, then on its own outputs, compiles twice.
+  Arrays already placed so are not copied.
+  """
+  n = jax.tree.leaves(tree)[0].shape[0]
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), (axis_name,))
+  return jax.device_put(tree, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(axis_name)))
+
+
 def to_numpy(tree: Any) -> Any:
   """NumPy copies of every leaf (nothing aliases a device buffer)."""
   return jax.tree.map(lambda a: np.array(a, copy=True), tree)
@@ -261,16 +274,19 @@ def replica_run(tx: Any, grad_fn: Any, axis_name: str, inputs: Any, *,
   `inputs` holds one tuple of per-replica inputs a step (see
   `pmapped_step`). The run starts from `params` (one replica's, replicated;
   the state from the pmapped `tx.init`) or from `start`, a stacked
-  `(params, state)`, which it donates. Every step's result is a NumPy copy,
-  so no test can change what another one reads (or what the next step
-  donates).
+  `(params, state)`, which it donates. Both are placed first as the step
+  places its outputs (`on_replicas`), so a run compiles one step. Every
+  step's result is a NumPy copy, so no test can change what another one
+  reads (or what the next step donates).
   """
   _, _, step, init = _pmapped(tx, grad_fn, axis_name, True)
   if start is None:
-    stacked = replicate(params, n)
-    state = init(stacked)
+    stacked = on_replicas(jax.tree.map(
+        lambda a: np.broadcast_to(np.asarray(a), (n,) + np.shape(a)), params),
+                          axis_name)
+    state = on_replicas(init(stacked), axis_name)
   else:
-    stacked, state = start
+    stacked, state = on_replicas(start, axis_name)
   history = []
   for x in inputs:
     stacked, state = step(stacked, state, *x)

@@ -263,8 +263,9 @@ def test_chains_with_adamw_under_jit_of_pmap_with_donation():
     return optax.apply_updates(p, updates), s
 
   jitted = jax.jit(jax.pmap(step, axis_name=AXIS), donate_argnums=(0, 1))
-  p = _helpers.replicate(params, N)
-  s = jax.pmap(tx.init)(p)
+  # Placed as the step places its outputs: one compilation for the 3 steps.
+  p = _helpers.on_replicas(_helpers.replicate(params, N), AXIS)
+  s = _helpers.on_replicas(jax.pmap(tx.init)(p), AXIS)
   adamw = reference.Adam(0.05, weight_decay=0.1)
   expected, adam_state = reference.tree_copy(params), adamw.init(params)
   for x, y in zip(xs, ys):
