@@ -141,11 +141,14 @@ CHECK_CONFIGS = (
 
 
 def step_times(params: dict, names: Sequence[str], rounds: int = 7,
-               blocks: int = 4, configs: Sequence = CONFIGS) -> dict:
+               blocks: int = 4, configs: Sequence = CONFIGS,
+               clock: Any = time.perf_counter) -> dict:
   """Median step time of each config over DiLoCo's, timed round-robin.
 
   A block is `blocks * SYNC_PERIOD` steps (every fragment syncs `blocks`
-  times); the ratio is the median of the per-round ratios.
+  times); the ratio is the median of the per-round ratios. `clock` is the
+  wall clock, or `time.process_time` (the CPU time of all this process's
+  threads: steadier where other work shares the cores).
   """
   configs = dict(configs)
   runs = {}
@@ -160,11 +163,11 @@ def step_times(params: dict, names: Sequence[str], rounds: int = 7,
     for name in names[r % len(names):] + names[:r % len(names)]:
       fn, carry = runs[name]
       jax.block_until_ready(carry)
-      t0 = time.perf_counter()
+      t0 = clock()
       for _ in range(blocks * SYNC_PERIOD):
         carry = (*fn(*carry), carry[2])
       jax.block_until_ready(carry)
-      times[name].append(time.perf_counter() - t0)
+      times[name].append(clock() - t0)
       runs[name][1] = carry
   base = names[0]
   return {name: statistics.median(a / b for a, b in zip(times[name],
@@ -285,11 +288,15 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
   parser.add_argument("--check", action="store_true",
                       help="the step time of `check_replicas` only (on 4 "
                       "matrices of 1600 x 1600: 10M params)")
+  parser.add_argument("--cpu-time", action="store_true",
+                      help="with --check: time the process's CPU time (all "
+                      "threads), not the wall clock")
   args = parser.parse_args(argv)
   if args.check:
     names = [name for name, _ in CHECK_CONFIGS]
+    clock = time.process_time if args.cpu_time else time.perf_counter
     times = step_times(model_params(1600, 4), names, rounds=5, blocks=1,
-                       configs=CHECK_CONFIGS)
+                       configs=CHECK_CONFIGS, clock=clock)
     text = "\n".join(f"{name}: {times[name]:.3f}x" for name in names)
     print(text)
     return text

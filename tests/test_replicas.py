@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import lookahead_optax as lo
+from lookahead_optax import _replicas
 from benchmarks.communication import COLLECTIVE
 from benchmarks.communication import operand_bytes
 from benchmarks.communication import parse_hlo
@@ -121,6 +122,88 @@ def test_check_sends_at_most_16_bytes_per_leaf():
            for l in computations[c] if COLLECTIVE.search(l)]
   assert len(lines) == 1 and "all-gather" in lines[0], lines
   assert operand_bytes(lines[0]) <= 16 * len(jax.tree.leaves(tree))
+
+
+def reference_fingerprint(words):
+  """`fingerprint` in NumPy: sum_p m(w_p) (2p + 1) mod 2^32, uint32 words."""
+  w = np.asarray(words, np.uint64)
+  mixed = ((w ^ (w >> 16)) * 0x9E3779B1) % 2**32
+  weights = 2 * np.arange(w.size, dtype=np.uint64) + 1
+  return int(np.sum(mixed * weights % 2**32) % 2**32)
+
+
+FINGERPRINTED = {  # 300 values: a body of 256 words and a tail of 44
+    "float32": (np.float32, 4086135180),
+    "bfloat16": (jnp.bfloat16, 2046917004),
+    "int32": (np.int32, 1492717288),
+    "bool": (bool, 1141933263),
+}
+
+
+@pytest.mark.parametrize("kind", list(FINGERPRINTED))
+def test_fingerprint_is_its_formula(kind):
+  dtype, expected = FINGERPRINTED[kind]
+  values = np.arange(300) - 150
+  values = values > 0 if dtype is bool else values.astype(dtype)
+  got = int(jax.jit(_replicas.fingerprint)(values))
+  assert got == expected
+  assert got == reference_fingerprint(_replicas._as_uint32(values))
+  # The flat words alone count: the same values as a matrix, the same word.
+  assert int(_replicas.fingerprint(values.reshape(20, 15))) == expected
+  words = (0x3F800000 ^ 0x3F80) * 0x9E3779B1 % 2**32  # 1.0 at position 0
+  assert int(_replicas.fingerprint(np.float32(1.0))) == words == 707749760
+  rng = np.random.default_rng(4)
+  for n in (0, 1, 255, 256, 257, 1000, 4099):  # bodies and tails
+    x = rng.normal(size=n).astype(np.float32)
+    assert int(jax.jit(_replicas.fingerprint)(x)) == reference_fingerprint(
+        x.view(np.uint32))
+
+
+def all_single_flips(values, index):
+  """Every copy of `values` with one bit of `values[index]` flipped."""
+  if values.dtype == bool:
+    return [flip_bit(values, index, 0)]
+  return [flip_bit(values, index, bit)
+          for bit in range(8 * values.dtype.itemsize)]
+
+
+@pytest.mark.parametrize("kind", list(FINGERPRINTED))
+def test_fingerprint_sees_every_single_flipped_bit(kind):
+  """Each bit of values in the body and in the tail: the word changes."""
+  dtype, _ = FINGERPRINTED[kind]
+  rng = np.random.default_rng(5)
+  values = rng.normal(size=300) * 100
+  values = values > 0 if dtype is bool else values.astype(dtype)
+  fingerprints = jax.jit(jax.vmap(_replicas.fingerprint))
+  base = int(_replicas.fingerprint(values))
+  for index in (0, 33, 255, 256, 299):  # in the body's slices; the tail
+    flips = all_single_flips(values, index)
+    got = np.asarray(fingerprints(np.stack(flips)))
+    assert np.all(got != base), (index, np.flatnonzero(got == base))
+
+
+def test_fingerprint_sees_swapped_values():
+  """Swaps of two different values; the blind spot the docstring names."""
+  fingerprint = jax.jit(_replicas.fingerprint)
+  x = np.random.default_rng(6).normal(size=70_000).astype(np.float32)
+
+  def swapped(p, q, a, b):
+    out = x.copy()
+    out[p], out[q] = a, b
+    other = out.copy()
+    other[p], other[q] = b, a
+    return int(fingerprint(out)), int(fingerprint(other))
+
+  pairs = [(1.0, 2.0), (1.5, -1.5), (0.0, -0.0), (1.0, np.nextafter(
+      np.float32(1), np.float32(2))), (x[0], x[1])]
+  for a, b in pairs:
+    for p, q in [(0, 1), (5, 7), (3, 259), (10, 4106), (0, 65535),
+                 (40, 69_999)]:
+      one, other = swapped(p, q, np.float32(a), np.float32(b))
+      assert one != other, (a, b, p, q)
+  # Words 2^31 apart (x and -x), 2^16 positions apart: the same word.
+  one, other = swapped(7, 7 + 2**16, np.float32(1.5), np.float32(-1.5))
+  assert one == other
 
 
 def test_outside_a_mapped_axis_names_axis_name():
