@@ -510,3 +510,43 @@ def sync_invariant_run(dtype: Any, sync: str = "auto", jit: bool = False,
       assert_tree_bitwise(slow, prev_slow, msg)
     prev_slow = slow
   return params0, got
+
+
+def quadratic_problem(shapes: dict, replicas: int, steps: int,
+                      seed: int = 0) -> tuple:
+  """Params, and per replica a quadratic pull towards its own target.
+
+  Returns `(params0, curvatures, targets, noise)`: the params of `shapes`
+  in [0.5, 1.5], and per replica (leading axis) curvatures in [0.5, 2],
+  targets and, per step, gradient noise (see `quadratic_grad`).
+  """
+  rng = np.random.default_rng(seed)
+  params0 = {k: rng.uniform(0.5, 1.5, s).astype(np.float32)
+             for k, s in shapes.items()}
+  curv = {k: rng.uniform(0.5, 2.0, (replicas,) + s).astype(np.float32)
+          for k, s in shapes.items()}
+  target = {k: rng.normal(0, 1, (replicas,) + s).astype(np.float32)
+            for k, s in shapes.items()}
+  noise = {k: rng.normal(0, 0.3, (steps, replicas) + s).astype(np.float32)
+           for k, s in shapes.items()}
+  return params0, curv, target, noise
+
+
+def quadratic_grad(p: Any, c: Any, t: Any, z: Any) -> Any:
+  """The gradient of `0.5 c (p - t)**2` plus the noise `z`."""
+  return c * (p - t) + z
+
+
+def orbax_round_trip(path: Any, tree: Any) -> Any:
+  """`tree` saved with orbax under `path` and restored into NumPy targets.
+
+  (Restored into NumPy, the leaves come back uncommitted, so a `jax.pmap`
+  step takes them as it took the originals.)
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path / "ckpt", tree)
+  checkpointer.wait_until_finished()
+  target = jax.tree.map(np.zeros_like, tree)
+  restored = ocp.StandardCheckpointer().restore(path / "ckpt", target)
+  return jax.tree.map(jnp.asarray, restored)

@@ -14,19 +14,21 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 import lookahead_optax as lo
 from benchmarks import communication
 from tests import reference
 from tests._helpers import assert_bitwise
+from tests._helpers import orbax_round_trip
+from tests._helpers import quadratic_grad
+from tests._helpers import quadratic_problem
 from tests._helpers import assert_tree_bitwise
 from tests._helpers import replicate
 from tests.test_streaming import _batch_reaches_collective
+from tests.test_streaming import shard_map_run
+from tests.test_streaming import whole_step_jaxpr
 
 N = 8  # replicas
 AXIS = "r"
@@ -47,20 +49,10 @@ pytestmark = pytest.mark.skipif(
 
 def problem(steps, seed=0):
   """Params, and per replica a quadratic pull towards its own target."""
-  rng = np.random.default_rng(seed)
-  params0 = {k: rng.uniform(0.5, 1.5, s).astype(np.float32)
-             for k, s in SHAPES.items()}
-  curv = {k: rng.uniform(0.5, 2.0, (N,) + s).astype(np.float32)
-          for k, s in SHAPES.items()}
-  target = {k: rng.normal(0, 1, (N,) + s).astype(np.float32)
-            for k, s in SHAPES.items()}
-  noise = {k: rng.normal(0, 0.3, (steps, N) + s).astype(np.float32)
-           for k, s in SHAPES.items()}
-  return params0, curv, target, noise
+  return quadratic_problem(SHAPES, N, steps, seed)
 
 
-def grad(p, c, t, z):
-  return c * (p - t) + z
+grad = quadratic_grad
 
 
 def _inner(sgd):
@@ -431,20 +423,9 @@ def _has_cond(jaxpr):
 def test_overlap_collectives_do_not_depend_on_the_batch(overlap):
   tx = lo.diloco(_inner(False), K, AXIS, fragments="slices", overlap=overlap,
                  communication_dtype=jnp.int8)
-  params = {k: jnp.ones(s) for k, s in SHAPES.items()}
-  state = tx.init(params)
-
-  def step(params, state, x, y):
-    grads = jax.grad(lambda p: sum(jnp.sum((p[k] * x[k] - y[k]) ** 2)
-                                   for k in p))(params)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  closed = jax.make_jaxpr(step, axis_env=[(AXIS, N)])(params, state, params,
-                                                      params)
-  assert not _has_cond(closed.jaxpr)
-  batch = closed.jaxpr.invars[len(jax.tree.leaves((params, state))):]
-  found = _batch_reaches_collective(closed.jaxpr, batch)
+  jaxpr, batch = whole_step_jaxpr(tx, SHAPES, AXIS, N)
+  assert not _has_cond(jaxpr)
+  found = _batch_reaches_collective(jaxpr, batch)
   assert len(found) >= 2  # all-to-all and all-gather
   if overlap:
     assert not any(found), found
@@ -462,12 +443,7 @@ EF = dict(communication_dtype=jnp.int8, error_feedback=True)
 def test_orbax_resume_mid_period_is_bitwise(tmp_path):
   full = run(2 * K, **EF)
   params, state = full[1]  # after step 2: slices 0 and 1 synced, not 2, 3
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(tmp_path / "ckpt", (params, state))
-  checkpointer.wait_until_finished()
-  target = jax.tree.map(np.zeros_like, (params, state))
-  restored = ocp.StandardCheckpointer().restore(tmp_path / "ckpt", target)
-  restored = jax.tree.map(jnp.asarray, restored)
+  restored = orbax_round_trip(tmp_path, (params, state))
   assert isinstance(restored[1].outer_state, lo.StreamingState)
   resumed = run(2 * K, start=(restored, 2), **EF)
   assert_tree_bitwise(resumed[-1], full[-1])
@@ -480,26 +456,8 @@ def test_jitted_shard_map_with_donation_matches_pmap():
   steps = K + 2
   expected = run(steps, **kwargs)[-1]
   tx = program(**kwargs)[0]
-  params0, curv, target, noise = problem(steps)
-  mesh = jax.make_mesh((N,), (AXIS,))
-  spec = P(AXIS)
-  shard = lambda tree: jax.device_put(tree, NamedSharding(mesh, spec))  # pylint: disable=unnecessary-lambda-assignment
-  params = shard(replicate(params0, N))
-  state = shard(jax.pmap(tx.init)(replicate(params0, N)))
-  curv, target = shard(curv), shard(target)
-
-  def block(params, state, c, t, z):
-    squeeze = lambda tree: jax.tree.map(lambda a: a[0], tree)  # pylint: disable=unnecessary-lambda-assignment
-    p, s, c, t, z = squeeze((params, state, c, t, z))
-    updates, s = tx.update(jax.tree.map(grad, p, c, t, z), s, p)
-    out = (optax.apply_updates(p, updates), s)
-    return jax.tree.map(lambda a: a[None], out)
-
-  step = jax.jit(jax.shard_map(block, mesh=mesh, in_specs=spec,
-                               out_specs=spec), donate_argnums=(0, 1))
-  for t in range(steps):
-    params, state = step(params, state, curv, target,
-                         shard({k: v[t] for k, v in noise.items()}))
+  params, state = shard_map_run(tx, problem(steps), steps, AXIS,
+                                donate=(0, 1))
   for key in SIZES:
     slow = np.asarray(state.slow_params[key])
     assert_bitwise(slow, np.broadcast_to(slow[0], slow.shape), key)

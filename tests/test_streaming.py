@@ -17,7 +17,6 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 import lookahead_optax as lo
@@ -25,6 +24,9 @@ from benchmarks import communication
 from tests import _helpers
 from tests import reference
 from tests._helpers import assert_bitwise
+from tests._helpers import orbax_round_trip
+from tests._helpers import quadratic_grad
+from tests._helpers import quadratic_problem
 from tests._helpers import assert_tree_bitwise
 
 N = 8  # replicas
@@ -43,20 +45,10 @@ pytestmark = pytest.mark.skipif(
 
 def problem(steps, seed=0):
   """Params, and per replica a quadratic pull towards its own target."""
-  rng = np.random.default_rng(seed)
-  params0 = {k: rng.uniform(0.5, 1.5, s).astype(np.float32)
-             for k, s in SHAPES.items()}
-  curv = {k: rng.uniform(0.5, 2.0, (N,) + s).astype(np.float32)
-          for k, s in SHAPES.items()}
-  target = {k: rng.normal(0, 1, (N,) + s).astype(np.float32)
-            for k, s in SHAPES.items()}
-  noise = {k: rng.normal(0, 0.3, (steps, N) + s).astype(np.float32)
-           for k, s in SHAPES.items()}
-  return params0, curv, target, noise
+  return quadratic_problem(SHAPES, N, steps, seed)
 
 
-def grad(p, c, t, z):
-  return c * (p - t) + z
+grad = quadratic_grad
 
 
 def inner_tx():
@@ -441,13 +433,13 @@ def _batch_reaches_collective(jaxpr, tainted):
   return found
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_overlap_collective_does_not_depend_on_the_batch(overlap):
-  """The jaxpr of a whole step (loss, grad, update): with `overlap` the
-  collectives' operands depend on params and state alone, not the batch."""
-  tx = diloco(4, fragments=2, overlap=overlap,
-                 communication_dtype=jnp.int8)
-  params = {k: jnp.ones(s) for k, s in SHAPES.items()}
+def whole_step_jaxpr(tx, shapes, axis_name, replicas):
+  """The jaxpr of a whole step of `tx` (loss, grad, update), and its batch.
+
+  Returns the jaxpr (traced with `axis_name` of `replicas`) and its input
+  variables that are the batch `(x, y)`.
+  """
+  params = {k: jnp.ones(s) for k, s in shapes.items()}
   state = tx.init(params)
 
   def step(params, state, x, y):
@@ -456,11 +448,18 @@ def test_overlap_collective_does_not_depend_on_the_batch(overlap):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  closed = jax.make_jaxpr(step, axis_env=[(AXIS, N)])(params, state, params,
-                                                      params)
-  jaxpr = closed.jaxpr
+  closed = jax.make_jaxpr(step, axis_env=[(axis_name, replicas)])(
+      params, state, params, params)
   n_state = len(jax.tree.leaves((params, state)))
-  batch = jaxpr.invars[n_state:]
+  return closed.jaxpr, closed.jaxpr.invars[n_state:]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_overlap_collective_does_not_depend_on_the_batch(overlap):
+  """The jaxpr of a whole step (loss, grad, update): with `overlap` the
+  collectives' operands depend on params and state alone, not the batch."""
+  tx = diloco(4, fragments=2, overlap=overlap, communication_dtype=jnp.int8)
+  jaxpr, batch = whole_step_jaxpr(tx, SHAPES, AXIS, N)
   found = _batch_reaches_collective(jaxpr, batch)
   assert len(found) >= 2 * 2  # two fragments, all-to-all and all-gather
   if overlap:
@@ -479,16 +478,41 @@ def test_orbax_resume_mid_cycle_is_bitwise(tmp_path):
                  communication_dtype=jnp.int8, error_feedback=True)
   full = run(tx, 7)
   params, state = full[2]  # after step 3: fragment 0 synced, 1 not yet
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(tmp_path / "ckpt", (params, state))
-  checkpointer.wait_until_finished()
-  target = jax.tree.map(np.zeros_like, (params, state))
-  restored = ocp.StandardCheckpointer().restore(tmp_path / "ckpt", target)
-  restored = jax.tree.map(jnp.asarray, restored)
+  restored = orbax_round_trip(tmp_path, (params, state))
   assert isinstance(restored[1].outer_state, lo.StreamingState)
   resumed = run(tx, 7, start=(restored, 3))
   assert_tree_bitwise(resumed[-1], full[-1])
   assert np.max(np.abs(state.outer_state.residuals["a"])) > 0
+
+
+def shard_map_run(tx, data, steps, axis_name, donate=()):
+  """`steps` of `tx` on `data` (`problem`'s) in a jitted `shard_map`.
+
+  Returns the params and the state, sharded over the replicas.
+  """
+  params0, curv, target, noise = data
+  replicas = curv[next(iter(curv))].shape[0]
+  mesh = jax.make_mesh((replicas,), (axis_name,))
+  spec = P(axis_name)
+  shard = lambda tree: jax.device_put(tree, NamedSharding(mesh, spec))  # pylint: disable=unnecessary-lambda-assignment
+  start = jax.tree.map(lambda a: np.stack([a] * replicas), params0)
+  params = shard(start)
+  state = shard(jax.pmap(tx.init)(start))
+  curv, target = shard(curv), shard(target)
+
+  def block(params, state, c, t, z):
+    squeeze = lambda tree: jax.tree.map(lambda a: a[0], tree)  # pylint: disable=unnecessary-lambda-assignment
+    p, s, c, t, z = squeeze((params, state, c, t, z))
+    updates, s = tx.update(jax.tree.map(quadratic_grad, p, c, t, z), s, p)
+    out = (optax.apply_updates(p, updates), s)
+    return jax.tree.map(lambda a: a[None], out)
+
+  step = jax.jit(jax.shard_map(block, mesh=mesh, in_specs=spec,
+                               out_specs=spec), donate_argnums=donate)
+  for t in range(steps):
+    params, state = step(params, state, curv, target,
+                         shard({k: v[t] for k, v in noise.items()}))
+  return params, state
 
 
 def test_shard_map_matches_pmap():
@@ -496,26 +520,7 @@ def test_shard_map_matches_pmap():
                  error_feedback=True, overlap=True)
   steps = 6
   expected = run(tx, steps)[-1]
-  params0, curv, target, noise = problem(steps)
-  mesh = jax.make_mesh((N,), (AXIS,))
-  spec = P(AXIS)
-  shard = lambda tree: jax.device_put(tree, NamedSharding(mesh, spec))  # pylint: disable=unnecessary-lambda-assignment
-  params = shard(replicate(params0))
-  state = shard(jax.pmap(tx.init)(replicate(params0)))
-  curv, target = shard(curv), shard(target)
-
-  def block(params, state, c, t, z):
-    squeeze = lambda tree: jax.tree.map(lambda a: a[0], tree)  # pylint: disable=unnecessary-lambda-assignment
-    p, s, c, t, z = squeeze((params, state, c, t, z))
-    updates, s = tx.update(jax.tree.map(grad, p, c, t, z), s, p)
-    out = (optax.apply_updates(p, updates), s)
-    return jax.tree.map(lambda a: a[None], out)
-
-  step = jax.jit(jax.shard_map(block, mesh=mesh, in_specs=spec,
-                               out_specs=spec))
-  for t in range(steps):
-    params, state = step(params, state, curv, target,
-                         shard({k: v[t] for k, v in noise.items()}))
+  params, state = shard_map_run(tx, problem(steps), steps, AXIS)
   for key in SHAPES:
     assert_same_on_all_replicas({key: np.asarray(state.slow_params[key])})
     np.testing.assert_allclose(state.slow_params[key], expected[1]
