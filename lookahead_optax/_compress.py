@@ -152,6 +152,20 @@ def _finite_amax(x: jax.Array) -> jax.Array:
   return jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0), axis=-1)
 
 
+def _encode_codes(x: jax.Array, fmt: str) -> Encoded:
+  """`encode`, with one code per value (int4's not packed yet)."""
+  limit = _LIMITS[fmt]
+  amax = _finite_amax(x)
+  scales = jnp.where(amax > 0, amax / limit, 1.0).astype(jnp.float32)
+  y = jnp.clip(x / scales[..., None], -limit, limit)
+  y = jnp.where(jnp.isfinite(x), y, 0.0)  # coded by `_mark`
+  return Encoded(_mark(_codes(y, fmt), x, fmt), scales)
+
+
+def _packed(e: Encoded, fmt: str) -> Encoded:
+  return Encoded(_pack(e.values, fmt), e.scales)
+
+
 def encode(x: jax.Array, fmt: str) -> Encoded:
   """Encodes float32 blocks `x` of shape (..., BLOCK).
 
@@ -162,39 +176,51 @@ def encode(x: jax.Array, fmt: str) -> Encoded:
   """
   if fmt == "bfloat16":
     return Encoded(_bits(x.astype(jnp.bfloat16), jnp.uint16), None)
-  limit = _LIMITS[fmt]
-  amax = _finite_amax(x)
-  scales = jnp.where(amax > 0, amax / limit, 1.0).astype(jnp.float32)
-  y = jnp.clip(x / scales[..., None], -limit, limit)
-  y = jnp.where(jnp.isfinite(x), y, 0.0)  # coded by `_mark`
-  return Encoded(_pack(_mark(_codes(y, fmt), x, fmt), fmt), scales)
+  return _packed(_encode_codes(x, fmt), fmt)
 
 
-def _unpack(e: Encoded, fmt: str) -> tuple[jax.Array, jax.Array]:
-  """The codes, one per value, and the values they stand for (unscaled)."""
+def _unpacked(e: Encoded, fmt: str) -> Encoded:
+  """`e` with one code per value (int4's nibbles apart)."""
+  if fmt != "int4":
+    return e
+  codes = jnp.stack([e.values & 15, e.values >> 4], axis=-1).reshape(
+      e.values.shape[:-1] + (2 * e.values.shape[-1],))
+  return Encoded(codes, e.scales)
+
+
+def _decode_codes(e: Encoded, fmt: str) -> jax.Array:
+  """The float32 values of one code per value (NaN and Inf where coded)."""
   codes = e.values
   if fmt == "int4":
-    codes = jnp.stack([codes & 15, codes >> 4], axis=-1).reshape(
-        codes.shape[:-1] + (2 * codes.shape[-1],))
-    return codes, codes.astype(jnp.int8) - 8
-  if fmt == "float8_e4m3fn":
-    return codes, _bits(codes, jnp.float8_e4m3fn)
-  return codes, codes
+    values = codes.astype(jnp.int8) - 8
+  elif fmt == "float8_e4m3fn":
+    values = _bits(codes, jnp.float8_e4m3fn)
+  else:
+    values = codes
+  values = values.astype(jnp.float32) * e.scales[..., None]
+  return _unmark(values, codes, fmt)
 
 
 def decode(e: Encoded, fmt: str) -> jax.Array:
   """The float32 values of encoded blocks (NaN and Inf where coded)."""
   if fmt == "bfloat16":
     return _bits(e.values, jnp.bfloat16).astype(jnp.float32)
-  codes, values = _unpack(e, fmt)
-  values = values.astype(jnp.float32) * e.scales[..., None]
-  return _unmark(values, codes, fmt)
+  return _decode_codes(_unpacked(e, fmt), fmt)
 
 
-def _dropped(x: jax.Array, e: Encoded, fmt: str) -> jax.Array:
-  """`x` minus its decoded encoding `e`; 0 where that is not finite."""
-  d = x - decode(e, fmt)
-  return jnp.where(jnp.isfinite(d), d, 0.0)
+def _encoded(x: jax.Array, fmt: str) -> tuple[Encoded, jax.Array]:
+  """`encode(x, fmt)`, and `x` minus its decoding; 0 where not finite.
+
+  The difference is taken from the codes before int4 packs them, so that
+  error feedback does not unpack what was just packed.
+  """
+  if fmt == "bfloat16":
+    e = encode(x, fmt)
+    d = x - decode(e, fmt)
+  else:
+    codes = _encode_codes(x, fmt)
+    e, d = _packed(codes, fmt), x - _decode_codes(codes, fmt)
+  return e, jnp.where(jnp.isfinite(d), d, 0.0)
 
 
 def _sum_in_order(x: jax.Array) -> jax.Array:
@@ -250,11 +276,11 @@ def mean(leaves: list, axis_name: str, fmt: Optional[str],
     return [x / total for x in jax.lax.psum(leaves, axis_name)], None
   divisor = replicas if total is None else total
   blocks, n = _flatten(leaves, replicas)
-  sent = encode(blocks, fmt)
+  sent, dropped_own = _encoded(blocks, fmt)
   received = jax.tree.map(
       lambda a: jax.lax.all_to_all(a, axis_name, 0, 0), sent)
   shard = _sum_in_order(decode(received, fmt)) / divisor
-  shard_sent = encode(shard, fmt)
+  shard_sent, dropped_shard = _encoded(shard, fmt)
   gathered = jax.tree.map(
       lambda a: jax.lax.all_gather(a, axis_name), shard_sent)
   # What this replica's encodings dropped: of its own vector, and (the
@@ -262,7 +288,7 @@ def mean(leaves: list, axis_name: str, fmt: Optional[str],
   # (times the divisor, as the mean divides it so).
   # (Added to this replica's row in place: a select over every row would
   # let XLA fuse the shard's decoding and sum into each row's pass.)
-  dropped = _dropped(blocks, sent, fmt).at[jax.lax.axis_index(axis_name)].add(
-      divisor * _dropped(shard, shard_sent, fmt))
+  dropped = dropped_own.at[jax.lax.axis_index(axis_name)].add(
+      divisor * dropped_shard)
   return (_unflatten(decode(gathered, fmt), n, leaves),
           _unflatten(dropped, n, leaves))
