@@ -264,7 +264,8 @@ def report_of_text(text: str, sync_period: Optional[int] = None,
                 else every * sync_period + sum(per_cond))
   seconds = hidden = None
   if link_bytes_per_s is not None:
-    ring_cond, ring_every = bytes_by_conditional(text, ring_bytes)
+    ring_cond, _ = bytes_by_conditional(text, ring_bytes)
+    ring_every = sum(c.ring_bytes for c in found if c.where == "step")
     seconds = (ring_every + max(ring_cond, default=0)) / link_bytes_per_s
     if step_seconds is not None:
       hidden = seconds <= step_seconds and not per_cond
