@@ -1,4 +1,4 @@
-"""Argument checks shared by the factories, and the checks of `update`'s arguments.
+"""Argument checks shared by the factories, and those of `update`'s arguments.
 
 Every check raises a `TypeError` or `ValueError` that names the argument (and
 the leaf path, for trees) at the first wrong call; those on `update` inspect

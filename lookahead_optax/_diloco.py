@@ -51,7 +51,11 @@ class DilocoConfig:
   slow_dtype: Any
   min_replicas: Any  # an int >= 1, or a traced integer
   check_replicas: Optional[str]  # None, "detect" or "repair"
-  slices: bool = False  # `fragments="slices"`
+
+  @property
+  def slices(self) -> bool:
+    """`fragments="slices"`: a slice of every leaf every step."""
+    return is_slices(self.fragments)
 
 
 SLICES = "slices"
@@ -186,8 +190,7 @@ def configure(*, inner: Any, sync_period: Any, axis_name: Any,
   _checks.check_sync_period(sync_period)
   _arguments.check_replica_axis(axis_name, "diloco")
   outer = _outer_of(outer, learning_rate, momentum)
-  slices = is_slices(fragments)
-  num = (_check_slices(sync_period, inner_state) if slices
+  num = (_check_slices(sync_period, inner_state) if is_slices(fragments)
          else _count_fragments(fragments))
   fmt, error_feedback = _arguments.check_wire(communication_dtype,
                                               error_feedback)
@@ -202,7 +205,7 @@ def configure(*, inner: Any, sync_period: Any, axis_name: Any,
                       error_feedback, overlap, mix, inner_state, on_nonfinite,
                       _arguments.check_slow_dtype(slow_dtype),
                       _check_min_replicas(min_replicas),
-                      _check_replicas_mode(check_replicas), slices)
+                      _check_replicas_mode(check_replicas))
 
 
 def step_options(inner: Any, config: DilocoConfig) -> _step.Options:

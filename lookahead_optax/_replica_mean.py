@@ -177,7 +177,6 @@ def replica_mean(
   _arguments.check_replica_axis(axis_name)
   fmt, error_feedback = _arguments.check_wire(communication_dtype,
                                               error_feedback)
-  error_feedback = bool(error_feedback)
 
   def init_fn(params: optax.Params) -> ReplicaMeanState:
     if not error_feedback:

@@ -133,8 +133,13 @@ def bytes_by_conditional(text: str, measure: Any = None
   `measure` maps a collective's line to its bytes: `operand_bytes` (None,
   the default) or `ring_bytes`.
   """
-  computations, entry = parse_hlo(text)
-  measure = operand_bytes if measure is None else measure
+  return _by_conditional(*parse_hlo(text),
+                         operand_bytes if measure is None else measure)
+
+
+def _by_conditional(computations: dict, entry: str, measure: Any
+                    ) -> tuple[list, int]:
+  """`bytes_by_conditional` of a parsed module."""
 
   def bytes_in(names):
     return sum(measure(line) for name in names
@@ -257,14 +262,14 @@ def report_of_text(text: str, sync_period: Optional[int] = None,
                  ring_bytes(line), place.get(name, "step"))
       for name in sorted(computations) for line in computations[name]
       if COLLECTIVE.search(line))
-  per_cond, _ = bytes_by_conditional(text)
+  per_cond, _ = _by_conditional(computations, entry, operand_bytes)
   every = sum(c.operand_bytes for c in found if c.where == "step")
   largest = every + max(per_cond, default=0)
   per_period = (None if sync_period is None
                 else every * sync_period + sum(per_cond))
   seconds = hidden = None
   if link_bytes_per_s is not None:
-    ring_cond, _ = bytes_by_conditional(text, ring_bytes)
+    ring_cond, _ = _by_conditional(computations, entry, ring_bytes)
     ring_every = sum(c.ring_bytes for c in found if c.where == "step")
     seconds = (ring_every + max(ring_cond, default=0)) / link_bytes_per_s
     if step_seconds is not None:

@@ -81,9 +81,8 @@ def init(opts: Options, rows_per_step: Any,
 
   slow = jax.tree.map(slow_copy, params)
   if opts.streaming is not None:
-    init_state = (_slices.init_state if opts.streaming.slices
-                  else _streaming.init_state)
-    outer_state = init_state(opts.streaming, opts.outer, slow)
+    outer_state = _fragments_of(opts).init_state(opts.streaming, opts.outer,
+                                                 slow)
   elif opts.outer is not None:
     outer_state = opts.outer.init(_sync.in_compute_dtype(slow))
   elif opts.counts_syncs:
@@ -263,6 +262,15 @@ def dense_sync(opts: Options, form: Any, s: Step,
   return form.sync(s, pieces(opts, s, state, dense_params), carry)
 
 
+def _fragments_of(opts: Options) -> Any:
+  """The module of `diloco`'s syncs: `_slices` or `_streaming`.
+
+  Both have `init_state(config, outer, slow)` and `sync(opts, params,
+  inner_updates, slow, state, step, weight)`.
+  """
+  return _slices if opts.streaming.slices else _streaming
+
+
 def streaming_sync(opts: Options, s: Step, state: LookaheadState,
                    step: jax.Array, weight: Any) -> _sync.Carry:
   """The fragments' syncs (`_streaming`, or with `fragments="slices"`
@@ -278,8 +286,7 @@ def streaming_sync(opts: Options, s: Step, state: LookaheadState,
         s.bad, s.params, inner_updates, state.slow_params, weight)
     inner_state = _policies.reset_where(s.bad, s.param_shaped, inner_state,
                                         s.inner_init)
-  sync = _slices.sync if opts.streaming.slices else _streaming.sync
-  updates, slow, outer_state, flags = sync(
+  updates, slow, outer_state, flags = _fragments_of(opts).sync(
       opts, s.params, inner_updates, state.slow_params, state.outer_state,
       step, weight)
   if opts.inner_state == "reset":
