@@ -10,7 +10,10 @@ import contextlib
 from typing import Any, Optional
 
 import jax
+import jax.extend.core as jex_core
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 import pytest
@@ -550,3 +553,98 @@ def orbax_round_trip(path: Any, tree: Any) -> Any:
   target = jax.tree.map(np.zeros_like, tree)
   restored = ocp.StandardCheckpointer().restore(path / "ckpt", target)
   return jax.tree.map(jnp.asarray, restored)
+
+
+def equations(jaxpr: Any, primitive: str) -> list:
+  """Every `primitive` equation of `jaxpr`, nested jaxprs included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == primitive:
+      found.append(eqn)
+    for value in eqn.params.values():
+      for item in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(item, "jaxpr", item)
+        if hasattr(inner, "eqns"):
+          found += equations(inner, primitive)
+  return found
+
+
+def batch_reaches_collective(jaxpr: Any, tainted: Any) -> list:
+  """Whether a collective's operands depend on the `tainted` variables."""
+  found = []
+  collectives = {"psum", "pmean", "all_to_all", "all_gather", "ppermute",
+                 "psum_scatter", "reduce_scatter", "all_gather_invariant"}
+
+  def visit(jaxpr, tainted):
+    tainted = set(tainted)
+    for eqn in jaxpr.eqns:
+      ins = [v for v in eqn.invars if not isinstance(v, jex_core.Literal)]
+      hit = any(v in tainted for v in ins)
+      if eqn.primitive.name in collectives:
+        found.append(hit)
+      subs = [p for p in eqn.params.values()
+              if isinstance(p, (jex_core.ClosedJaxpr, jex_core.Jaxpr))]
+      branches = eqn.params.get("branches", ())
+      for sub in list(subs) + list(branches):
+        inner = sub.jaxpr if isinstance(sub, jex_core.ClosedJaxpr) else sub
+        args = eqn.invars[1:] if branches else eqn.invars
+        visit(inner, [iv for iv, v in zip(inner.invars, args)
+                      if not isinstance(v, jex_core.Literal) and v in tainted])
+      if hit:
+        tainted.update(eqn.outvars)
+
+  visit(jaxpr, tainted)
+  return found
+
+
+def whole_step_jaxpr(tx: Any, shapes: dict, axis_name: str,
+                     replicas: int) -> tuple:
+  """The jaxpr of a whole step of `tx` (loss, grad, update), and its batch.
+
+  Returns the jaxpr (traced with `axis_name` of `replicas`) and its input
+  variables that are the batch `(x, y)`.
+  """
+  params = {k: jnp.ones(s) for k, s in shapes.items()}
+  state = tx.init(params)
+
+  def step(params, state, x, y):
+    grads = jax.grad(lambda p: sum(jnp.sum((p[k] * x[k] - y[k]) ** 2)
+                                   for k in p))(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  closed = jax.make_jaxpr(step, axis_env=[(axis_name, replicas)])(
+      params, state, params, params)
+  n_state = len(jax.tree.leaves((params, state)))
+  return closed.jaxpr, closed.jaxpr.invars[n_state:]
+
+
+def shard_map_run(tx: Any, data: tuple, steps: int, axis_name: str,
+                  donate: tuple = ()) -> tuple:
+  """`steps` of `tx` on `data` (`problem`'s) in a jitted `shard_map`.
+
+  Returns the params and the state, sharded over the replicas.
+  """
+  params0, curv, target, noise = data
+  replicas = curv[next(iter(curv))].shape[0]
+  mesh = jax.make_mesh((replicas,), (axis_name,))
+  spec = P(axis_name)
+  shard = lambda tree: jax.device_put(tree, NamedSharding(mesh, spec))  # pylint: disable=unnecessary-lambda-assignment
+  start = jax.tree.map(lambda a: np.stack([a] * replicas), params0)
+  params = shard(start)
+  state = shard(jax.pmap(tx.init)(start))
+  curv, target = shard(curv), shard(target)
+
+  def block(params, state, c, t, z):
+    squeeze = lambda tree: jax.tree.map(lambda a: a[0], tree)  # pylint: disable=unnecessary-lambda-assignment
+    p, s, c, t, z = squeeze((params, state, c, t, z))
+    updates, s = tx.update(jax.tree.map(quadratic_grad, p, c, t, z), s, p)
+    out = (optax.apply_updates(p, updates), s)
+    return jax.tree.map(lambda a: a[None], out)
+
+  step = jax.jit(jax.shard_map(block, mesh=mesh, in_specs=spec,
+                               out_specs=spec), donate_argnums=donate)
+  for t in range(steps):
+    params, state = step(params, state, curv, target,
+                         shard({k: v[t] for k, v in noise.items()}))
+  return params, state

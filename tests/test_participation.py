@@ -10,6 +10,7 @@ import pytest
 
 import lookahead_optax as lo
 from tests._helpers import assert_bitwise
+from tests._helpers import equations
 
 N = 8  # replicas
 K = 2  # sync period
@@ -195,23 +196,10 @@ def test_without_weight_the_program_is_plain_diloco():
   pmapped = jax.make_jaxpr(jax.pmap(
       lambda p, s, g: tx.update(g, s, p, weight=jnp.float32(1.0)),
       axis_name=AXIS, devices=jax.devices()[:2]))(params, state, params)
-  assert [(v.aval.shape, v.aval.dtype) for v in _operands(
-      pmapped.jaxpr, "all_gather")] == [((), jnp.float32)]
-  assert len(_operands(pmapped.jaxpr, "psum")) == 1  # the pseudo-gradient
-
-
-def _operands(jaxpr, primitive):
-  """The operands of every `primitive` equation, nested jaxprs included."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == primitive:
-      found += eqn.invars
-    for value in eqn.params.values():
-      for item in value if isinstance(value, (tuple, list)) else (value,):
-        inner = getattr(item, "jaxpr", item)
-        if hasattr(inner, "eqns"):
-          found += _operands(inner, primitive)
-  return found
+  assert [(v.aval.shape, v.aval.dtype) for e in equations(
+      pmapped.jaxpr, "all_gather") for v in e.invars] == [((), jnp.float32)]
+  assert len([v for e in equations(pmapped.jaxpr, "psum")
+              for v in e.invars]) == 1  # the pseudo-gradient
 
 
 @pytest.mark.parametrize("weight,error,match", [

@@ -21,14 +21,15 @@ import lookahead_optax as lo
 from benchmarks import communication
 from tests import reference
 from tests._helpers import assert_bitwise
+from tests._helpers import batch_reaches_collective
+from tests._helpers import equations
 from tests._helpers import orbax_round_trip
 from tests._helpers import quadratic_grad
 from tests._helpers import quadratic_problem
 from tests._helpers import assert_tree_bitwise
 from tests._helpers import replicate
-from tests.test_streaming import _batch_reaches_collective
-from tests.test_streaming import shard_map_run
-from tests.test_streaming import whole_step_jaxpr
+from tests._helpers import shard_map_run
+from tests._helpers import whole_step_jaxpr
 
 N = 8  # replicas
 AXIS = "r"
@@ -408,24 +409,13 @@ def test_hlo_bytes_with_padding():
   assert outside == 4 * sum(-(-n // K) for n in SIZES.values())  # 4+2+1
 
 
-def _has_cond(jaxpr):
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "cond":
-      return True
-    for p in eqn.params.values():
-      inner = getattr(p, "jaxpr", p)
-      if hasattr(inner, "eqns") and _has_cond(inner):
-        return True
-  return False
-
-
 @pytest.mark.parametrize("overlap", [True, False])
 def test_overlap_collectives_do_not_depend_on_the_batch(overlap):
   tx = lo.diloco(_inner(False), K, AXIS, fragments="slices", overlap=overlap,
                  communication_dtype=jnp.int8)
   jaxpr, batch = whole_step_jaxpr(tx, SHAPES, AXIS, N)
-  assert not _has_cond(jaxpr)
-  found = _batch_reaches_collective(jaxpr, batch)
+  assert not equations(jaxpr, "cond")
+  found = batch_reaches_collective(jaxpr, batch)
   assert len(found) >= 2  # all-to-all and all-gather
   if overlap:
     assert not any(found), found

@@ -11,11 +11,8 @@ import re
 import hypothesis
 from hypothesis import strategies as st
 import jax
-import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 import optax
 import pytest
 
@@ -24,9 +21,12 @@ from benchmarks import communication
 from tests import _helpers
 from tests import reference
 from tests._helpers import assert_bitwise
+from tests._helpers import batch_reaches_collective
 from tests._helpers import orbax_round_trip
 from tests._helpers import quadratic_grad
 from tests._helpers import quadratic_problem
+from tests._helpers import shard_map_run
+from tests._helpers import whole_step_jaxpr
 from tests._helpers import assert_tree_bitwise
 
 N = 8  # replicas
@@ -405,54 +405,6 @@ def test_non_overlapping_syncs_stay_in_their_conditionals():
   assert ops == ["all-gather", "all-to-all"]
 
 
-def _batch_reaches_collective(jaxpr, tainted):
-  """Whether a collective's operands depend on the `tainted` variables."""
-  found = []
-  collectives = {"psum", "pmean", "all_to_all", "all_gather", "ppermute",
-                 "psum_scatter", "reduce_scatter", "all_gather_invariant"}
-
-  def visit(jaxpr, tainted):
-    tainted = set(tainted)
-    for eqn in jaxpr.eqns:
-      ins = [v for v in eqn.invars if not isinstance(v, jex_core.Literal)]
-      hit = any(v in tainted for v in ins)
-      if eqn.primitive.name in collectives:
-        found.append(hit)
-      subs = [p for p in eqn.params.values()
-              if isinstance(p, (jex_core.ClosedJaxpr, jex_core.Jaxpr))]
-      branches = eqn.params.get("branches", ())
-      for sub in list(subs) + list(branches):
-        inner = sub.jaxpr if isinstance(sub, jex_core.ClosedJaxpr) else sub
-        args = eqn.invars[1:] if branches else eqn.invars
-        visit(inner, [iv for iv, v in zip(inner.invars, args)
-                      if not isinstance(v, jex_core.Literal) and v in tainted])
-      if hit:
-        tainted.update(eqn.outvars)
-
-  visit(jaxpr, tainted)
-  return found
-
-
-def whole_step_jaxpr(tx, shapes, axis_name, replicas):
-  """The jaxpr of a whole step of `tx` (loss, grad, update), and its batch.
-
-  Returns the jaxpr (traced with `axis_name` of `replicas`) and its input
-  variables that are the batch `(x, y)`.
-  """
-  params = {k: jnp.ones(s) for k, s in shapes.items()}
-  state = tx.init(params)
-
-  def step(params, state, x, y):
-    grads = jax.grad(lambda p: sum(jnp.sum((p[k] * x[k] - y[k]) ** 2)
-                                   for k in p))(params)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  closed = jax.make_jaxpr(step, axis_env=[(axis_name, replicas)])(
-      params, state, params, params)
-  n_state = len(jax.tree.leaves((params, state)))
-  return closed.jaxpr, closed.jaxpr.invars[n_state:]
-
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_overlap_collective_does_not_depend_on_the_batch(overlap):
@@ -460,7 +412,7 @@ def test_overlap_collective_does_not_depend_on_the_batch(overlap):
   collectives' operands depend on params and state alone, not the batch."""
   tx = diloco(4, fragments=2, overlap=overlap, communication_dtype=jnp.int8)
   jaxpr, batch = whole_step_jaxpr(tx, SHAPES, AXIS, N)
-  found = _batch_reaches_collective(jaxpr, batch)
+  found = batch_reaches_collective(jaxpr, batch)
   assert len(found) >= 2 * 2  # two fragments, all-to-all and all-gather
   if overlap:
     assert not any(found), found
@@ -483,36 +435,6 @@ def test_orbax_resume_mid_cycle_is_bitwise(tmp_path):
   resumed = run(tx, 7, start=(restored, 3))
   assert_tree_bitwise(resumed[-1], full[-1])
   assert np.max(np.abs(state.outer_state.residuals["a"])) > 0
-
-
-def shard_map_run(tx, data, steps, axis_name, donate=()):
-  """`steps` of `tx` on `data` (`problem`'s) in a jitted `shard_map`.
-
-  Returns the params and the state, sharded over the replicas.
-  """
-  params0, curv, target, noise = data
-  replicas = curv[next(iter(curv))].shape[0]
-  mesh = jax.make_mesh((replicas,), (axis_name,))
-  spec = P(axis_name)
-  shard = lambda tree: jax.device_put(tree, NamedSharding(mesh, spec))  # pylint: disable=unnecessary-lambda-assignment
-  start = jax.tree.map(lambda a: np.stack([a] * replicas), params0)
-  params = shard(start)
-  state = shard(jax.pmap(tx.init)(start))
-  curv, target = shard(curv), shard(target)
-
-  def block(params, state, c, t, z):
-    squeeze = lambda tree: jax.tree.map(lambda a: a[0], tree)  # pylint: disable=unnecessary-lambda-assignment
-    p, s, c, t, z = squeeze((params, state, c, t, z))
-    updates, s = tx.update(jax.tree.map(quadratic_grad, p, c, t, z), s, p)
-    out = (optax.apply_updates(p, updates), s)
-    return jax.tree.map(lambda a: a[None], out)
-
-  step = jax.jit(jax.shard_map(block, mesh=mesh, in_specs=spec,
-                               out_specs=spec), donate_argnums=donate)
-  for t in range(steps):
-    params, state = step(params, state, curv, target,
-                         shard({k: v[t] for k, v in noise.items()}))
-  return params, state
 
 
 def test_shard_map_matches_pmap():
