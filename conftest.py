@@ -1,16 +1,66 @@
 """Test configuration shared by the test suite and the doctests.
 
-JAX reads XLA_FLAGS when its CPU backend starts, so the 8 host devices used by
-the multi-device tests are requested here, before any test imports JAX.
+JAX reads XLA_FLAGS when its CPU backend starts, so the settings below are made
+here, before any test imports JAX, once in the process that pytest starts; the
+pytest-xdist workers it spawns inherit them.
+
+- 8 host devices, for the multi-device tests.
+- XLA:CPU's classic elemental emitters (`--xla_cpu_use_fusion_emitters=false`),
+  which compile the suite's several thousand small programs in half the time of
+  the default MLIR fusion emitters. They run the same HLO: every promise the
+  tests check (bitwise equality within one program, ulps against references)
+  holds under either. `.ci/run` runs the fast tests once more with XLA's
+  defaults (`LOOKAHEAD_TEST_XLA_DEFAULTS=1` does that here), and the flag is
+  only set where the installed jaxlib knows it.
+- A compilation cache in a temporary directory of this run
+  (`JAX_COMPILATION_CACHE_DIR`), so that a program that both xdist workers (or a
+  test's subprocesses) build is compiled once. It starts empty and is removed
+  at the end: nothing is reused between runs.
 """
 
+import atexit
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 
 _DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "") + " " + _DEVICES_FLAG
-  ).strip()
+_FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
+_CONFIGURED = "LOOKAHEAD_TEST_CONFIGURED"  # set once, seen by the workers
+
+
+def _add_xla_flag(flag):
+  flags = os.environ.get("XLA_FLAGS", "")
+  if flag.split("=")[0] not in flags:
+    os.environ["XLA_FLAGS"] = (flags + " " + flag).strip()
+
+
+def _jaxlib_knows(flag):
+  """Whether XLA starts with `flag` (it aborts on a flag it does not know)."""
+  env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
+  probe = subprocess.run(
+      [sys.executable, "-c", "import jax; jax.devices()"],
+      env=env, capture_output=True, check=False)
+  return probe.returncode == 0
+
+
+def _configure_once():
+  os.environ[_CONFIGURED] = "1"
+  _add_xla_flag(_DEVICES_FLAG)
+  if (not os.environ.get("LOOKAHEAD_TEST_XLA_DEFAULTS")
+      and _jaxlib_knows(_FAST_COMPILE_FLAG)):
+    _add_xla_flag(_FAST_COMPILE_FLAG)
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    cache = tempfile.mkdtemp(prefix="lookahead-optax-jax-cache-")
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+
+
+if not os.environ.get(_CONFIGURED):
+  _configure_once()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # A mkdocs build extension, not library code (needs griffe from the docs extra).
