@@ -1,10 +1,13 @@
 """The README's Python example runs; its Quickstart is what CI runs."""
 
 import importlib.util
+import os
 import pathlib
 import re
 import tomllib
 
+import conftest
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -141,3 +144,18 @@ def test_pins_turn_floors_into_exact_versions(tmp_path):
       "jax==0.9.1", "numpy==2.0.0", "mkdocstrings[python]==1.0.7"]
   with pytest.raises(SystemExit, match="no extra 'test'"):
     module.pins(("test",), pyproject=pyproject)
+
+
+def test_the_suite_compiles_as_conftest_says():
+  """8 host devices; the classic emitters unless opted out; a fresh cache."""
+  flags = os.environ["XLA_FLAGS"].split()
+  assert "--xla_force_host_platform_device_count=8" in flags
+  classic = "--xla_cpu_use_fusion_emitters=false"
+  if os.environ.get("LOOKAHEAD_TEST_XLA_DEFAULTS"):
+    assert classic not in flags
+  else:
+    assert (classic in flags) == conftest._jaxlib_knows(classic)  # pylint: disable=protected-access
+  cache = pathlib.Path(jax.config.jax_compilation_cache_dir)
+  assert cache == pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+  assert cache.is_dir()
+  assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
