@@ -10,8 +10,11 @@ pytest-xdist workers it spawns inherit them.
   the default MLIR fusion emitters. They run the same HLO: every promise the
   tests check (bitwise equality within one program, ulps against references)
   holds under either. `.ci/run` runs the fast tests once more with XLA's
-  defaults (`LOOKAHEAD_TEST_XLA_DEFAULTS=1` does that here), and the flag is
-  only set where the installed jaxlib knows it.
+  defaults (`LOOKAHEAD_TEST_XLA_DEFAULTS=1` does that here). The flag is only
+  set where a probe compiles the float8 conversions with it: XLA aborts on a
+  flag its jaxlib does not know, and the classic emitters cannot convert
+  float8 for an ISA without AVX (`--xla_cpu_max_isa=SSE4_2`), where the
+  default emitters can.
 - A compilation cache in a temporary directory of this run
   (`JAX_COMPILATION_CACHE_DIR`), so that a program that both xdist workers (or a
   test's subprocesses) build is compiled once. It starts empty and is removed
@@ -36,12 +39,23 @@ def _add_xla_flag(flag):
     os.environ["XLA_FLAGS"] = (flags + " " + flag).strip()
 
 
-def _jaxlib_knows(flag):
-  """Whether XLA starts with `flag` (it aborts on a flag it does not know)."""
-  env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
-  probe = subprocess.run(
-      [sys.executable, "-c", "import jax; jax.devices()"],
-      env=env, capture_output=True, check=False)
+_PROBE = """
+import jax, jax.numpy as jnp
+x = jnp.linspace(-2.0, 2.0, 8)
+for dtype in (jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.bfloat16):
+  jax.jit(lambda x: x.astype(dtype).astype(jnp.float32))(x).block_until_ready()
+"""
+
+
+def classic_emitters_work():
+  """Whether XLA starts with the classic emitters and compiles float8 there."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if _FAST_COMPILE_FLAG not in flags:
+    flags = (flags + " " + _FAST_COMPILE_FLAG).strip()
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  probe = subprocess.run([sys.executable, "-c", _PROBE], env=env,
+                         capture_output=True, check=False)
   return probe.returncode == 0
 
 
@@ -49,7 +63,7 @@ def _configure_once():
   os.environ[_CONFIGURED] = "1"
   _add_xla_flag(_DEVICES_FLAG)
   if (not os.environ.get("LOOKAHEAD_TEST_XLA_DEFAULTS")
-      and _jaxlib_knows(_FAST_COMPILE_FLAG)):
+      and classic_emitters_work()):
     _add_xla_flag(_FAST_COMPILE_FLAG)
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     cache = tempfile.mkdtemp(prefix="lookahead-optax-jax-cache-")
