@@ -33,10 +33,12 @@ _FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
 _CONFIGURED = "LOOKAHEAD_TEST_CONFIGURED"  # set once, seen by the workers
 
 
-def _add_xla_flag(flag):
+def _with_flag(flag):
+  """XLA_FLAGS with `flag` added, unless they already set its name."""
   flags = os.environ.get("XLA_FLAGS", "")
-  if flag.split("=")[0] not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " " + flag).strip()
+  if flag.split("=")[0] in flags:
+    return flags
+  return (flags + " " + flag).strip()
 
 
 _PROBE = """
@@ -49,10 +51,8 @@ for dtype in (jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.bfloat16):
 
 def classic_emitters_work():
   """Whether XLA starts with the classic emitters and compiles float8 there."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  if _FAST_COMPILE_FLAG not in flags:
-    flags = (flags + " " + _FAST_COMPILE_FLAG).strip()
-  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=_with_flag(_FAST_COMPILE_FLAG),
+             JAX_PLATFORMS="cpu")
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   probe = subprocess.run([sys.executable, "-c", _PROBE], env=env,
                          capture_output=True, check=False)
@@ -61,10 +61,10 @@ def classic_emitters_work():
 
 def _configure_once():
   os.environ[_CONFIGURED] = "1"
-  _add_xla_flag(_DEVICES_FLAG)
+  os.environ["XLA_FLAGS"] = _with_flag(_DEVICES_FLAG)
   if (not os.environ.get("LOOKAHEAD_TEST_XLA_DEFAULTS")
       and classic_emitters_work()):
-    _add_xla_flag(_FAST_COMPILE_FLAG)
+    os.environ["XLA_FLAGS"] = _with_flag(_FAST_COMPILE_FLAG)
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     cache = tempfile.mkdtemp(prefix="lookahead-optax-jax-cache-")
     atexit.register(shutil.rmtree, cache, ignore_errors=True)

@@ -630,7 +630,7 @@ def shard_map_run(tx: Any, data: tuple, steps: int, axis_name: str,
   mesh = jax.make_mesh((replicas,), (axis_name,))
   spec = P(axis_name)
   shard = lambda tree: jax.device_put(tree, NamedSharding(mesh, spec))  # pylint: disable=unnecessary-lambda-assignment
-  start = jax.tree.map(lambda a: np.stack([a] * replicas), params0)
+  start = replicate(params0, replicas)
   params = shard(start)
   state = shard(jax.pmap(tx.init)(start))
   curv, target = shard(curv), shard(target)
